@@ -1,0 +1,90 @@
+//! `sixfold-node --config node.toml`: one storage node.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Sixfold storage node.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file; without it the embedded default is used (see --print-default-config).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the embedded default configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", node::config::DEFAULT_CONFIG);
+        return;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match &args.config {
+        Some(path) => node::NodeConfig::load(path),
+        None => node::NodeConfig::parse(node::config::DEFAULT_CONFIG, "embedded default config"),
+    };
+    let config = config.unwrap_or_else(|e| exit_with(&e));
+    if let Err(e) = run(config) {
+        exit_with(&format!("{e:#}"));
+    }
+}
+
+fn exit_with(message: &str) -> ! {
+    eprintln!("sixfold-node: {message}");
+    std::process::exit(2);
+}
+
+fn run(config: node::NodeConfig) -> anyhow::Result<()> {
+    let server_config =
+        node::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let listen = config.listen;
+    let (node, report) = node::Node::open(config)?;
+    tracing::info!(
+        groups = report.groups,
+        records = report.records,
+        stale_headers_erased = report.stale_headers_erased,
+        "journal recovered; scan stopped: {}",
+        report.stop_reason
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let endpoint = quinn::Endpoint::server(server_config, listen)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        tracing::info!(%listen, name = %node.config.name, az = %node.config.az, "serving");
+        // The readiness line tests and scripts wait for.
+        println!("sixfold-node ready on {}", endpoint.local_addr()?);
+        let server = tokio::spawn(node::server::serve(Arc::clone(&node), endpoint.clone()));
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        endpoint.close(0u32.into(), b"shutting down");
+        server.abort();
+        endpoint.wait_idle().await;
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,185 @@
+//! The node's QUIC server: accepts connections from holders of CA-signed certificates, reads
+//! length-prefixed frames from each bidirectional stream, and writes one reply per frame on
+//! the same stream.
+//!
+//! Invariants:
+//! - a frame's length is checked against `FRAME_BYTES_MAX` before anything is allocated;
+//!   an oversized or undersized frame is skipped (read and dropped in small chunks) so the
+//!   stream stays in sync, and answered with an error;
+//! - every bad frame gets an error reply naming the problem (request id 0 if the header
+//!   itself could not be read) and the stream, the connection and the node keep serving;
+//! - at most `STREAM_INFLIGHT_MAX` requests per stream wait for the persister.
+
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc};
+use wire::codec::Reader;
+use wire::frame::{FrameHeader, decode_len};
+use wire::{ErrorCode, ErrorReply, Frame, Message, SegmentAck};
+
+use crate::node::Node;
+
+/// Requests per stream that may wait for durability at once.
+pub const STREAM_INFLIGHT_MAX: usize = 256;
+
+/// Accepts connections until the endpoint is closed.
+pub async fn serve(node: Arc<Node>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let node = node.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(connection) => serve_connection(node, connection).await,
+                Err(e) => tracing::info!("handshake refused: {e}"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(node: Arc<Node>, connection: quinn::Connection) {
+    let peer = connection.remote_address();
+    loop {
+        match connection.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(serve_stream(node.clone(), send, recv));
+            }
+            Err(e) => {
+                tracing::debug!("connection from {peer} ended: {e}");
+                return;
+            }
+        }
+    }
+}
+
+async fn serve_stream(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if send.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    let inflight = Arc::new(Semaphore::new(STREAM_INFLIGHT_MAX));
+    loop {
+        let mut prefix = [0u8; 4];
+        if recv.read_exact(&mut prefix).await.is_err() {
+            break; // The client finished or reset the stream.
+        }
+        let len = match decode_len(prefix) {
+            Ok(len) => len,
+            Err(e) => {
+                let reply = ErrorReply::new(ErrorCode::of_decode_error(&e), e.to_string());
+                send_error(&tx, 0, reply);
+                if skip(&mut recv, u64::from(u32::from_le_bytes(prefix)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+        };
+        let mut frame = vec![0u8; len];
+        if recv.read_exact(&mut frame).await.is_err() {
+            break;
+        }
+        let permit = inflight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        handle_frame(&node, frame, &tx, permit);
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Reads and drops `len` bytes in bounded chunks.
+async fn skip(recv: &mut quinn::RecvStream, mut len: u64) -> Result<(), ()> {
+    let mut chunk = [0u8; 16 * 1024];
+    while len > 0 {
+        let n = len.min(chunk.len() as u64) as usize;
+        recv.read_exact(&mut chunk[..n]).await.map_err(|_| ())?;
+        len -= n as u64;
+    }
+    Ok(())
+}
+
+fn send_error(tx: &mpsc::UnboundedSender<Vec<u8>>, request_id: u64, reply: ErrorReply) {
+    tracing::debug!(
+        "error reply to request {request_id}: {:?} {}",
+        reply.code,
+        reply.message
+    );
+    let _ = tx.send(
+        Frame {
+            request_id,
+            message: Message::Error(reply),
+        }
+        .to_bytes(),
+    );
+}
+
+fn handle_frame(
+    node: &Arc<Node>,
+    frame: Vec<u8>,
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let mut reader = Reader::new(&frame);
+    let header = match FrameHeader::decode(&mut reader) {
+        Ok(header) => header,
+        Err(e) => {
+            return send_error(
+                tx,
+                0,
+                ErrorReply::new(ErrorCode::of_decode_error(&e), e.to_string()),
+            );
+        }
+    };
+    let body = frame
+        .get(wire::frame::FRAME_HEADER_BYTES..)
+        .unwrap_or_default();
+    let message = match Message::decode_body(header.kind, body) {
+        Ok(message) => message,
+        Err(e) => {
+            let reply = ErrorReply::new(ErrorCode::of_decode_error(&e), e.to_string());
+            return send_error(tx, header.request_id, reply);
+        }
+    };
+    let request_id = header.request_id;
+    match message {
+        Message::Append(append) => {
+            let tx = tx.clone();
+            let (volume, pg, segment) = (append.volume, append.pg, append.segment);
+            let reply = Box::new(move |result: Result<wire::Lsn, ErrorReply>| {
+                let message = match result {
+                    Ok(scl) => Message::Ack(SegmentAck {
+                        volume,
+                        pg,
+                        segment,
+                        scl,
+                    }),
+                    Err(error) => Message::Error(error),
+                };
+                let _ = tx.send(
+                    Frame {
+                        request_id,
+                        message,
+                    }
+                    .to_bytes(),
+                );
+                drop(permit);
+            });
+            let mut body = frame;
+            body.drain(..wire::frame::FRAME_HEADER_BYTES);
+            node.append(&append, body, reply);
+        }
+        Message::Ack(_) | Message::Error(_) => send_error(
+            tx,
+            request_id,
+            ErrorReply::new(ErrorCode::Malformed, "a node accepts requests, not replies"),
+        ),
+    }
+}

@@ -1,0 +1,62 @@
+//! Mutual TLS for the node's QUIC server: the node presents its certificate, and every client
+//! must present one signed by the cluster CA, or the handshake fails.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// ALPN protocol of every Sixfold connection.
+pub const ALPN: &[u8] = b"sixfold/1";
+
+pub fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read certificates from {}", path.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{} holds a malformed PEM certificate", path.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", path.display());
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("cannot read a private key from {}", path.display()))
+}
+
+/// The root store holding just the cluster CA.
+pub fn roots(ca: &Path) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots
+            .add(cert)
+            .with_context(|| format!("{} is not a usable CA certificate", ca.display()))?;
+    }
+    Ok(roots)
+}
+
+/// A QUIC server configuration that requires a client certificate signed by `ca`.
+pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(ca)?),
+        provider.clone(),
+    )
+    .build()
+    .context("cannot build the client-certificate verifier")?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 unavailable")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .with_context(|| format!("{} does not match {}", key.display(), cert.display()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .context("TLS configuration unusable for QUIC")?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let transport = Arc::get_mut(&mut config.transport).expect("fresh transport config");
+    transport.max_concurrent_bidi_streams(1024u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    Ok(config)
+}

@@ -1,0 +1,5 @@
+//! The `sixfold` admin CLI as a library, so tests and benchmarks use the same code.
+
+pub mod certs;
+pub mod inspect;
+pub mod procs;

@@ -1,0 +1,382 @@
+//! Messages between engines and storage nodes, as length-prefixed, versioned frames.
+//!
+//! Frame layout (little-endian):
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  len         bytes that follow this field (12 + body); 12 ≤ len ≤ FRAME_BYTES_MAX - 4
+//!      4     1  version     FRAME_VERSION (1)
+//!      5     1  kind        1 = Append, 2 = Ack, 3 = Error
+//!      6     2  reserved    zero
+//!      8     8  request_id  chosen by the sender of a request, echoed by its reply
+//!     16     …  body        per kind, below
+//! ```
+//!
+//! Append body (also the journal's entry format on a storage node):
+//!
+//! ```text
+//!      0     8  volume
+//!      8     8  epoch
+//!     16     4  pg
+//!     20     4  segment       index of the segment within its PG (0..6)
+//!     24     4  record_count  ≥ 1
+//!     28     4  reserved      zero
+//!     32     …  records       record_count log records back to back (see `record`)
+//! ```
+//!
+//! Ack body: the segment's SCL once the batch is durable.
+//!
+//! ```text
+//!      0     8  volume
+//!      8     4  pg
+//!     12     4  segment
+//!     16     8  scl
+//! ```
+//!
+//! Error body: a typed code and a sentence naming the problem.
+//!
+//! ```text
+//!      0     2  code         see `ErrorCode`
+//!      2     2  reserved     zero
+//!      4     4  message_len  ≤ ERROR_MESSAGE_BYTES_MAX
+//!      8     …  message      UTF-8
+//! ```
+//!
+//! A reader checks `len` against [`FRAME_BYTES_MAX`] before allocating anything, so a peer
+//! cannot make us allocate more than one frame's worth.
+
+use crate::codec::{DecodeError, Reader};
+use crate::record::{LogRecord, decode_records, encode_records};
+use crate::types::{Epoch, Lsn, PgId, SegmentIndex, VolumeId};
+
+/// The frame format version this build speaks.
+pub const FRAME_VERSION: u8 = 1;
+/// Largest frame, length prefix included.
+pub const FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Bytes of the frame header that follow the length prefix.
+pub const FRAME_HEADER_BYTES: usize = 12;
+/// Bytes of the fixed part of an Append body.
+pub const APPEND_HEADER_BYTES: usize = 32;
+/// Longest error message carried in an error reply.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
+
+const KIND_APPEND: u8 = 1;
+const KIND_ACK: u8 = 2;
+const KIND_ERROR: u8 = 3;
+
+/// A batch of records of one PG for one of its segments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Append {
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    pub pg: PgId,
+    pub segment: SegmentIndex,
+    pub records: Vec<LogRecord>,
+}
+
+/// A segment's SCL after a batch became durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentAck {
+    pub volume: VolumeId,
+    pub pg: PgId,
+    pub segment: SegmentIndex,
+    pub scl: Lsn,
+}
+
+macro_rules! error_codes {
+    ($($name:ident = $value:literal,)*) => {
+        /// Typed reason of an error reply.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum ErrorCode { $($name = $value,)* }
+
+        impl ErrorCode {
+            fn from_u16(value: u16) -> Result<Self, DecodeError> {
+                match value {
+                    $($value => Ok(Self::$name),)*
+                    other => Err(DecodeError::UnknownErrorCode(other)),
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    Malformed = 1,
+    FrameTooLarge = 2,
+    UnsupportedVersion = 3,
+    BadCrc = 4,
+    UnknownSegment = 5,
+    StaleEpoch = 6,
+    JournalFull = 7,
+    ShuttingDown = 8,
+    Internal = 9,
+}
+
+impl ErrorCode {
+    /// The error code that a failed decode maps to.
+    pub fn of_decode_error(error: &DecodeError) -> Self {
+        match error {
+            DecodeError::BadCrc { .. } => Self::BadCrc,
+            DecodeError::FrameTooLarge { .. } => Self::FrameTooLarge,
+            DecodeError::UnsupportedVersion(_) => Self::UnsupportedVersion,
+            _ => Self::Malformed,
+        }
+    }
+}
+
+/// An error reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorReply {
+    /// An error reply; the message is cut to [`ERROR_MESSAGE_BYTES_MAX`] on a char boundary.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > ERROR_MESSAGE_BYTES_MAX {
+            let mut cut = ERROR_MESSAGE_BYTES_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Self { code, message }
+    }
+}
+
+/// Every message kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Append(Append),
+    Ack(SegmentAck),
+    Error(ErrorReply),
+}
+
+/// One frame: a message and the request it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub request_id: u64,
+    pub message: Message,
+}
+
+/// The fixed part of a frame after its length prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: u8,
+    pub request_id: u64,
+}
+
+/// Checks a length prefix and returns how many bytes follow it.
+pub fn decode_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > FRAME_BYTES_MAX - 4 {
+        return Err(DecodeError::FrameTooLarge {
+            len: len as u64 + 4,
+            limit: FRAME_BYTES_MAX as u64,
+        });
+    }
+    if len < FRAME_HEADER_BYTES {
+        return Err(DecodeError::Malformed("frame shorter than its header"));
+    }
+    Ok(len)
+}
+
+impl FrameHeader {
+    /// Decodes the header at the front of `rest` (the bytes after the length prefix).
+    pub fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let version = reader.u8("frame version")?;
+        if version != FRAME_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        let kind = reader.u8("frame kind")?;
+        if reader.u16("frame reserved")? != 0 {
+            return Err(DecodeError::Malformed("frame reserved bytes are not zero"));
+        }
+        let request_id = reader.u64("request id")?;
+        Ok(Self { kind, request_id })
+    }
+}
+
+impl Frame {
+    /// Appends the whole frame, length prefix included, to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        out.push(FRAME_VERSION);
+        out.push(self.message.kind());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&self.request_id.to_le_bytes());
+        self.message.encode_body(out);
+        let len = out.len() - start - 4;
+        assert!(
+            len + 4 <= FRAME_BYTES_MAX,
+            "frame of {} bytes exceeds the limit",
+            len + 4
+        );
+        let len = u32::try_from(len)
+            .expect("bounded by FRAME_BYTES_MAX")
+            .to_le_bytes();
+        out.get_mut(start..start + 4)
+            .expect("prefix reserved above")
+            .copy_from_slice(&len);
+    }
+
+    /// The encoded frame as a new buffer.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+
+    /// Decodes the bytes that follow a length prefix (as checked by [`decode_len`]).
+    pub fn decode_after_len(rest: &[u8]) -> Result<Self, DecodeError> {
+        let mut reader = Reader::new(rest);
+        let header = FrameHeader::decode(&mut reader)?;
+        let message = Message::decode_body(header.kind, reader.take(reader.remaining(), "body")?)?;
+        Ok(Self {
+            request_id: header.request_id,
+            message,
+        })
+    }
+
+    /// Decodes one whole frame, length prefix included, that must fill `bytes` exactly.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        let prefix = reader.take(4, "length prefix")?;
+        let len = decode_len(
+            prefix
+                .try_into()
+                .map_err(|_| DecodeError::Malformed("prefix"))?,
+        )?;
+        let rest = reader.take(len, "frame")?;
+        reader.finish("frame")?;
+        Self::decode_after_len(rest)
+    }
+}
+
+impl Message {
+    fn kind(&self) -> u8 {
+        match self {
+            Message::Append(_) => KIND_APPEND,
+            Message::Ack(_) => KIND_ACK,
+            Message::Error(_) => KIND_ERROR,
+        }
+    }
+
+    fn encode_body(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::Append(append) => append.encode(out),
+            Message::Ack(ack) => {
+                out.extend_from_slice(&ack.volume.0.to_le_bytes());
+                out.extend_from_slice(&ack.pg.0.to_le_bytes());
+                out.extend_from_slice(&ack.segment.0.to_le_bytes());
+                out.extend_from_slice(&ack.scl.0.to_le_bytes());
+            }
+            Message::Error(error) => {
+                out.extend_from_slice(&(error.code as u16).to_le_bytes());
+                out.extend_from_slice(&0u16.to_le_bytes());
+                let message = error.message.as_bytes();
+                let message = message.get(..ERROR_MESSAGE_BYTES_MAX).unwrap_or(message);
+                let len = u32::try_from(message.len()).expect("bounded above");
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(message);
+            }
+        }
+    }
+
+    /// Decodes a body of the given kind; the body must be consumed exactly.
+    pub fn decode_body(kind: u8, body: &[u8]) -> Result<Self, DecodeError> {
+        let mut reader = Reader::new(body);
+        let message = match kind {
+            KIND_APPEND => return Append::decode(body).map(Message::Append),
+            KIND_ACK => Message::Ack(SegmentAck {
+                volume: VolumeId(reader.u64("volume")?),
+                pg: PgId(reader.u32("pg")?),
+                segment: SegmentIndex(reader.u32("segment")?),
+                scl: Lsn(reader.u64("scl")?),
+            }),
+            KIND_ERROR => Message::Error(decode_error(&mut reader)?),
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        reader.finish("message body")?;
+        Ok(message)
+    }
+}
+
+fn decode_error(reader: &mut Reader<'_>) -> Result<ErrorReply, DecodeError> {
+    let code = ErrorCode::from_u16(reader.u16("error code")?)?;
+    if reader.u16("error reserved")? != 0 {
+        return Err(DecodeError::Malformed("error reserved bytes are not zero"));
+    }
+    let len = reader.u32("error message length")? as usize;
+    if len > ERROR_MESSAGE_BYTES_MAX {
+        return Err(DecodeError::Malformed(
+            "error message longer than the limit",
+        ));
+    }
+    let message = String::from_utf8_lossy(reader.take(len, "error message")?).into_owned();
+    Ok(ErrorReply { code, message })
+}
+
+impl Append {
+    /// Appends the Append body (the journal entry format) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        assert!(
+            !self.records.is_empty(),
+            "an append carries at least one record"
+        );
+        out.extend_from_slice(&self.volume.0.to_le_bytes());
+        out.extend_from_slice(&self.epoch.0.to_le_bytes());
+        out.extend_from_slice(&self.pg.0.to_le_bytes());
+        out.extend_from_slice(&self.segment.0.to_le_bytes());
+        let count = u32::try_from(self.records.len()).expect("record count fits a frame");
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        encode_records(&self.records, out);
+    }
+
+    /// Decodes an Append body that fills `body` exactly, verifying every record's CRC and
+    /// that LSNs strictly increase within the batch.
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let mut reader = Reader::new(body);
+        let volume = VolumeId(reader.u64("volume")?);
+        let epoch = Epoch(reader.u64("epoch")?);
+        let pg = PgId(reader.u32("pg")?);
+        let segment = SegmentIndex(reader.u32("segment")?);
+        let count = reader.u32("record count")?;
+        if reader.u32("append reserved")? != 0 {
+            return Err(DecodeError::Malformed("append reserved bytes are not zero"));
+        }
+        if count == 0 {
+            return Err(DecodeError::Malformed("append without records"));
+        }
+        let records = decode_records(reader.take(reader.remaining(), "records")?, count)?;
+        let increasing = records
+            .windows(2)
+            .all(|w| matches!(w, [a, b] if a.lsn < b.lsn));
+        if !increasing {
+            return Err(DecodeError::Malformed(
+                "record LSNs do not increase within the batch",
+            ));
+        }
+        Ok(Self {
+            volume,
+            epoch,
+            pg,
+            segment,
+            records,
+        })
+    }
+
+    /// Length of the encoded body.
+    pub fn encoded_len(&self) -> usize {
+        APPEND_HEADER_BYTES
+            + self
+                .records
+                .iter()
+                .map(LogRecord::encoded_len)
+                .sum::<usize>()
+    }
+}

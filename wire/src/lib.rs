@@ -1,0 +1,22 @@
+//! Formats shared by every Sixfold process: LSNs, log records, messages and the redo
+//! applicator.
+//!
+//! Invariants of this crate:
+//! - no I/O, no async, no clock: everything here is a pure function of its inputs;
+//! - every byte layout is little-endian and documented with an offset diagram;
+//! - decoding untrusted bytes never panics and never allocates more than the frame limit
+//!   ([`frame::FRAME_BYTES_MAX`]); encoding cannot fail.
+#![deny(clippy::indexing_slicing)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod apply;
+pub mod codec;
+pub mod frame;
+pub mod record;
+pub mod types;
+
+pub use apply::{ApplyError, PageImage, apply_record, apply_records};
+pub use codec::DecodeError;
+pub use frame::{Append, ErrorCode, ErrorReply, FRAME_BYTES_MAX, Frame, Message, SegmentAck};
+pub use record::{LogRecord, RECORD_HEADER_BYTES, RedoOp};
+pub use types::{Epoch, Lsn, PageId, PgId, SegmentIndex, VolumeId};
