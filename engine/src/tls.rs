@@ -69,7 +69,11 @@ pub fn client_config(
         .context("TLS configuration unusable for QUIC")?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    // A node that stops answering is noticed within seconds: the quorum routes around it.
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(5)).expect("small timeout"),
+    ));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
