@@ -1,3 +1,57 @@
+//! `sixfold-bench`: latency benchmarks that print hdrhistogram percentiles side by side with
+//! the disk's own limit, measured in the same run and the same directory.
+
+mod append;
+mod persist;
+mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-fn main() {}
+
+/// Sixfold benchmarks.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Single-record appends against one storage node, beside raw O_DIRECT write + fdatasync.
+    Append(append::AppendArgs),
+    /// The journal path alone, in process, without the network.
+    Persist(persist::PersistArgs),
+}
+
+/// Where the node under test comes from.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct Target {
+    /// Directory on the disk under test: the node's data (when the bench starts it) and the
+    /// raw-disk probe file go here.
+    #[arg(long)]
+    pub(crate) dir: PathBuf,
+    /// Drive an already running node at this address instead of starting one.
+    #[arg(long, requires = "certs")]
+    pub(crate) connect: Option<SocketAddr>,
+    /// Certificates of the running node's cluster (with --connect): ca.pem, engine.pem.
+    #[arg(long)]
+    pub(crate) certs: Option<PathBuf>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Append(args) => append::run(&args),
+        Command::Persist(args) => persist::run(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("sixfold-bench: {e:#}");
+        std::process::exit(2);
+    }
+}

@@ -118,7 +118,7 @@ impl NodeConfig {
         let j = &self.journal;
         let align = crate::io::DIRECT_IO_ALIGN as u64;
         let group = crate::journal::format::GROUP_BYTES_MAX as u64;
-        if j.file_bytes % align != 0 || j.file_bytes < group {
+        if !j.file_bytes.is_multiple_of(align) || j.file_bytes < group {
             return Err(format!(
                 "journal.file_bytes = {} must be a multiple of {align} and at least {group} \
                  (one full block group); try 268435456",

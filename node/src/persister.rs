@@ -25,7 +25,7 @@ use crate::io::raw::SyncMode;
 use crate::io::{AlignedBuf, DIRECT_IO_ALIGN};
 use crate::journal::format::{self, GROUP_BYTES_MAX, GROUP_HEADER_BYTES};
 use crate::journal::{INFLIGHT_GROUPS_MAX, JournalFiles, Position};
-use crate::segment::SclTracker;
+use crate::segment::{DurableRecord, RecordLocation, Segment};
 use crate::state::SegmentKey;
 
 /// What the persister tells the sender of a batch.
@@ -36,8 +36,8 @@ pub struct PersistRequest {
     pub segment: SegmentKey,
     /// The Append body, written to the journal as it is.
     pub body: Vec<u8>,
-    /// (lsn, backlink) of every record in the batch, for the SCL.
-    pub links: Vec<(Lsn, Lsn)>,
+    /// Every record of the batch: (lsn, backlink, page, offset in `body`, encoded length).
+    pub records: Vec<RecordInBody>,
     /// Called exactly once, from the persister thread.
     pub reply: Box<dyn FnOnce(PersistResult) + Send>,
 }
@@ -58,8 +58,54 @@ impl Default for PersisterConfig {
     }
 }
 
-/// The segments' SCL trackers, shared between the persister (writer) and readers.
-pub type SharedScls = Arc<Mutex<HashMap<SegmentKey, SclTracker>>>;
+/// A record's place inside an Append body.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordInBody {
+    pub lsn: Lsn,
+    pub backlink: Lsn,
+    pub page: wire::PageId,
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl RecordInBody {
+    /// The records of `append`, whose encoded body is laid out as `Append::encode` does.
+    pub fn of(append: &wire::Append) -> Vec<Self> {
+        let mut offset = wire::frame::APPEND_HEADER_BYTES;
+        let mut out = Vec::with_capacity(append.records.len());
+        for record in &append.records {
+            let len = record.encoded_len();
+            out.push(Self {
+                lsn: record.lsn,
+                backlink: record.backlink,
+                page: record.page,
+                offset: u32::try_from(offset).expect("bounded by the frame limit"),
+                len: u32::try_from(len).expect("bounded by the frame limit"),
+            });
+            offset += len;
+        }
+        assert!(offset == append.encoded_len());
+        out
+    }
+
+    /// Where this record lies in the journal, given where its body starts.
+    pub fn durable(&self, file: u32, body_offset: u64) -> DurableRecord {
+        DurableRecord {
+            lsn: self.lsn,
+            backlink: self.backlink,
+            page: self.page,
+            location: RecordLocation {
+                lsn: self.lsn,
+                file,
+                offset: body_offset + u64::from(self.offset),
+                len: self.len,
+            },
+        }
+    }
+}
+
+/// The hosted segments, shared between the persister (writer) and readers.
+pub type SharedSegments = Arc<Mutex<HashMap<SegmentKey, Segment>>>;
 
 struct Queue {
     items: Mutex<Vec<PersistRequest>>,
@@ -69,6 +115,8 @@ struct Queue {
 
 impl Queue {
     fn wake(&self) {
+        // eventfd counters are host-endian by definition (eventfd(2)).
+        #[allow(clippy::host_endian_bytes)]
         let one = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a live stack array to an eventfd we own.
         let n = unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
@@ -88,7 +136,7 @@ impl Persister {
         journal: JournalFiles,
         end: Position,
         next_sequence: u64,
-        scls: SharedScls,
+        segments: SharedSegments,
         config: PersisterConfig,
     ) -> std::io::Result<Self> {
         assert!(config.inflight_groups_max >= 1);
@@ -110,7 +158,7 @@ impl Persister {
             journal,
             end,
             next_sequence,
-            scls,
+            segments,
             config,
             ring,
             queue.clone(),
@@ -151,7 +199,10 @@ impl Drop for Persister {
 /// One block group between submission and acknowledgement.
 struct Slot {
     sequence: u64,
+    position: Position,
     requests: Vec<PersistRequest>,
+    /// Offset of each request's body within the group, in request order.
+    body_offsets: Vec<u64>,
     buf: AlignedBuf,
     pending_completions: u32,
 }
@@ -168,7 +219,7 @@ struct Worker {
     journal: JournalFiles,
     position: Position,
     next_sequence: u64,
-    scls: SharedScls,
+    segments: SharedSegments,
     config: PersisterConfig,
     ring: IoUring,
     queue: Arc<Queue>,
@@ -187,7 +238,7 @@ impl Worker {
         journal: JournalFiles,
         position: Position,
         next_sequence: u64,
-        scls: SharedScls,
+        segments: SharedSegments,
         config: PersisterConfig,
         ring: IoUring,
         queue: Arc<Queue>,
@@ -197,7 +248,7 @@ impl Worker {
             journal,
             position,
             next_sequence,
-            scls,
+            segments,
             config,
             ring,
             queue,
@@ -278,12 +329,14 @@ impl Worker {
         buf.clear();
         buf.extend_from_slice(&[0; GROUP_HEADER_BYTES]);
         let mut requests = Vec::new();
+        let mut body_offsets = Vec::new();
         while let Some(request) = self.carry.front() {
             let need = format::entry_bytes(request.body.len());
             if buf.len() + need > GROUP_BYTES_MAX - DIRECT_IO_ALIGN {
                 break;
             }
             let request = self.carry.pop_front().expect("front checked above");
+            body_offsets.push((buf.len() + 4) as u64);
             format::push_entry(&mut buf, &request.body);
             requests.push(request);
         }
@@ -315,7 +368,9 @@ impl Worker {
         // not move and is released only after both completions (see `reap`).
         self.slots[slot] = Some(Slot {
             sequence,
+            position,
             requests,
+            body_offsets,
             buf,
             pending_completions,
         });
@@ -324,7 +379,7 @@ impl Worker {
 
     /// Where the next group of `len` bytes goes, moving to the next file if it does not fit.
     fn allocate(&mut self, len: u64) -> Option<Position> {
-        assert!(len % DIRECT_IO_ALIGN as u64 == 0);
+        assert!(len.is_multiple_of(DIRECT_IO_ALIGN as u64));
         if self.position.offset + len > self.journal.file_bytes {
             if self.position.file as usize + 1 >= self.journal.files.len() {
                 return None;
@@ -348,8 +403,8 @@ impl Worker {
         let file = &self.journal.files[position.file as usize];
         let fd = types::Fd(file.as_raw_fd());
         let len = u32::try_from(buf.len()).expect("group fits u32");
-        assert!(buf.as_ptr() as usize % DIRECT_IO_ALIGN == 0);
-        assert!(position.offset % DIRECT_IO_ALIGN as u64 == 0);
+        assert!((buf.as_ptr() as usize).is_multiple_of(DIRECT_IO_ALIGN));
+        assert!(position.offset.is_multiple_of(DIRECT_IO_ALIGN as u64));
         let write = opcode::Write::new(fd, buf.as_ptr(), len).offset(position.offset);
         let entries = match self.config.sync_mode {
             SyncMode::LinkedFdatasync => vec![
@@ -428,12 +483,13 @@ impl Worker {
             self.free_bufs.push(slot.buf);
             let mut replies = Vec::with_capacity(slot.requests.len());
             {
-                let mut scls = self.scls.lock().expect("scl lock");
-                for request in slot.requests {
-                    let tracker = scls.entry(request.segment).or_default();
-                    let mut scl = tracker.scl();
-                    for (lsn, backlink) in &request.links {
-                        scl = tracker.observe(*lsn, *backlink);
+                let mut segments = self.segments.lock().expect("segments lock");
+                for (request, body_offset) in slot.requests.into_iter().zip(slot.body_offsets) {
+                    let segment = segments.entry(request.segment).or_default();
+                    let mut scl = segment.scl();
+                    let at = slot.position.offset + body_offset;
+                    for record in &request.records {
+                        scl = segment.observe(&record.durable(slot.position.file, at));
                     }
                     replies.push((request.reply, scl));
                 }

@@ -1,14 +1,99 @@
 //! Per-segment state that the foreground path maintains: the SCL, advanced by following
-//! backlinks. Pure: no I/O, no clock.
+//! backlinks, and the page index — where in the journal each durable record of each page lies.
+//! Pure: no I/O, no clock.
 //!
 //! Invariants:
+//! - a record enters the page index only once it is durable, and at most once per LSN;
+//! - each page's list is kept in LSN order, so a read applies records in order;
 //! - the SCL never moves backwards (a programmer error if it did: we assert);
 //! - every record ≤ SCL of the segment's PG has been received and is durable here;
 //! - a record waits in `pending` only while its backlink is above the SCL (a gap below it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use wire::Lsn;
+use wire::{Lsn, PageId};
+
+/// Where a durable record's encoded bytes lie in the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordLocation {
+    pub lsn: Lsn,
+    pub file: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// A durable record's identity and place, as the persister and recovery report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DurableRecord {
+    pub lsn: Lsn,
+    pub backlink: Lsn,
+    pub page: PageId,
+    pub location: RecordLocation,
+}
+
+/// One hosted segment: its SCL, its page index and its PGMRPL.
+#[derive(Clone, Debug, Default)]
+pub struct Segment {
+    scl: SclTracker,
+    pages: HashMap<PageId, Vec<RecordLocation>>,
+    pgmrpl: Lsn,
+}
+
+/// Why a read cannot be served at the requested point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SclBelowReadPoint {
+    pub scl: Lsn,
+}
+
+impl Segment {
+    pub fn scl(&self) -> Lsn {
+        self.scl.scl()
+    }
+
+    pub fn pgmrpl(&self) -> Lsn {
+        self.pgmrpl
+    }
+
+    /// Notes a durable record; returns the new SCL.
+    pub fn observe(&mut self, record: &DurableRecord) -> Lsn {
+        assert!(record.location.lsn == record.lsn);
+        let before = self.scl.scl();
+        let locations = self.pages.entry(record.page).or_default();
+        // Journal order is LSN order almost always; a duplicate or a late retry is placed
+        // (or dropped) by binary search.
+        match locations.binary_search_by_key(&record.lsn, |l| l.lsn) {
+            Ok(_) => {}
+            Err(index) => locations.insert(index, record.location),
+        }
+        let scl = self.scl.observe(record.lsn, record.backlink);
+        assert!(scl >= before);
+        scl
+    }
+
+    /// Locations of the page's records ≤ `read_point`, in LSN order; refused if the segment
+    /// does not hold every record up to `read_point`.
+    pub fn records_for_read(
+        &self,
+        page: PageId,
+        read_point: Lsn,
+    ) -> Result<Vec<RecordLocation>, SclBelowReadPoint> {
+        let scl = self.scl.scl();
+        if scl < read_point {
+            return Err(SclBelowReadPoint { scl });
+        }
+        let locations = self.pages.get(&page).map_or(&[][..], Vec::as_slice);
+        let end = locations.partition_point(|l| l.lsn <= read_point);
+        let out = locations.get(..end).unwrap_or_default().to_vec();
+        debug_assert!(out.windows(2).all(|w| w[0].lsn < w[1].lsn));
+        Ok(out)
+    }
+
+    /// Raises the PGMRPL (it never goes down); returns the value in force.
+    pub fn raise_pgmrpl(&mut self, pgmrpl: Lsn) -> Lsn {
+        self.pgmrpl = self.pgmrpl.max(pgmrpl);
+        self.pgmrpl
+    }
+}
 
 /// Records of a PG beyond a gap that the SCL tracker may hold (gossip fills gaps later);
 /// past this the oldest-gap records are still persisted but no longer tracked.

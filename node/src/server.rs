@@ -176,10 +176,47 @@ fn handle_frame(
             body.drain(..wire::frame::FRAME_HEADER_BYTES);
             node.append(&append, body, reply);
         }
-        Message::Ack(_) | Message::Error(_) => send_error(
+        Message::ReadPage(read) => {
+            let (node, tx) = (node.clone(), tx.clone());
+            tokio::task::spawn_blocking(move || {
+                let message = match node.read_page(&read) {
+                    Ok(page) => Message::Page(page),
+                    Err(error) => Message::Error(error),
+                };
+                let _ = tx.send(
+                    Frame {
+                        request_id,
+                        message,
+                    }
+                    .to_bytes(),
+                );
+                drop(permit);
+            });
+        }
+        Message::HostSegments(host) => reply_done(tx, request_id, node.host_segments(&host)),
+        Message::SetPgmrpl(set) => reply_done(tx, request_id, node.set_pgmrpl(&set)),
+        Message::Ack(_) | Message::Error(_) | Message::Page(_) | Message::Done => send_error(
             tx,
             request_id,
             ErrorReply::new(ErrorCode::Malformed, "a node accepts requests, not replies"),
         ),
     }
+}
+
+fn reply_done(
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    request_id: u64,
+    result: Result<(), ErrorReply>,
+) {
+    let message = match result {
+        Ok(()) => Message::Done,
+        Err(error) => Message::Error(error),
+    };
+    let _ = tx.send(
+        Frame {
+            request_id,
+            message,
+        }
+        .to_bytes(),
+    );
 }

@@ -67,21 +67,46 @@ struct ManifestToml {
     #[serde(default)]
     segment: Vec<SegmentKey>,
     #[serde(default)]
-    epoch: Vec<EpochToml>,
+    volume: Vec<VolumeToml>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-struct EpochToml {
+struct VolumeToml {
     volume: u64,
     epoch: u64,
+    page_size_bytes: u32,
+    pages_per_pg: u64,
+}
+
+/// What a node knows of a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VolumeMeta {
+    /// Highest epoch seen; requests with an older one are refused.
+    pub epoch: Epoch,
+    pub page_size_bytes: u32,
+    /// Pages per PG; 0 while unknown (segments configured by hand, not by `volume create`).
+    pub pages_per_pg: u64,
+}
+
+/// Page size of a volume whose geometry the node has not been told.
+pub const DEFAULT_PAGE_SIZE_BYTES: u32 = 8192;
+
+impl Default for VolumeMeta {
+    fn default() -> Self {
+        Self {
+            epoch: Epoch(0),
+            page_size_bytes: DEFAULT_PAGE_SIZE_BYTES,
+            pages_per_pg: 0,
+        }
+    }
 }
 
 /// The node's durable metadata.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Manifest {
     pub segments: Vec<SegmentKey>,
-    pub epochs: BTreeMap<VolumeId, Epoch>,
+    pub volumes: BTreeMap<VolumeId, VolumeMeta>,
 }
 
 pub const MANIFEST_FILE: &str = "manifest.toml";
@@ -101,28 +126,31 @@ impl Manifest {
         };
         let parsed: ManifestToml = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{} is corrupt: {}", path.display(), e.message()))?;
+        let volumes = parsed.volume.iter().map(|v| {
+            let meta = VolumeMeta {
+                epoch: Epoch(v.epoch),
+                page_size_bytes: v.page_size_bytes,
+                pages_per_pg: v.pages_per_pg,
+            };
+            (VolumeId(v.volume), meta)
+        });
         Ok(Self {
             segments: parsed.segment,
-            epochs: parsed
-                .epoch
-                .iter()
-                .map(|e| (VolumeId(e.volume), Epoch(e.epoch)))
-                .collect(),
+            volumes: volumes.collect(),
         })
     }
 
     /// Replaces the manifest on disk atomically.
     pub fn store(&self, data_dir: &Path) -> std::io::Result<()> {
+        let volume = self.volumes.iter().map(|(id, m)| VolumeToml {
+            volume: id.0,
+            epoch: m.epoch.0,
+            page_size_bytes: m.page_size_bytes,
+            pages_per_pg: m.pages_per_pg,
+        });
         let parsed = ManifestToml {
             segment: self.segments.clone(),
-            epoch: self
-                .epochs
-                .iter()
-                .map(|(v, e)| EpochToml {
-                    volume: v.0,
-                    epoch: e.0,
-                })
-                .collect(),
+            volume: volume.collect(),
         };
         let text = toml::to_string(&parsed).map_err(std::io::Error::other)?;
         let tmp = data_dir.join(format!("{MANIFEST_FILE}.tmp"));
@@ -135,8 +163,12 @@ impl Manifest {
         File::open(data_dir)?.sync_all()
     }
 
+    pub fn volume(&self, volume: VolumeId) -> VolumeMeta {
+        self.volumes.get(&volume).copied().unwrap_or_default()
+    }
+
     pub fn epoch(&self, volume: VolumeId) -> Epoch {
-        self.epochs.get(&volume).copied().unwrap_or_default()
+        self.volume(volume).epoch
     }
 
     pub fn hosts(&self, key: &SegmentKey) -> bool {
@@ -158,7 +190,12 @@ mod tests {
             pg: PgId(2),
             segment: SegmentIndex(3),
         });
-        m.epochs.insert(VolumeId(1), Epoch(7));
+        let meta = VolumeMeta {
+            epoch: Epoch(7),
+            page_size_bytes: 4096,
+            pages_per_pg: 128,
+        };
+        m.volumes.insert(VolumeId(1), meta);
         m.store(&dir).unwrap();
         assert_eq!(Manifest::load(&dir).unwrap(), m);
         std::fs::remove_dir_all(&dir).unwrap();

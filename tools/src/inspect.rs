@@ -36,7 +36,7 @@ pub fn journal_records(dir: &Path) -> anyhow::Result<(Vec<InspectedRecord>, Stri
     let scan = journal.scan()?;
     let mut out = Vec::new();
     for group in &scan.groups {
-        for entry in &group.entries {
+        for entry in group.entries.iter().map(|e| &e.append) {
             for record in &entry.records {
                 out.push(InspectedRecord {
                     group: group.sequence,

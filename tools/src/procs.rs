@@ -16,12 +16,12 @@ pub fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("SIXFOLD_BIN_DIR") {
         candidates.push(PathBuf::from(dir).join(name));
     }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            candidates.push(dir.join(name));
-            if let Some(up) = dir.parent() {
-                candidates.push(up.join(name));
-            }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join(name));
+        if let Some(up) = dir.parent() {
+            candidates.push(up.join(name));
         }
     }
     candidates.into_iter().find(|p| p.is_file()).with_context(|| {

@@ -56,6 +56,8 @@ fn append_round_trip_acks_carry_scl() {
     lsns.sort_unstable();
     lsns.dedup();
     assert_eq!(lsns, vec![10, 11, 12, 13, 14]);
+    drop(node);
+    cleanup(&dir);
 }
 
 /// Goal: many concurrent appends on one stream all get their own replies, in journal order
@@ -89,4 +91,6 @@ fn pipelined_appends_each_get_an_ack() {
             .await;
         assert!(matches!(reply.unwrap(), Message::Ack(a) if a.scl == Lsn(65)));
     });
+    drop(node);
+    cleanup(&dir);
 }

@@ -130,6 +130,8 @@ fn each_bad_input_gets_its_error_and_the_node_keeps_serving() {
         vec![1, 2, 3, 4, 5, 6, 1100],
         "nothing from a bad batch was persisted"
     );
+    drop(node);
+    cleanup(&dir);
 }
 
 /// Goal: a client without a certificate, or with one signed by another CA, is refused at the
@@ -174,4 +176,6 @@ fn handshake_without_a_ca_signed_certificate_is_refused() {
         vec![1],
         "nothing from refused clients"
     );
+    drop(node);
+    cleanup(&dir);
 }

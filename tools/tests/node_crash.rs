@@ -73,6 +73,8 @@ fn kill9_mid_stream_loses_nothing_acknowledged() {
             .unwrap();
         assert!(ack.scl >= Lsn(*acked.last().unwrap()), "scl {:?}", ack.scl);
     });
+    drop(node);
+    cleanup(&dir);
 }
 
 /// Where the last durable group starts and how long it is.
@@ -149,5 +151,7 @@ fn garbled_or_truncated_last_group_is_discarded() {
             assert_eq!(ack.scl, Lsn(3), "{damage}");
         });
         assert_eq!(durable_lsns(&spec.data_dir), vec![1, 2, 1, 3]);
+        drop(node);
+        cleanup(&dir);
     }
 }

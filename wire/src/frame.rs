@@ -6,7 +6,8 @@
 //! offset  size  field
 //!      0     4  len         bytes that follow this field (12 + body); 12 ≤ len ≤ FRAME_BYTES_MAX - 4
 //!      4     1  version     FRAME_VERSION (1)
-//!      5     1  kind        1 = Append, 2 = Ack, 3 = Error
+//!      5     1  kind        1 = Append, 2 = Ack, 3 = Error, 4 = ReadPage, 5 = Page,
+//!                           6 = HostSegments, 7 = SetPgmrpl, 8 = Done
 //!      6     2  reserved    zero
 //!      8     8  request_id  chosen by the sender of a request, echoed by its reply
 //!     16     …  body        per kind, below
@@ -42,12 +43,55 @@
 //!      8     …  message      UTF-8
 //! ```
 //!
+//! ReadPage body: the page as of exactly `read_point`; refused if the segment's SCL is below it.
+//!
+//! ```text
+//!      0     8  volume
+//!      8     8  epoch
+//!     16     4  pg
+//!     20     4  segment
+//!     24     8  page
+//!     32     8  read_point
+//! ```
+//!
+//! Page body (reply to ReadPage):
+//!
+//! ```text
+//!      0     8  page
+//!      8     8  page_lsn     LSN of the last record applied (0: never written)
+//!     16     4  len          page size in bytes, ≤ PAGE_BYTES_MAX
+//!     20     4  crc32        of the page bytes
+//!     24   len  bytes
+//! ```
+//!
+//! HostSegments body: the segments of one volume a node is to host, and the volume geometry.
+//!
+//! ```text
+//!      0     8  volume
+//!      8     8  epoch
+//!     16     4  page_size_bytes
+//!     20     4  count         ≤ HOST_SEGMENTS_MAX
+//!     24     8  pages_per_pg
+//!     32     …  count × { u32 pg, u32 segment }
+//! ```
+//!
+//! SetPgmrpl body: no read below `pgmrpl` will ever come for this PG.
+//!
+//! ```text
+//!      0     8  volume
+//!      8     4  pg
+//!     12     4  reserved     zero
+//!     16     8  pgmrpl
+//! ```
+//!
+//! Done body: empty (a request without a result succeeded).
+//!
 //! A reader checks `len` against [`FRAME_BYTES_MAX`] before allocating anything, so a peer
 //! cannot make us allocate more than one frame's worth.
 
 use crate::codec::{DecodeError, Reader};
 use crate::record::{LogRecord, decode_records, encode_records};
-use crate::types::{Epoch, Lsn, PgId, SegmentIndex, VolumeId};
+use crate::types::{Epoch, Lsn, PageId, PgId, SegmentIndex, VolumeId};
 
 /// The frame format version this build speaks.
 pub const FRAME_VERSION: u8 = 1;
@@ -63,6 +107,53 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
 const KIND_APPEND: u8 = 1;
 const KIND_ACK: u8 = 2;
 const KIND_ERROR: u8 = 3;
+const KIND_READ_PAGE: u8 = 4;
+const KIND_PAGE: u8 = 5;
+const KIND_HOST_SEGMENTS: u8 = 6;
+const KIND_SET_PGMRPL: u8 = 7;
+const KIND_DONE: u8 = 8;
+
+/// Largest page a Page reply carries.
+pub const PAGE_BYTES_MAX: usize = 64 * 1024;
+/// Most segments one HostSegments message names.
+pub const HOST_SEGMENTS_MAX: usize = 64 * 1024;
+
+/// Read a page as of exactly `read_point` from one segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadPage {
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    pub pg: PgId,
+    pub segment: SegmentIndex,
+    pub page: PageId,
+    pub read_point: Lsn,
+}
+
+/// A page image as of `page_lsn`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageReply {
+    pub page: PageId,
+    pub page_lsn: Lsn,
+    pub bytes: Vec<u8>,
+}
+
+/// The segments of `volume` that a node hosts from now on, with the volume's geometry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostSegments {
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    pub page_size_bytes: u32,
+    pub pages_per_pg: u64,
+    pub segments: Vec<(PgId, SegmentIndex)>,
+}
+
+/// The PG's minimum read point: nodes may coalesce and collect garbage below it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetPgmrpl {
+    pub volume: VolumeId,
+    pub pg: PgId,
+    pub pgmrpl: Lsn,
+}
 
 /// A batch of records of one PG for one of its segments.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +201,8 @@ error_codes! {
     JournalFull = 7,
     ShuttingDown = 8,
     Internal = 9,
+    SclBelowReadPoint = 10,
+    BadRequest = 11,
 }
 
 impl ErrorCode {
@@ -152,6 +245,11 @@ pub enum Message {
     Append(Append),
     Ack(SegmentAck),
     Error(ErrorReply),
+    ReadPage(ReadPage),
+    Page(PageReply),
+    HostSegments(HostSegments),
+    SetPgmrpl(SetPgmrpl),
+    Done,
 }
 
 /// One frame: a message and the request it belongs to.
@@ -262,6 +360,11 @@ impl Message {
             Message::Append(_) => KIND_APPEND,
             Message::Ack(_) => KIND_ACK,
             Message::Error(_) => KIND_ERROR,
+            Message::ReadPage(_) => KIND_READ_PAGE,
+            Message::Page(_) => KIND_PAGE,
+            Message::HostSegments(_) => KIND_HOST_SEGMENTS,
+            Message::SetPgmrpl(_) => KIND_SET_PGMRPL,
+            Message::Done => KIND_DONE,
         }
     }
 
@@ -277,12 +380,46 @@ impl Message {
             Message::Error(error) => {
                 out.extend_from_slice(&(error.code as u16).to_le_bytes());
                 out.extend_from_slice(&0u16.to_le_bytes());
-                let message = error.message.as_bytes();
-                let message = message.get(..ERROR_MESSAGE_BYTES_MAX).unwrap_or(message);
+                // Cut like `ErrorReply::new`, on a char boundary: the fields are public, so
+                // the message may be longer than the limit, and cutting it mid-char would send
+                // invalid UTF-8.
+                let message = &error.message;
+                let message = message
+                    .get(..message.floor_char_boundary(ERROR_MESSAGE_BYTES_MAX))
+                    .unwrap_or_default()
+                    .as_bytes();
                 let len = u32::try_from(message.len()).expect("bounded above");
                 out.extend_from_slice(&len.to_le_bytes());
                 out.extend_from_slice(message);
             }
+            Message::ReadPage(r) => {
+                out.extend_from_slice(&r.volume.0.to_le_bytes());
+                out.extend_from_slice(&r.epoch.0.to_le_bytes());
+                out.extend_from_slice(&r.pg.0.to_le_bytes());
+                out.extend_from_slice(&r.segment.0.to_le_bytes());
+                out.extend_from_slice(&r.page.0.to_le_bytes());
+                out.extend_from_slice(&r.read_point.0.to_le_bytes());
+            }
+            Message::Page(p) => {
+                assert!(
+                    p.bytes.len() <= PAGE_BYTES_MAX,
+                    "page larger than the limit"
+                );
+                out.extend_from_slice(&p.page.0.to_le_bytes());
+                out.extend_from_slice(&p.page_lsn.0.to_le_bytes());
+                let len = u32::try_from(p.bytes.len()).expect("bounded above");
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(&crc32fast::hash(&p.bytes).to_le_bytes());
+                out.extend_from_slice(&p.bytes);
+            }
+            Message::HostSegments(h) => h.encode(out),
+            Message::SetPgmrpl(m) => {
+                out.extend_from_slice(&m.volume.0.to_le_bytes());
+                out.extend_from_slice(&m.pg.0.to_le_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes());
+                out.extend_from_slice(&m.pgmrpl.0.to_le_bytes());
+            }
+            Message::Done => {}
         }
     }
 
@@ -298,10 +435,105 @@ impl Message {
                 scl: Lsn(reader.u64("scl")?),
             }),
             KIND_ERROR => Message::Error(decode_error(&mut reader)?),
+            KIND_READ_PAGE => Message::ReadPage(ReadPage {
+                volume: VolumeId(reader.u64("volume")?),
+                epoch: Epoch(reader.u64("epoch")?),
+                pg: PgId(reader.u32("pg")?),
+                segment: SegmentIndex(reader.u32("segment")?),
+                page: PageId(reader.u64("page")?),
+                read_point: Lsn(reader.u64("read point")?),
+            }),
+            KIND_PAGE => Message::Page(decode_page(&mut reader)?),
+            KIND_HOST_SEGMENTS => Message::HostSegments(HostSegments::decode(&mut reader)?),
+            KIND_SET_PGMRPL => {
+                let volume = VolumeId(reader.u64("volume")?);
+                let pg = PgId(reader.u32("pg")?);
+                if reader.u32("reserved")? != 0 {
+                    return Err(DecodeError::Malformed(
+                        "SetPgmrpl reserved bytes are not zero",
+                    ));
+                }
+                Message::SetPgmrpl(SetPgmrpl {
+                    volume,
+                    pg,
+                    pgmrpl: Lsn(reader.u64("pgmrpl")?),
+                })
+            }
+            KIND_DONE => Message::Done,
             other => return Err(DecodeError::UnknownKind(other)),
         };
         reader.finish("message body")?;
         Ok(message)
+    }
+}
+
+fn decode_page(reader: &mut Reader<'_>) -> Result<PageReply, DecodeError> {
+    let page = PageId(reader.u64("page")?);
+    let page_lsn = Lsn(reader.u64("page lsn")?);
+    let len = reader.u32("page length")? as usize;
+    if len > PAGE_BYTES_MAX {
+        return Err(DecodeError::Malformed("page longer than the limit"));
+    }
+    let stored = reader.u32("page crc")?;
+    let bytes = reader.take(len, "page bytes")?;
+    let computed = crc32fast::hash(bytes);
+    if computed != stored {
+        return Err(DecodeError::BadCrc {
+            lsn: page_lsn.0,
+            stored,
+            computed,
+        });
+    }
+    Ok(PageReply {
+        page,
+        page_lsn,
+        bytes: bytes.to_vec(),
+    })
+}
+
+impl HostSegments {
+    fn encode(&self, out: &mut Vec<u8>) {
+        assert!(
+            self.segments.len() <= HOST_SEGMENTS_MAX,
+            "too many segments in one message"
+        );
+        out.extend_from_slice(&self.volume.0.to_le_bytes());
+        out.extend_from_slice(&self.epoch.0.to_le_bytes());
+        out.extend_from_slice(&self.page_size_bytes.to_le_bytes());
+        let count = u32::try_from(self.segments.len()).expect("bounded above");
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&self.pages_per_pg.to_le_bytes());
+        for (pg, segment) in &self.segments {
+            out.extend_from_slice(&pg.0.to_le_bytes());
+            out.extend_from_slice(&segment.0.to_le_bytes());
+        }
+    }
+
+    fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let volume = VolumeId(reader.u64("volume")?);
+        let epoch = Epoch(reader.u64("epoch")?);
+        let page_size_bytes = reader.u32("page size")?;
+        let count = reader.u32("segment count")? as usize;
+        let pages_per_pg = reader.u64("pages per pg")?;
+        if count > HOST_SEGMENTS_MAX || count > reader.remaining() / 8 {
+            return Err(DecodeError::Malformed(
+                "segment count larger than the bytes can hold",
+            ));
+        }
+        let mut segments = Vec::with_capacity(count);
+        for _ in 0..count {
+            segments.push((
+                PgId(reader.u32("pg")?),
+                SegmentIndex(reader.u32("segment")?),
+            ));
+        }
+        Ok(Self {
+            volume,
+            epoch,
+            page_size_bytes,
+            pages_per_pg,
+            segments,
+        })
     }
 }
 
@@ -316,8 +548,10 @@ fn decode_error(reader: &mut Reader<'_>) -> Result<ErrorReply, DecodeError> {
             "error message longer than the limit",
         ));
     }
-    let message = String::from_utf8_lossy(reader.take(len, "error message")?).into_owned();
-    Ok(ErrorReply { code, message })
+    // Lossy, so a garbled message still delivers its code. Each invalid byte becomes U+FFFD
+    // (3 bytes), so the result can exceed the limit: `new` cuts it back on a char boundary.
+    let message = String::from_utf8_lossy(reader.take(len, "error message")?);
+    Ok(ErrorReply::new(code, message))
 }
 
 impl Append {

@@ -17,6 +17,9 @@ pub mod types;
 
 pub use apply::{ApplyError, PageImage, apply_record, apply_records};
 pub use codec::DecodeError;
-pub use frame::{Append, ErrorCode, ErrorReply, FRAME_BYTES_MAX, Frame, Message, SegmentAck};
+pub use frame::{
+    Append, ErrorCode, ErrorReply, FRAME_BYTES_MAX, Frame, HostSegments, Message, PageReply,
+    ReadPage, SegmentAck, SetPgmrpl,
+};
 pub use record::{LogRecord, RECORD_HEADER_BYTES, RedoOp};
 pub use types::{Epoch, Lsn, PageId, PgId, SegmentIndex, VolumeId};

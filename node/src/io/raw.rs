@@ -54,13 +54,15 @@ pub fn prewrite(file: &File, len: u64) -> io::Result<()> {
     file.sync_all()
 }
 
-/// Times `count` durable writes of `block_bytes` at one in flight over a file of
-/// `file_bytes` under `dir` (removed afterwards). Returns each write's latency.
+/// Times durable writes of `block_bytes` at one in flight, for `duration` or `count_max`
+/// writes, whichever comes first, over a pre-written file of `file_bytes` under `dir`
+/// (removed afterwards). Returns each write's latency.
 pub fn measure(
     dir: &Path,
     block_bytes: usize,
     file_bytes: u64,
-    count: usize,
+    duration: Duration,
+    count_max: usize,
     mode: SyncMode,
 ) -> io::Result<Vec<Duration>> {
     let path = dir.join("raw-disk-probe.dat");
@@ -71,8 +73,12 @@ pub fn measure(
     buf.extend_from_slice(&vec![0xA5; block_bytes]);
     buf.pad_to_alignment();
     let blocks = (file_bytes / buf.len() as u64).max(1);
-    let mut latencies = Vec::with_capacity(count);
-    for i in 0..count {
+    let mut latencies = Vec::new();
+    let began = Instant::now();
+    for i in 0..count_max {
+        if began.elapsed() >= duration {
+            break;
+        }
         let offset = (i as u64 % blocks) * buf.len() as u64;
         let start = Instant::now();
         durable_write(&mut ring, &file, &buf, offset, mode)?;

@@ -31,7 +31,7 @@ pub const GROUP_HEADER_BYTES: usize = 32;
 pub const GROUP_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 const _: () = assert!(GROUP_BYTES_MAX >= wire::FRAME_BYTES_MAX + 2 * crate::io::DIRECT_IO_ALIGN);
-const _: () = assert!(GROUP_BYTES_MAX % crate::io::DIRECT_IO_ALIGN == 0);
+const _: () = assert!(GROUP_BYTES_MAX.is_multiple_of(crate::io::DIRECT_IO_ALIGN));
 
 /// A decoded group header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,13 +102,15 @@ pub fn payload_crc_ok(header_bytes: &[u8], header: &GroupHeader, payload: &[u8])
     hasher.finalize() == header.crc
 }
 
-/// Splits a CRC-checked payload into its entries (Append bodies).
-pub fn decode_entries(payload: &[u8], entry_count: u32) -> Result<Vec<Append>, DecodeError> {
+/// Splits a CRC-checked payload into its entries (Append bodies), each with the offset of its
+/// body from the start of the group.
+pub fn decode_entries(payload: &[u8], entry_count: u32) -> Result<Vec<(u64, Append)>, DecodeError> {
     let mut reader = Reader::new(payload);
     let mut entries = Vec::new();
     for _ in 0..entry_count {
         let len = reader.u32("entry length")? as usize;
-        entries.push(Append::decode(reader.take(len, "entry")?)?);
+        let offset = (GROUP_HEADER_BYTES + payload.len() - reader.remaining()) as u64;
+        entries.push((offset, Append::decode(reader.take(len, "entry")?)?));
     }
     reader.finish("group payload")?;
     Ok(entries)

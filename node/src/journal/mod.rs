@@ -35,12 +35,19 @@ pub struct Position {
     pub offset: u64,
 }
 
+/// One entry of a durable group: an Append body and where it lies in its journal file.
+#[derive(Debug)]
+pub struct ScannedEntry {
+    pub body_offset: u64,
+    pub append: Append,
+}
+
 /// One durable group found by a scan.
 #[derive(Debug)]
 pub struct ScannedGroup {
     pub sequence: u64,
     pub position: Position,
-    pub entries: Vec<Append>,
+    pub entries: Vec<ScannedEntry>,
 }
 
 /// What a scan found.
@@ -70,7 +77,7 @@ impl JournalFiles {
     /// Opens the journal under `dir`, creating and pre-writing `file_count` files of
     /// `file_bytes` if there are none yet.
     pub fn open_or_create(dir: &Path, file_bytes: u64, file_count: u32) -> io::Result<Self> {
-        assert!(file_bytes % DIRECT_IO_ALIGN as u64 == 0);
+        assert!(file_bytes.is_multiple_of(DIRECT_IO_ALIGN as u64));
         assert!(file_count > 0);
         std::fs::create_dir_all(dir)?;
         if !file_path(dir, 0).exists() {
@@ -252,7 +259,13 @@ impl<'a> Scanner<'a> {
             )));
         }
         let entries = match format::decode_entries(payload, header.entry_count) {
-            Ok(entries) => entries,
+            Ok(entries) => entries
+                .into_iter()
+                .map(|(offset, append)| ScannedEntry {
+                    body_offset: at.offset + offset,
+                    append,
+                })
+                .collect(),
             Err(e) => {
                 return Ok(Err(format!(
                     "group {} has a bad entry: {e}",

@@ -18,6 +18,11 @@ pub fn test_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Removes a passing test's directory (a failing test keeps it for a post-mortem).
+pub fn cleanup(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Certificates for node1..node6 and an engine, plus a rogue CA's client under `rogue/`.
 pub fn certs(dir: &Path) -> PathBuf {
     let certs = dir.join("certs");
