@@ -108,6 +108,12 @@ impl NodeClient {
         }
     }
 
+    /// Whether the connection is gone (closed by either side, or timed out).
+    pub fn is_closed(&self) -> bool {
+        self.connection.close_reason().is_some()
+            || self.pending.lock().expect("pending lock").is_none()
+    }
+
     pub fn close(&self) {
         self.connection.close(0u32.into(), b"done");
     }

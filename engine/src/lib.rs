@@ -1,8 +1,14 @@
-//! The database-engine side of Sixfold: connections to storage nodes (and, in later issues,
-//! quorum tracking, VCL/VDL, commits and reads).
+//! The database-engine side of Sixfold: the writer's quorum state machine (VCL, VDL, LAL),
+//! the buffer cache, the volume file and placement, and the driver that runs them over QUIC.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod cache;
 pub mod client;
+pub mod driver;
+pub mod quorum;
 pub mod tls;
+pub mod volume;
 
 pub use client::NodeClient;
+pub use driver::{VolumeClient, VolumeConfig};
+pub use volume::VolumeFile;

@@ -117,7 +117,18 @@ impl NodeProcess {
             .create(true)
             .append(true)
             .open(&log)?;
-        let mut child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            // The node dies with whoever started it: tests and `sixfold dev` never leave
+            // a node behind, even when they are killed themselves.
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = command
             .arg("--config")
             .arg(config)
             .stdin(Stdio::null())
