@@ -98,7 +98,7 @@ impl NodeLink {
         }
         *guard = None;
         let connect = NodeClient::connect(&self.endpoint, self.addr, &self.name);
-        let (client, _unsolicited) = tokio::time::timeout(Duration::from_secs(2), connect)
+        let (client, _unsolicited) = tokio::time::timeout(Duration::from_secs(1), connect)
             .await
             .with_context(|| format!("connecting to {} timed out", self.name))??;
         let client = Arc::new(client);
@@ -267,7 +267,9 @@ impl VolumeClient {
             shared.vdl.subscribe(),
             commits_rx,
         )));
-        tasks.push(tokio::spawn(run_reconnects(shared.clone())));
+        for index in 0..shared.links.len() {
+            tasks.push(tokio::spawn(probe(shared.clone(), index)));
+        }
         tasks.push(tokio::spawn(run_pgmrpl(shared.clone())));
         Ok(Self { shared, tasks })
     }
@@ -540,6 +542,11 @@ async fn send_append(
         segment,
         records,
     };
+    // A node marked down is probed by the reconnect task only; what it misses meanwhile is
+    // re-sent by catch-up, so dropping here loses nothing and keeps the queue moving.
+    if link.needs_catch_up.load(Ordering::Acquire) {
+        return;
+    }
     let Ok(client) = link.get().await else {
         link.mark_down();
         return;
@@ -597,18 +604,18 @@ async fn run_commits(
     }
 }
 
-/// Reconnects to nodes whose sends failed and re-sends what their segments miss.
-async fn run_reconnects(shared: Arc<Shared>) {
+/// Reconnects to a node whose sends failed and re-sends what its segments miss. One probe
+/// task per node, so a dead node never delays another's return.
+async fn probe(shared: Arc<Shared>, index: usize) {
+    let link = shared.links[index].clone();
     let mut tick = tokio::time::interval(shared.config.reconnect_interval);
     loop {
         tick.tick().await;
-        for (index, link) in shared.links.iter().enumerate() {
-            if !link.needs_catch_up.load(Ordering::Acquire) || link.get().await.is_err() {
-                continue;
-            }
-            link.needs_catch_up.store(false, Ordering::Release);
-            catch_up(&shared, index);
+        if !link.needs_catch_up.load(Ordering::Acquire) || link.get().await.is_err() {
+            continue;
         }
+        link.needs_catch_up.store(false, Ordering::Release);
+        catch_up(&shared, index);
     }
 }
 
