@@ -44,22 +44,22 @@ impl SyncArg {
 #[derive(clap::Args, Debug)]
 pub(crate) struct AppendArgs {
     #[command(flatten)]
-    target: crate::Target,
+    pub(crate) target: crate::Target,
     /// Seconds per measurement (the raw disk and each concurrency level).
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub(crate) seconds: u64,
     /// Measure only this many appends in flight (default: 1, 16 and 64).
     #[arg(long)]
-    inflight: Option<usize>,
+    pub(crate) inflight: Option<usize>,
     /// Payload bytes of each record.
     #[arg(long, default_value_t = 4096)]
-    record_bytes: usize,
+    pub(crate) record_bytes: usize,
     /// Durability mode of the node the bench starts (default: the node's default).
     #[arg(long, value_enum)]
-    sync: Option<SyncArg>,
+    pub(crate) sync: Option<SyncArg>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// Appends a many-in-flight run can make per second at most (≈ 400 MB/s of 4 KiB records),
@@ -122,7 +122,11 @@ pub(crate) fn run(args: &AppendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn raw_summary(dir: &Path, duration: Duration, mode: SyncMode) -> anyhow::Result<Summary> {
+pub(crate) fn raw_summary(
+    dir: &Path,
+    duration: Duration,
+    mode: SyncMode,
+) -> anyhow::Result<Summary> {
     let began = Instant::now();
     let latencies = raw::measure(dir, 4096, 64 << 20, duration, usize::MAX, mode)
         .with_context(|| format!("raw O_DIRECT probe under {} failed", dir.display()))?;
@@ -136,7 +140,7 @@ fn raw_summary(dir: &Path, duration: Duration, mode: SyncMode) -> anyhow::Result
 
 /// Either the running node of `--connect`, or a fresh node under `--dir` whose journal holds
 /// what `inflight` appends in flight can write in `--seconds` at most.
-fn node_under_test(
+pub(crate) fn node_under_test(
     args: &AppendArgs,
     inflight: usize,
     raw: &Summary,
@@ -184,7 +188,7 @@ fn node_under_test(
     ))
 }
 
-enum NodeHandle {
+pub(crate) enum NodeHandle {
     Local {
         process: NodeProcess,
         run_dir: std::path::PathBuf,
@@ -233,7 +237,7 @@ pub(crate) fn one_record(record_bytes: usize) -> Append {
     }
 }
 
-async fn measure_node(
+pub(crate) async fn measure_node(
     node: &NodeHandle,
     identity: &ClientIdentity,
     inflight: usize,

@@ -2,6 +2,7 @@
 //! the disk's own limit, measured in the same run and the same directory.
 
 mod append;
+mod commit;
 mod persist;
 mod stats;
 
@@ -25,6 +26,9 @@ struct Cli {
 enum Command {
     /// Single-record appends against one storage node, beside raw O_DIRECT write + fdatasync.
     Append(append::AppendArgs),
+    /// One-record MTRs committed through a 4/6 quorum of six local nodes, beside single-node
+    /// appends and the raw disk.
+    Commit(commit::CommitArgs),
     /// The journal path alone, in process, without the network.
     Persist(persist::PersistArgs),
 }
@@ -48,6 +52,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Append(args) => append::run(&args),
+        Command::Commit(args) => commit::run(&args),
         Command::Persist(args) => persist::run(&args),
     };
     if let Err(e) = result {

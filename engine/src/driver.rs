@@ -511,16 +511,16 @@ async fn run_sender(
                 next = rx.try_recv().ok();
             }
         }
-        let (shared, link) = (shared.clone(), link.clone());
-        tokio::spawn(async move {
-            let sends = merged
-                .into_iter()
-                .map(|((pg, segment), records)| send_append(&shared, &link, pg, segment, records));
-            for send in sends {
-                send.await;
-            }
-            drop(permit);
-        });
+        // The appends of one round (one per segment with records) go out together; the
+        // round's permit is released when the last of them is acknowledged.
+        let permit = Arc::new(permit);
+        for ((pg, segment), records) in merged {
+            let (shared, link, permit) = (shared.clone(), link.clone(), permit.clone());
+            tokio::spawn(async move {
+                send_append(&shared, &link, pg, segment, records).await;
+                drop(permit);
+            });
+        }
     }
 }
 

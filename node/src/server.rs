@@ -112,13 +112,7 @@ fn send_error(tx: &mpsc::UnboundedSender<Vec<u8>>, request_id: u64, reply: Error
         reply.code,
         reply.message
     );
-    let _ = tx.send(
-        Frame {
-            request_id,
-            message: Message::Error(reply),
-        }
-        .to_bytes(),
-    );
+    send_reply(tx, request_id, Err(reply));
 }
 
 fn handle_frame(
@@ -154,22 +148,15 @@ fn handle_frame(
             let tx = tx.clone();
             let (volume, pg, segment) = (append.volume, append.pg, append.segment);
             let reply = Box::new(move |result: Result<wire::Lsn, ErrorReply>| {
-                let message = match result {
-                    Ok(scl) => Message::Ack(SegmentAck {
+                let ack = result.map(|scl| {
+                    Message::Ack(SegmentAck {
                         volume,
                         pg,
                         segment,
                         scl,
-                    }),
-                    Err(error) => Message::Error(error),
-                };
-                let _ = tx.send(
-                    Frame {
-                        request_id,
-                        message,
-                    }
-                    .to_bytes(),
-                );
+                    })
+                });
+                send_reply(&tx, request_id, ack);
                 drop(permit);
             });
             let mut body = frame;
@@ -179,22 +166,24 @@ fn handle_frame(
         Message::ReadPage(read) => {
             let (node, tx) = (node.clone(), tx.clone());
             tokio::task::spawn_blocking(move || {
-                let message = match node.read_page(&read) {
-                    Ok(page) => Message::Page(page),
-                    Err(error) => Message::Error(error),
-                };
-                let _ = tx.send(
-                    Frame {
-                        request_id,
-                        message,
-                    }
-                    .to_bytes(),
-                );
+                send_reply(&tx, request_id, node.read_page(&read).map(Message::Page));
                 drop(permit);
             });
         }
-        Message::HostSegments(host) => reply_done(tx, request_id, node.host_segments(&host)),
-        Message::SetPgmrpl(set) => reply_done(tx, request_id, node.set_pgmrpl(&set)),
+        Message::HostSegments(host) => {
+            send_reply(
+                tx,
+                request_id,
+                node.host_segments(&host).map(|()| Message::Done),
+            );
+        }
+        Message::SetPgmrpl(set) => {
+            send_reply(
+                tx,
+                request_id,
+                node.set_pgmrpl(&set).map(|()| Message::Done),
+            );
+        }
         Message::Ack(_) | Message::Error(_) | Message::Page(_) | Message::Done => send_error(
             tx,
             request_id,
@@ -203,15 +192,13 @@ fn handle_frame(
     }
 }
 
-fn reply_done(
+/// Sends a request's outcome: its reply message, or its error.
+fn send_reply(
     tx: &mpsc::UnboundedSender<Vec<u8>>,
     request_id: u64,
-    result: Result<(), ErrorReply>,
+    result: Result<Message, ErrorReply>,
 ) {
-    let message = match result {
-        Ok(()) => Message::Done,
-        Err(error) => Message::Error(error),
-    };
+    let message = result.unwrap_or_else(Message::Error);
     let _ = tx.send(
         Frame {
             request_id,
