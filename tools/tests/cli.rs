@@ -11,7 +11,9 @@ fn sixfold() -> Command {
 fn running(pid: u32) -> bool {
     // A zombie still answers kill(0); look at its state instead.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.split_whitespace().nth(2).is_some_and(|state| state != "Z")
+    stat.split_whitespace()
+        .nth(2)
+        .is_some_and(|state| state != "Z")
 }
 
 /// Goal: `sixfold dev` runs six nodes, an engine and a workload that commits, prints VDL
