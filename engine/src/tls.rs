@@ -74,6 +74,10 @@ pub fn client_config(
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(std::time::Duration::from_secs(5)).expect("small timeout"),
     ));
+    // MTU discovery up to jumbo frames, as on the node side (8952 = 9000 − IPv6/UDP headers).
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(8952);
+    transport.mtu_discovery_config(Some(mtu));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

@@ -28,7 +28,7 @@ key = ".sixfold/certs/node1.key.pem"
 file_bytes = 268435456   # 256 MiB per journal file
 file_count = 8
 inflight_groups_max = 4
-sync = "fdatasync"       # or "rwf_dsync"
+sync = "rwf_dsync"       # or "fdatasync" (write + linked fdatasync)
 
 [[segment]]
 volume = 1
@@ -81,7 +81,7 @@ impl Default for JournalConfig {
             file_bytes: 256 << 20,
             file_count: 8,
             inflight_groups_max: 4,
-            sync: SyncChoice::Fdatasync,
+            sync: SyncChoice::RwfDsync,
         }
     }
 }
@@ -149,7 +149,7 @@ mod tests {
     fn default_config_parses() {
         let c = NodeConfig::parse(DEFAULT_CONFIG, "default").unwrap();
         assert_eq!(c.segments.len(), 1);
-        assert_eq!(c.journal.sync, SyncChoice::Fdatasync);
+        assert_eq!(c.journal.sync, SyncChoice::RwfDsync);
     }
 
     #[test]

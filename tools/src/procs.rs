@@ -57,7 +57,7 @@ impl NodeSpec {
             journal_file_bytes: 16 << 20,
             journal_file_count: 4,
             inflight_groups_max: 4,
-            sync: "fdatasync",
+            sync: "rwf_dsync",
             segments: vec![(1, 0, 0)],
         }
     }

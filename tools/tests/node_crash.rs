@@ -16,12 +16,22 @@ use wire::Lsn;
 /// serves again after restart with an SCL covering everything acknowledged.
 /// Method: 32 writers append one chain (each record's backlink is the previous LSN); once a
 /// few hundred acks have arrived — with requests still in flight — SIGKILL the node, restart it,
-/// and compare the acknowledged LSNs with the journal's durable records.
+/// and compare the acknowledged LSNs with the journal's durable records. Once per durability
+/// mode of the persister.
 #[test]
-fn kill9_mid_stream_loses_nothing_acknowledged() {
-    let dir = test_dir("kill9");
+fn kill9_mid_stream_loses_nothing_acknowledged_rwf_dsync() {
+    kill9_mid_stream("rwf_dsync");
+}
+
+#[test]
+fn kill9_mid_stream_loses_nothing_acknowledged_fdatasync() {
+    kill9_mid_stream("fdatasync");
+}
+
+fn kill9_mid_stream(sync: &'static str) {
+    let dir = test_dir(&format!("kill9-{sync}"));
     let certs = certs(&dir);
-    let (mut node, spec) = start_node(&dir, &certs);
+    let (mut node, spec) = start_node_with_sync(&dir, &certs, sync);
     let acked: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
     let sent_max = runtime().block_on(async {
         let client = Arc::new(connect(&certs, &node).await);

@@ -36,7 +36,17 @@ pub fn certs(dir: &Path) -> PathBuf {
 }
 
 pub fn start_node(dir: &Path, certs: &Path) -> (NodeProcess, NodeSpec) {
-    let spec = NodeSpec::local("node1", &dir.join("node1"), certs);
+    start_node_with_sync(dir, certs, "rwf_dsync")
+}
+
+/// A node whose journal makes writes durable with `sync` ("rwf_dsync" or "fdatasync").
+pub fn start_node_with_sync(
+    dir: &Path,
+    certs: &Path,
+    sync: &'static str,
+) -> (NodeProcess, NodeSpec) {
+    let mut spec = NodeSpec::local("node1", &dir.join("node1"), certs);
+    spec.sync = sync;
     let config = spec.write_config().unwrap();
     (NodeProcess::start(&config).unwrap(), spec)
 }
