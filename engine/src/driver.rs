@@ -70,6 +70,8 @@ pub struct VolumeStats {
     /// Page images sent by the engine: always 0, by design.
     pub page_bytes_sent: AtomicU64,
     pub reads_hedged: AtomicU64,
+    /// SetPgmrpl messages sent (one per node of a PG whose floor rose).
+    pub pgmrpl_sent: AtomicU64,
 }
 
 /// Records of one PG for one segment, shared by the six queues they go to.
@@ -677,6 +679,7 @@ async fn run_pgmrpl(shared: Arc<Shared>) {
                     pgmrpl,
                 });
                 shared.count_sent(40);
+                shared.stats.pgmrpl_sent.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     if let Ok(client) = link.get().await {
                         let _ = client.request(message).await;

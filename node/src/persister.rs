@@ -235,6 +235,7 @@ struct Worker {
     carry: VecDeque<PersistRequest>,
     eventfd_armed: bool,
     eventfd_buf: Box<[u8; 8]>,
+    journal_full_logged: bool,
 }
 
 impl Worker {
@@ -262,6 +263,7 @@ impl Worker {
             carry: VecDeque::new(),
             eventfd_armed: false,
             eventfd_buf: Box::new([0; 8]),
+            journal_full_logged: false,
         }
     }
 
@@ -350,6 +352,15 @@ impl Worker {
         buf.pad_to_alignment();
         let Some(position) = self.allocate(buf.len() as u64) else {
             self.free_bufs.push(buf);
+            if !self.journal_full_logged {
+                self.journal_full_logged = true;
+                tracing::error!(
+                    "journal is full ({} files of {} bytes): refusing appends until space is \
+                     freed (garbage collection is not implemented yet)",
+                    self.journal.files.len(),
+                    self.journal.file_bytes
+                );
+            }
             for request in requests {
                 (request.reply)(Err(ErrorReply::new(
                     ErrorCode::JournalFull,

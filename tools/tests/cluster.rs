@@ -127,6 +127,11 @@ async fn check_reads_against_model(volume: &VolumeClient, model: &HashMap<PageId
             "page {} differs from the model at VDL {vdl}",
             page.0
         );
+        // The same through the buffer cache: a miss that fills it, then a hit.
+        for _ in 0..2 {
+            let cached = volume.read_page(*page).await.unwrap();
+            assert!(cached.bytes == *expected, "cached page {} differs", page.0);
+        }
     }
 }
 
@@ -357,6 +362,13 @@ fn lal_back_pressure_waits_and_everything_commits() {
         sorted.dedup();
         assert_eq!(sorted.len(), cpls.len(), "every MTR got its own CPL");
         check_reads_against_model(&volume, &model).await;
+        // The nodes have been told each PG's minimum read point along the way.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let pgmrpl_sent = volume.stats().pgmrpl_sent.load(Ordering::Relaxed);
+        assert!(
+            pgmrpl_sent >= 12,
+            "PGMRPL goes to 6 nodes × 2 PGs: {pgmrpl_sent}"
+        );
         drop(volume);
         cluster.stop().unwrap();
     });

@@ -98,6 +98,22 @@ fn read_page_at_read_points() {
         }
         check_reads(&client).await;
     });
+    runtime().block_on(async {
+        let client = connect(&certs, &node).await;
+        let set = |pg| {
+            let pgmrpl = Lsn(3);
+            Message::SetPgmrpl(wire::SetPgmrpl {
+                volume: VolumeId(1),
+                pg: PgId(pg),
+                pgmrpl,
+            })
+        };
+        assert_eq!(client.request(set(0)).await.unwrap(), Message::Done);
+        match client.request(set(9)).await.unwrap() {
+            Message::Error(e) => assert_eq!(e.code, ErrorCode::UnknownSegment),
+            other => panic!("PGMRPL for a PG not hosted here must be refused, got {other:?}"),
+        }
+    });
     assert!(node.terminate().unwrap().success());
     let node = NodeProcess::start(&node.config).unwrap();
     runtime().block_on(async {
