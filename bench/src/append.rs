@@ -41,6 +41,21 @@ impl SyncArg {
     }
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub(crate) enum PersisterArg {
+    Thread,
+    Inline,
+}
+
+impl PersisterArg {
+    pub(crate) fn as_config(self) -> &'static str {
+        match self {
+            PersisterArg::Thread => "thread",
+            PersisterArg::Inline => "inline",
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct AppendArgs {
     #[command(flatten)]
@@ -57,6 +72,9 @@ pub(crate) struct AppendArgs {
     /// Durability mode of the node the bench starts (default: the node's default).
     #[arg(long, value_enum)]
     pub(crate) sync: Option<SyncArg>,
+    /// Where the node's persister runs (default: the node's default).
+    #[arg(long, value_enum)]
+    pub(crate) persister: Option<PersisterArg>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -160,6 +178,9 @@ pub(crate) fn node_under_test(
     let mut spec = NodeSpec::local("node1", &run_dir.join("node1"), &certs);
     if let Some(sync) = args.sync {
         spec.sync = sync.as_config();
+    }
+    if let Some(persister) = args.persister {
+        spec.persister = persister.as_config();
     }
     // One in flight cannot beat the disk's own rate by much; more in flight is bounded by
     // a generous guess at group commit's best.

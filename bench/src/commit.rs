@@ -217,6 +217,7 @@ fn run_in(args: &CommitArgs, levels: &[usize], run_dir: &Path) -> anyhow::Result
         inflight: None,
         record_bytes: RECORD_BYTES,
         sync: None,
+        persister: None,
         json: args.json,
     };
     std::fs::create_dir_all(&append_args.target.dir)?;

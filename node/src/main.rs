@@ -52,18 +52,20 @@ fn run(config: node::NodeConfig) -> anyhow::Result<()> {
     let server_config =
         node::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let listen = config.listen;
-    let (node, report) = node::Node::open(config)?;
-    tracing::info!(
-        groups = report.groups,
-        records = report.records,
-        stale_headers_erased = report.stale_headers_erased,
-        "journal recovered; scan stopped: {}",
-        report.stop_reason
-    );
+    // One runtime thread serves the network; the persister runs beside it on its own thread,
+    // or on this one (`journal.persister = "inline"`), which is why the node opens inside it.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let (node, report) = node::Node::open(config)?;
+        tracing::info!(
+            groups = report.groups,
+            records = report.records,
+            stale_headers_erased = report.stale_headers_erased,
+            "journal recovered; scan stopped: {}",
+            report.stop_reason
+        );
         let endpoint = quinn::Endpoint::server(server_config, listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         tracing::info!(%listen, name = %node.config.name, az = %node.config.az, "serving");
@@ -75,6 +77,7 @@ fn run(config: node::NodeConfig) -> anyhow::Result<()> {
         endpoint.close(0u32.into(), b"shutting down");
         server.abort();
         endpoint.wait_idle().await;
+        node.shutdown().await;
         anyhow::Ok(())
     })
 }

@@ -90,6 +90,7 @@ impl Node {
         let persister_config = PersisterConfig {
             inflight_groups_max: config.journal.inflight_groups_max,
             sync_mode: config.journal.sync_mode(),
+            mode: config.journal.persister_mode(),
         };
         let persister = Persister::start(
             journal,
@@ -107,6 +108,11 @@ impl Node {
             read_files,
         };
         Ok((Arc::new(node), report))
+    }
+
+    /// Persists and acknowledges everything queued, then stops the persister.
+    pub async fn shutdown(&self) {
+        self.persister.shutdown().await;
     }
 
     /// The SCL of a hosted segment.

@@ -42,11 +42,23 @@ pub struct PersistRequest {
     pub reply: Box<dyn FnOnce(PersistResult) + Send>,
 }
 
+/// Where the persister's loop runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PersisterMode {
+    /// Its own thread, woken through an eventfd read in its ring.
+    Thread,
+    /// A task on the caller's (single-threaded) tokio runtime, woken by the ring's registered
+    /// eventfd: no thread hand-off between receiving a batch and submitting its write, nor
+    /// between its completion and the ack.
+    Inline,
+}
+
 /// Persister tuning.
 #[derive(Clone, Copy, Debug)]
 pub struct PersisterConfig {
     pub inflight_groups_max: usize,
     pub sync_mode: SyncMode,
+    pub mode: PersisterMode,
 }
 
 /// `RWF_DSYNC` by default: measured on this project's reference disk (virtio, ext4, write-back
@@ -58,6 +70,7 @@ impl Default for PersisterConfig {
         Self {
             inflight_groups_max: 4,
             sync_mode: SyncMode::RwfDsync,
+            mode: PersisterMode::Thread,
         }
     }
 }
@@ -113,12 +126,30 @@ pub type SharedSegments = Arc<Mutex<HashMap<SegmentKey, Segment>>>;
 
 struct Queue {
     items: Mutex<Vec<PersistRequest>>,
+    mode: PersisterMode,
+    /// Thread mode: written to wake the persister's pending eventfd read.
     eventfd: OwnedFd,
+    /// Inline mode: notified to wake the persister task.
+    notify: tokio::sync::Notify,
     closed: AtomicBool,
+}
+
+fn new_eventfd(flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory preconditions; the result is checked below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl Queue {
     fn wake(&self) {
+        if self.mode == PersisterMode::Inline {
+            self.notify.notify_one();
+            return;
+        }
         // eventfd counters are host-endian by definition (eventfd(2)).
         #[allow(clippy::host_endian_bytes)]
         let one = 1u64.to_ne_bytes();
@@ -128,10 +159,11 @@ impl Queue {
     }
 }
 
-/// Handle to the persister thread; dropping it drains the queue and stops the thread.
+/// Handle to the persister; dropping it (or `shutdown`) drains the queue and stops it.
 pub struct Persister {
     queue: Arc<Queue>,
     thread: Option<JoinHandle<()>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Persister {
@@ -145,16 +177,11 @@ impl Persister {
     ) -> std::io::Result<Self> {
         assert!(config.inflight_groups_max >= 1);
         assert!(config.inflight_groups_max <= INFLIGHT_GROUPS_MAX);
-        // SAFETY: eventfd has no memory preconditions; the result is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
         let queue = Arc::new(Queue {
             items: Mutex::new(Vec::new()),
-            eventfd,
+            mode: config.mode,
+            eventfd: new_eventfd(0)?,
+            notify: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
         });
         let ring = IoUring::new(4 * INFLIGHT_GROUPS_MAX as u32 + 4)?;
@@ -167,13 +194,44 @@ impl Persister {
             ring,
             queue.clone(),
         );
+        if config.mode == PersisterMode::Inline {
+            // Must be called on the runtime that will drive the task.
+            let completions = new_eventfd(libc::EFD_NONBLOCK)?;
+            worker
+                .ring
+                .submitter()
+                .register_eventfd(completions.as_raw_fd())?;
+            // SAFETY: the OwnedFd moves into the AsyncFd, stays open and is never replaced
+            // while the AsyncFd owns it.
+            let completions = unsafe { tokio::io::unix::AsyncFd::register(completions) }
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let task = tokio::spawn(async move { worker.run_inline(completions).await });
+            return Ok(Self {
+                queue,
+                thread: None,
+                task: Mutex::new(Some(task)),
+            });
+        }
         let thread = std::thread::Builder::new()
             .name("persister".into())
             .spawn(move || worker.run())?;
         Ok(Self {
             queue,
             thread: Some(thread),
+            task: Mutex::new(None),
         })
+    }
+
+    /// Stops taking batches, waits for everything queued to be persisted and acknowledged,
+    /// and stops the persister. Inline mode must be shut down this way before its runtime
+    /// goes away.
+    pub async fn shutdown(&self) {
+        self.queue.closed.store(true, Ordering::Release);
+        self.queue.wake();
+        let task = self.task.lock().expect("task lock").take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// Queues a batch. After shutdown began, the batch is refused with `ShuttingDown`.
@@ -292,6 +350,36 @@ impl Worker {
             while self.eventfd_armed {
                 let _ = self.ring.submit_and_wait(1);
                 self.reap();
+            }
+        }
+    }
+
+    /// The loop of inline mode: submit what is queued, then sleep until a batch arrives or
+    /// the ring posts a completion (its registered eventfd turns readable).
+    async fn run_inline(mut self, completions: tokio::io::unix::AsyncFd<OwnedFd>) {
+        loop {
+            self.gather_and_submit();
+            if let Err(e) = self.ring.submit()
+                && e.kind() != std::io::ErrorKind::Interrupted
+            {
+                fatal(&format!("io_uring submit failed: {e}"));
+            }
+            self.reap();
+            self.release_done();
+            let closed = self.queue.closed.load(Ordering::Acquire);
+            if closed && self.order.is_empty() && self.carry.is_empty() && self.queue_is_empty() {
+                return;
+            }
+            tokio::select! {
+                ready = completions.readable() => {
+                    let mut guard = ready.expect("the completion eventfd stays registered");
+                    let mut counter = [0u8; 8];
+                    // SAFETY: reads at most 8 bytes into a live stack array; a non-blocking
+                    // eventfd with nothing to read just returns EAGAIN.
+                    unsafe { libc::read(completions.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+                    guard.clear_ready();
+                }
+                () = self.queue.notify.notified() => {}
             }
         }
     }

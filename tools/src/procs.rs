@@ -41,6 +41,8 @@ pub struct NodeSpec {
     pub journal_file_count: u32,
     pub inflight_groups_max: usize,
     pub sync: &'static str,
+    /// "thread" or "inline" (see the node's `journal.persister`).
+    pub persister: &'static str,
     /// (volume, pg, segment) triples.
     pub segments: Vec<(u64, u32, u32)>,
 }
@@ -58,6 +60,7 @@ impl NodeSpec {
             journal_file_count: 4,
             inflight_groups_max: 4,
             sync: "rwf_dsync",
+            persister: "inline",
             segments: vec![(1, 0, 0)],
         }
     }
@@ -66,7 +69,7 @@ impl NodeSpec {
         let mut s = format!(
             "name = \"{}\"\nlisten = \"{}\"\naz = \"{}\"\ndata_dir = \"{}\"\n\n[tls]\n\
              ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[journal]\nfile_bytes = {}\n\
-             file_count = {}\ninflight_groups_max = {}\nsync = \"{}\"\n",
+             file_count = {}\ninflight_groups_max = {}\nsync = \"{}\"\npersister = \"{}\"\n",
             self.name,
             self.listen,
             self.az,
@@ -80,6 +83,7 @@ impl NodeSpec {
             self.journal_file_count,
             self.inflight_groups_max,
             self.sync,
+            self.persister,
         );
         for (volume, pg, segment) in &self.segments {
             s.push_str(&format!(

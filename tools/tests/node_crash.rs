@@ -17,21 +17,21 @@ use wire::Lsn;
 /// Method: 32 writers append one chain (each record's backlink is the previous LSN); once a
 /// few hundred acks have arrived — with requests still in flight — SIGKILL the node, restart it,
 /// and compare the acknowledged LSNs with the journal's durable records. Once per durability
-/// mode of the persister.
+/// mode and per place the persister runs.
 #[test]
-fn kill9_mid_stream_loses_nothing_acknowledged_rwf_dsync() {
-    kill9_mid_stream("rwf_dsync");
+fn kill9_mid_stream_loses_nothing_acknowledged_rwf_dsync_inline() {
+    kill9_mid_stream("rwf_dsync", "inline");
 }
 
 #[test]
-fn kill9_mid_stream_loses_nothing_acknowledged_fdatasync() {
-    kill9_mid_stream("fdatasync");
+fn kill9_mid_stream_loses_nothing_acknowledged_fdatasync_thread() {
+    kill9_mid_stream("fdatasync", "thread");
 }
 
-fn kill9_mid_stream(sync: &'static str) {
-    let dir = test_dir(&format!("kill9-{sync}"));
+fn kill9_mid_stream(sync: &'static str, persister: &'static str) {
+    let dir = test_dir(&format!("kill9-{sync}-{persister}"));
     let certs = certs(&dir);
-    let (mut node, spec) = start_node_with_sync(&dir, &certs, sync);
+    let (mut node, spec) = start_node_with(&dir, &certs, sync, persister);
     let acked: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
     let sent_max = runtime().block_on(async {
         let client = Arc::new(connect(&certs, &node).await);

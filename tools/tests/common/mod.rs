@@ -36,17 +36,20 @@ pub fn certs(dir: &Path) -> PathBuf {
 }
 
 pub fn start_node(dir: &Path, certs: &Path) -> (NodeProcess, NodeSpec) {
-    start_node_with_sync(dir, certs, "rwf_dsync")
+    start_node_with(dir, certs, "rwf_dsync", "inline")
 }
 
-/// A node whose journal makes writes durable with `sync` ("rwf_dsync" or "fdatasync").
-pub fn start_node_with_sync(
+/// A node whose journal makes writes durable with `sync` ("rwf_dsync" or "fdatasync") from a
+/// persister that runs `persister` ("inline" or "thread").
+pub fn start_node_with(
     dir: &Path,
     certs: &Path,
     sync: &'static str,
+    persister: &'static str,
 ) -> (NodeProcess, NodeSpec) {
     let mut spec = NodeSpec::local("node1", &dir.join("node1"), certs);
     spec.sync = sync;
+    spec.persister = persister;
     let config = spec.write_config().unwrap();
     (NodeProcess::start(&config).unwrap(), spec)
 }
