@@ -135,6 +135,25 @@ async fn check_reads_against_model(volume: &VolumeClient, model: &HashMap<PageId
     }
 }
 
+/// Runs `body` against six fresh nodes and an engine attached with `config`, then stops the
+/// nodes and removes the test directory.
+fn cluster_test(
+    name: &str,
+    config: VolumeConfig,
+    body: impl AsyncFnOnce(&mut LocalCluster, Arc<VolumeClient>),
+) {
+    let dir = test_dir(name);
+    runtime().block_on(async {
+        let mut cluster = LocalCluster::start(&dir, &ClusterOptions::default())
+            .await
+            .unwrap();
+        let volume = Arc::new(cluster.attach(config).unwrap());
+        body(&mut cluster, volume).await;
+        cluster.stop().unwrap();
+    });
+    cleanup(&dir);
+}
+
 /// Goal: losing an AZ (2 nodes) keeps commits going; losing a third node stalls them without
 /// losing anything acknowledged; they resume when that node returns; reads at the final VDL
 /// equal the model of every committed MTR.
@@ -142,50 +161,46 @@ async fn check_reads_against_model(volume: &VolumeClient, model: &HashMap<PageId
 /// is restarted; commit counts and VDL are watched between the steps.
 #[test]
 fn az_loss_keeps_commits_and_a_third_loss_stalls_them_until_it_returns() {
-    let dir = test_dir("cluster-quorum");
-    runtime().block_on(async {
-        let mut cluster = LocalCluster::start(&dir, &ClusterOptions::default())
-            .await
-            .unwrap();
-        let volume = Arc::new(cluster.attach(VolumeConfig::default()).unwrap());
-        let workload = start_workload(&volume);
-        workload.wait_for_commits(50, "all nodes up").await;
+    cluster_test(
+        "cluster-quorum",
+        VolumeConfig::default(),
+        async |cluster, volume| {
+            let workload = start_workload(&volume);
+            workload.wait_for_commits(50, "all nodes up").await;
 
-        cluster.kill9(0);
-        cluster.kill9(1);
-        let after_az = workload.commits.load(Ordering::Acquire);
-        workload
-            .wait_for_commits(after_az + 50, "one AZ down")
-            .await;
+            cluster.kill9(0);
+            cluster.kill9(1);
+            let after_az = workload.commits.load(Ordering::Acquire);
+            workload
+                .wait_for_commits(after_az + 50, "one AZ down")
+                .await;
 
-        cluster.kill9(2);
-        tokio::time::sleep(Duration::from_secs(1)).await; // Let acks already sent arrive.
-        let (stalled_commits, stalled_vdl) =
-            (workload.commits.load(Ordering::Acquire), volume.vdl());
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(
-            workload.commits.load(Ordering::Acquire),
-            stalled_commits,
-            "3 of 6 cannot commit"
-        );
-        assert_eq!(
-            volume.vdl(),
-            stalled_vdl,
-            "VDL cannot move with 3 of 6 segments"
-        );
+            cluster.kill9(2);
+            tokio::time::sleep(Duration::from_secs(1)).await; // Let acks already sent arrive.
+            let (stalled_commits, stalled_vdl) =
+                (workload.commits.load(Ordering::Acquire), volume.vdl());
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert_eq!(
+                workload.commits.load(Ordering::Acquire),
+                stalled_commits,
+                "3 of 6 cannot commit"
+            );
+            assert_eq!(
+                volume.vdl(),
+                stalled_vdl,
+                "VDL cannot move with 3 of 6 segments"
+            );
 
-        cluster.restart(2).unwrap();
-        workload
-            .wait_for_commits(stalled_commits + 50, "third node back")
-            .await;
-        let (cpls, model) = workload.finish().await;
-        let vdl = volume.vdl();
-        assert!(cpls.iter().all(|cpl| *cpl <= vdl));
-        check_reads_against_model(&volume, &model).await;
-        drop(volume);
-        cluster.stop().unwrap();
-    });
-    cleanup(&dir);
+            cluster.restart(2).unwrap();
+            workload
+                .wait_for_commits(stalled_commits + 50, "third node back")
+                .await;
+            let (cpls, model) = workload.finish().await;
+            let vdl = volume.vdl();
+            assert!(cpls.iter().all(|cpl| *cpl <= vdl));
+            check_reads_against_model(&volume, &model).await;
+        },
+    );
 }
 
 /// Goal: a commit is never reported before a write quorum acknowledged it, even when the
@@ -274,103 +289,94 @@ fn delayed_acks_never_let_a_commit_be_reported_early_and_reads_hedge() {
 /// engine aiming at it first.
 #[test]
 fn a_lagging_segment_refuses_and_the_engine_reads_elsewhere() {
-    let dir = test_dir("cluster-refuse");
-    runtime().block_on(async {
-        let mut cluster = LocalCluster::start(&dir, &ClusterOptions::default())
-            .await
-            .unwrap();
-        let volume = Arc::new(cluster.attach(VolumeConfig::default()).unwrap());
-        let workload = start_workload(&volume);
-        workload.wait_for_commits(30, "all up").await;
-        cluster.kill9(0);
-        let before = workload.commits.load(Ordering::Acquire);
-        workload.wait_for_commits(before + 60, "node1 down").await;
-        let (_, model) = workload.finish().await;
-        cluster.restart(0).unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await; // Let catch-up run: it cannot close the gap.
+    cluster_test(
+        "cluster-refuse",
+        VolumeConfig::default(),
+        async |cluster, volume| {
+            let workload = start_workload(&volume);
+            workload.wait_for_commits(30, "all up").await;
+            cluster.kill9(0);
+            let before = workload.commits.load(Ordering::Acquire);
+            workload.wait_for_commits(before + 60, "node1 down").await;
+            let (_, model) = workload.finish().await;
+            cluster.restart(0).unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await; // Let catch-up run: it cannot close the gap.
 
-        let vdl = volume.vdl();
-        let (page, expected) = model.iter().next().map(|(p, b)| (*p, b.clone())).unwrap();
-        let pg = volume.file().pg_of(page).unwrap();
-        let lagging = (0..6u32)
-            .map(wire::SegmentIndex)
-            .find(|s| volume.file().placement()[pg.0 as usize][s.0 as usize] == 0)
-            .unwrap();
-        assert!(
-            volume.segment_scl(pg, lagging) < vdl,
-            "node1's segment lags"
-        );
+            let vdl = volume.vdl();
+            let (page, expected) = model.iter().next().map(|(p, b)| (*p, b.clone())).unwrap();
+            let pg = volume.file().pg_of(page).unwrap();
+            let lagging = (0..6u32)
+                .map(wire::SegmentIndex)
+                .find(|s| volume.file().placement()[pg.0 as usize][s.0 as usize] == 0)
+                .unwrap();
+            assert!(
+                volume.segment_scl(pg, lagging) < vdl,
+                "node1's segment lags"
+            );
 
-        // Directly: the node refuses, naming its SCL.
-        let endpoint = cluster.endpoint().unwrap();
-        let node = &volume.file().nodes[0];
-        let (client, _) = engine::NodeClient::connect(&endpoint, node.address, &node.name)
-            .await
-            .unwrap();
-        let request = wire::ReadPage {
-            volume: volume.file().id(),
-            epoch: volume.file().epoch(),
-            pg,
-            segment: lagging,
-            page,
-            read_point: vdl,
-        };
-        match client
-            .request(wire::Message::ReadPage(request))
-            .await
-            .unwrap()
-        {
-            wire::Message::Error(e) => {
-                assert_eq!(e.code, wire::ErrorCode::SclBelowReadPoint, "{}", e.message)
+            // Directly: the node refuses, naming its SCL.
+            let endpoint = cluster.endpoint().unwrap();
+            let node = &volume.file().nodes[0];
+            let (client, _) = engine::NodeClient::connect(&endpoint, node.address, &node.name)
+                .await
+                .unwrap();
+            let request = wire::ReadPage {
+                volume: volume.file().id(),
+                epoch: volume.file().epoch(),
+                pg,
+                segment: lagging,
+                page,
+                read_point: vdl,
+            };
+            match client
+                .request(wire::Message::ReadPage(request))
+                .await
+                .unwrap()
+            {
+                wire::Message::Error(e) => {
+                    assert_eq!(e.code, wire::ErrorCode::SclBelowReadPoint, "{}", e.message)
+                }
+                other => panic!("a lagging segment must refuse, got {other:?}"),
             }
-            other => panic!("a lagging segment must refuse, got {other:?}"),
-        }
-        // Through the engine, aimed at the lagging segment first: served elsewhere.
-        let others: Vec<_> = (0..6u32)
-            .map(wire::SegmentIndex)
-            .filter(|s| *s != lagging)
-            .collect();
-        let order = std::iter::once(lagging).chain(others).collect();
-        let image = volume.read_page_from(page, vdl, Some(order)).await.unwrap();
-        assert!(image.bytes == expected);
-        check_reads_against_model(&volume, &model).await;
-        drop(volume);
-        cluster.stop().unwrap();
-    });
-    cleanup(&dir);
+            // Through the engine, aimed at the lagging segment first: served elsewhere.
+            let others: Vec<_> = (0..6u32)
+                .map(wire::SegmentIndex)
+                .filter(|s| *s != lagging)
+                .collect();
+            let order = std::iter::once(lagging).chain(others).collect();
+            let image = volume.read_page_from(page, vdl, Some(order)).await.unwrap();
+            assert!(image.bytes == expected);
+            check_reads_against_model(&volume, &model).await;
+        },
+    );
 }
 
 /// Goal: with a tiny LAL, writers wait for VDL instead of failing, and everything commits.
 /// Method: LAL = 3 records, four workers of two-record MTRs; then compare reads to the model.
 #[test]
 fn lal_back_pressure_waits_and_everything_commits() {
-    let dir = test_dir("cluster-lal");
-    runtime().block_on(async {
-        let mut cluster = LocalCluster::start(&dir, &ClusterOptions::default())
-            .await
-            .unwrap();
-        let config = VolumeConfig {
+    cluster_test(
+        "cluster-lal",
+        VolumeConfig {
             lal: 3,
             ..VolumeConfig::default()
-        };
-        let volume = Arc::new(cluster.attach(config).unwrap());
-        let workload = start_workload(&volume);
-        workload.wait_for_commits(40, "LAL = 3").await;
-        let (cpls, model) = workload.finish().await;
-        let mut sorted = cpls.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), cpls.len(), "every MTR got its own CPL");
-        check_reads_against_model(&volume, &model).await;
-        // The nodes have been told each PG's minimum read point along the way.
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        let pgmrpl_sent = volume.stats().pgmrpl_sent.load(Ordering::Relaxed);
-        assert!(
-            pgmrpl_sent >= 12,
-            "PGMRPL goes to 6 nodes × 2 PGs: {pgmrpl_sent}"
-        );
-        drop(volume);
-        cluster.stop().unwrap();
-    });
-    cleanup(&dir);
+        },
+        async |_cluster, volume| {
+            let workload = start_workload(&volume);
+            workload.wait_for_commits(40, "LAL = 3").await;
+            let (cpls, model) = workload.finish().await;
+            let mut sorted = cpls.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), cpls.len(), "every MTR got its own CPL");
+            check_reads_against_model(&volume, &model).await;
+            // The nodes have been told each PG's minimum read point along the way.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let pgmrpl_sent = volume.stats().pgmrpl_sent.load(Ordering::Relaxed);
+            assert!(
+                pgmrpl_sent >= 12,
+                "PGMRPL goes to 6 nodes × 2 PGs: {pgmrpl_sent}"
+            );
+        },
+    );
 }
