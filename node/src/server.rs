@@ -8,7 +8,9 @@
 //!   stream stays in sync, and answered with an error;
 //! - every bad frame gets an error reply naming the problem (request id 0 if the header
 //!   itself could not be read) and the stream, the connection and the node keep serving;
-//! - at most `STREAM_INFLIGHT_MAX` requests per stream wait for the persister.
+//! - at most `STREAM_INFLIGHT_MAX` requests per stream wait for the persister, and at most
+//!   `QUEUED_BYTES_MAX` bytes of frames across the whole node are held between being read and
+//!   being answered: a frame's share is taken before its bytes are even allocated.
 
 use std::sync::Arc;
 
@@ -21,26 +23,38 @@ use crate::node::Node;
 
 /// Requests per stream that may wait for durability at once.
 pub const STREAM_INFLIGHT_MAX: usize = 256;
+/// Bytes of received frames the node holds at once, across all connections.
+pub const QUEUED_BYTES_MAX: usize = 256 << 20;
+/// Unit of the byte budget's permits.
+const BUDGET_UNIT_BYTES: usize = 1024;
+const _: () = assert!(wire::FRAME_BYTES_MAX <= QUEUED_BYTES_MAX / 4);
+
+/// What a request holds until it is answered: its place in its stream and its bytes.
+pub struct Permits {
+    _stream: tokio::sync::OwnedSemaphorePermit,
+    _bytes: tokio::sync::OwnedSemaphorePermit,
+}
 
 /// Accepts connections until the endpoint is closed.
 pub async fn serve(node: Arc<Node>, endpoint: quinn::Endpoint) {
+    let budget = Arc::new(Semaphore::new(QUEUED_BYTES_MAX / BUDGET_UNIT_BYTES));
     while let Some(incoming) = endpoint.accept().await {
-        let node = node.clone();
+        let (node, budget) = (node.clone(), budget.clone());
         tokio::spawn(async move {
             match incoming.await {
-                Ok(connection) => serve_connection(node, connection).await,
+                Ok(connection) => serve_connection(node, connection, budget).await,
                 Err(e) => tracing::info!("handshake refused: {e}"),
             }
         });
     }
 }
 
-async fn serve_connection(node: Arc<Node>, connection: quinn::Connection) {
+async fn serve_connection(node: Arc<Node>, connection: quinn::Connection, budget: Arc<Semaphore>) {
     let peer = connection.remote_address();
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(node.clone(), send, recv));
+                tokio::spawn(serve_stream(node.clone(), send, recv, budget.clone()));
             }
             Err(e) => {
                 tracing::debug!("connection from {peer} ended: {e}");
@@ -50,7 +64,12 @@ async fn serve_connection(node: Arc<Node>, connection: quinn::Connection) {
     }
 }
 
-async fn serve_stream(node: Arc<Node>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_stream(
+    node: Arc<Node>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    budget: Arc<Semaphore>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
@@ -80,16 +99,31 @@ async fn serve_stream(node: Arc<Node>, mut send: quinn::SendStream, mut recv: qu
                 continue;
             }
         };
-        let mut frame = vec![0u8; len];
-        if recv.read_exact(&mut frame).await.is_err() {
-            break;
-        }
-        let permit = inflight
+        let stream = inflight
             .clone()
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        handle_frame(&node, frame, &tx, permit);
+        let units =
+            u32::try_from(len.div_ceil(BUDGET_UNIT_BYTES)).expect("bounded by the frame limit");
+        let bytes = budget
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .expect("semaphore never closed");
+        let mut frame = vec![0u8; len];
+        if recv.read_exact(&mut frame).await.is_err() {
+            break;
+        }
+        handle_frame(
+            &node,
+            frame,
+            &tx,
+            Permits {
+                _stream: stream,
+                _bytes: bytes,
+            },
+        );
     }
     drop(tx);
     let _ = writer.await;
@@ -119,7 +153,7 @@ fn handle_frame(
     node: &Arc<Node>,
     frame: Vec<u8>,
     tx: &mpsc::UnboundedSender<Vec<u8>>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Permits,
 ) {
     let mut reader = Reader::new(&frame);
     let header = match FrameHeader::decode(&mut reader) {
