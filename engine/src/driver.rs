@@ -13,10 +13,13 @@
 //!   next append per segment, so messages per transaction fall as concurrency rises;
 //! - a page read from storage enters the buffer cache only if no record for that page was
 //!   allocated after the read point (otherwise the cached image would miss it);
-//! - the engine never sends page images: `page_bytes_sent` stays 0.
+//! - the engine never sends page images: `page_bytes_sent` stays 0;
+//! - memory is bounded: retained records by `retained_bytes_max` (writers wait, as for LAL),
+//!   each node's queue by `NODE_QUEUE_BYTES_MAX` (past it the node is treated as down and
+//!   caught up later from the retained records).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +48,8 @@ pub struct VolumeConfig {
     pub pgmrpl_interval: Duration,
     /// How often links to unreachable nodes are retried.
     pub reconnect_interval: Duration,
+    /// Bytes of records kept for catch-up (not yet complete in their PG) before writers wait.
+    pub retained_bytes_max: usize,
 }
 
 impl Default for VolumeConfig {
@@ -56,6 +61,7 @@ impl Default for VolumeConfig {
             node_inflight_appends: 2,
             pgmrpl_interval: Duration::from_millis(500),
             reconnect_interval: Duration::from_millis(200),
+            retained_bytes_max: 256 << 20,
         }
     }
 }
@@ -88,8 +94,18 @@ struct NodeLink {
     endpoint: quinn::Endpoint,
     client: tokio::sync::Mutex<Option<Arc<NodeClient>>>,
     queue: mpsc::UnboundedSender<SegmentBatch>,
+    /// Bytes of records waiting in `queue`.
+    queued_bytes: AtomicUsize,
     /// Set when a send failed: the node's segments may miss records until caught up.
     needs_catch_up: AtomicBool,
+}
+
+/// Bytes of records one node's queue may hold; a node that falls this far behind is treated
+/// as down and caught up from the retained records once it keeps up again.
+pub const NODE_QUEUE_BYTES_MAX: usize = 64 << 20;
+
+fn records_bytes(records: &[LogRecord]) -> usize {
+    records.iter().map(LogRecord::encoded_len).sum()
 }
 
 impl NodeLink {
@@ -110,6 +126,19 @@ impl NodeLink {
 
     fn mark_down(&self) {
         self.needs_catch_up.store(true, Ordering::Release);
+    }
+
+    /// Queues a batch unless the node is down or too far behind (then it is marked down).
+    fn enqueue(&self, batch: SegmentBatch) {
+        let bytes = records_bytes(&batch.records);
+        if self.queued_bytes.load(Ordering::Acquire) + bytes > NODE_QUEUE_BYTES_MAX {
+            self.mark_down();
+            return;
+        }
+        self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if self.queue.send(batch).is_err() {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        }
     }
 }
 
@@ -148,6 +177,7 @@ struct State {
     writer: Writer,
     /// Per PG, records not yet complete in their PG (LSN > PGCL), for catch-up.
     retained: Vec<BTreeMap<Lsn, LogRecord>>,
+    retained_bytes: usize,
     recent_writes: RecentWrites,
     /// Outstanding read points (with multiplicity).
     read_points: BTreeMap<Lsn, usize>,
@@ -234,6 +264,7 @@ impl VolumeClient {
                     endpoint: endpoint.clone(),
                     client: tokio::sync::Mutex::new(None),
                     queue,
+                    queued_bytes: AtomicUsize::new(0),
                     needs_catch_up: AtomicBool::new(false),
                 })
             })
@@ -242,6 +273,7 @@ impl VolumeClient {
         let state = State {
             writer: Writer::new(geometry, config.lal),
             retained: vec![BTreeMap::new(); pg_count],
+            retained_bytes: 0,
             recent_writes: RecentWrites::default(),
             read_points: BTreeMap::new(),
             cache: BufferCache::new(config.cache_capacity_bytes),
@@ -313,7 +345,8 @@ impl VolumeClient {
                 let mut state = self.shared.state.lock().expect("state lock");
                 // Empty and never-fitting MTRs go through to get their error, not a wait.
                 let hopeless = count == 0 || count > state.writer.lal();
-                if hopeless || state.writer.can_allocate(count) {
+                let room = state.retained_bytes <= self.shared.config.retained_bytes_max;
+                if hopeless || (room && state.writer.can_allocate(count)) {
                     let mtr = state.writer.allocate_mtr(records)?;
                     self.shared.dispatch(&mut state, mtr.batches);
                     return Ok(mtr.cpl);
@@ -420,6 +453,7 @@ impl Shared {
             let pg_index = batch.pg.0 as usize;
             for record in &batch.records {
                 state.pg_lsns[pg_index].push_back(record.lsn);
+                state.retained_bytes += record.encoded_len();
                 state.retained[pg_index].insert(record.lsn, record.clone());
                 state.recent_writes.note(record.page, record.lsn);
                 if let Err(e) = state.cache.apply(record, vdl) {
@@ -438,7 +472,7 @@ impl Shared {
                     segment,
                     records: records.clone(),
                 };
-                let _ = self.links[*node].queue.send(item);
+                self.links[*node].enqueue(item);
             }
         }
     }
@@ -450,12 +484,12 @@ impl Shared {
             let advanced = state.writer.on_ack(pg, segment, scl);
             let pgcl = state.writer.pgcl(pg);
             let retained = &mut state.retained[pg.0 as usize];
-            while retained
-                .first_key_value()
-                .is_some_and(|(lsn, _)| *lsn <= pgcl)
-            {
-                retained.pop_first();
+            let mut freed = 0;
+            while let Some(entry) = retained.first_entry().filter(|e| *e.key() <= pgcl) {
+                freed += entry.remove().encoded_len();
             }
+            assert!(freed <= state.retained_bytes);
+            state.retained_bytes -= freed;
             if !advanced {
                 return;
             }
@@ -500,18 +534,20 @@ async fn run_sender(
         let mut bytes = 0;
         let mut next = Some(first);
         while let Some(batch) = next.take() {
-            bytes += batch
-                .records
-                .iter()
-                .map(LogRecord::encoded_len)
-                .sum::<usize>();
-            merged
-                .entry((batch.pg, batch.segment))
-                .or_default()
-                .extend(batch.records.iter().cloned());
+            let batch_bytes = records_bytes(&batch.records);
+            link.queued_bytes.fetch_sub(batch_bytes, Ordering::AcqRel);
+            // A node marked down gets nothing until catch-up: drop without copying.
+            if !link.needs_catch_up.load(Ordering::Acquire) {
+                bytes += batch_bytes;
+                let records = merged.entry((batch.pg, batch.segment)).or_default();
+                records.extend(batch.records.iter().cloned());
+            }
             if bytes < MERGED_APPEND_BYTES_MAX {
                 next = rx.try_recv().ok();
             }
+        }
+        if merged.is_empty() {
+            continue;
         }
         // The appends of one round (one per segment with records) go out together; the
         // round's permit is released when the last of them is acknowledged.
@@ -641,7 +677,7 @@ fn catch_up(shared: &Shared, index: usize) {
                     segment,
                     records: Arc::new(chunk.to_vec()),
                 };
-                let _ = shared.links[index].queue.send(item);
+                shared.links[index].enqueue(item);
             }
         }
     }

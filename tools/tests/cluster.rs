@@ -351,19 +351,28 @@ fn a_lagging_segment_refuses_and_the_engine_reads_elsewhere() {
     );
 }
 
-/// Goal: with a tiny LAL, writers wait for VDL instead of failing, and everything commits.
-/// Method: LAL = 3 records, four workers of two-record MTRs; then compare reads to the model.
+/// Goal: with a tiny LAL, writers wait for VDL instead of failing, and everything commits;
+/// the same with a tiny budget of retained (not yet complete) record bytes.
+/// Method: four workers of two-record MTRs under LAL = 3 records, then under 1 retained byte
+/// (each MTR waits for the previous ones to complete); compare reads to the model each time.
 #[test]
 fn lal_back_pressure_waits_and_everything_commits() {
+    for (lal, retained_bytes_max) in [(3, 256 << 20), (1000, 1)] {
+        lal_back_pressure(lal, retained_bytes_max);
+    }
+}
+
+fn lal_back_pressure(lal: u64, retained_bytes_max: usize) {
     cluster_test(
-        "cluster-lal",
+        &format!("cluster-lal-{lal}-{retained_bytes_max}"),
         VolumeConfig {
-            lal: 3,
+            lal,
+            retained_bytes_max,
             ..VolumeConfig::default()
         },
         async |_cluster, volume| {
             let workload = start_workload(&volume);
-            workload.wait_for_commits(40, "LAL = 3").await;
+            workload.wait_for_commits(40, "back-pressure").await;
             let (cpls, model) = workload.finish().await;
             let mut sorted = cpls.clone();
             sorted.sort_unstable();
