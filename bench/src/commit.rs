@@ -370,6 +370,7 @@ impl Workload {
                     volume.vdl().0
                 )
             })?
+            .map_err(anyhow::Error::from)
     }
 
     /// Waits until every segment's SCL has reached the last LSN written in its PG.

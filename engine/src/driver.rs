@@ -80,6 +80,32 @@ pub struct VolumeStats {
     pub pgmrpl_sent: AtomicU64,
 }
 
+/// Why a write or a commit did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Writer(#[from] WriterError),
+    /// A node saw a newer epoch: another writer owns the volume now. Nothing more will
+    /// commit through this client.
+    #[error("this writer was fenced: {0}")]
+    Fenced(String),
+    /// The volume client was dropped before the commit resolved.
+    #[error("the volume client shut down")]
+    ShutDown,
+}
+
+impl VolumeError {
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, VolumeError::Fenced(_))
+    }
+}
+
+/// What the commit task is asked.
+enum CommitRequest {
+    Wait(Lsn, oneshot::Sender<Result<(), VolumeError>>),
+    Fence(String),
+}
+
 /// Records of one PG for one segment, shared by the six queues they go to.
 struct SegmentBatch {
     pg: PgId,
@@ -215,7 +241,9 @@ struct Shared {
     links: Vec<Arc<NodeLink>>,
     state: Mutex<State>,
     vdl: watch::Sender<Lsn>,
-    commits: mpsc::UnboundedSender<(Lsn, oneshot::Sender<()>)>,
+    commits: mpsc::UnboundedSender<CommitRequest>,
+    /// Set (with the node's words) once a node refused this writer's epoch.
+    fenced: Mutex<Option<String>>,
     config: VolumeConfig,
     stats: Arc<VolumeStats>,
     read_rotation: AtomicU64,
@@ -289,6 +317,7 @@ impl VolumeClient {
             state: Mutex::new(state),
             vdl,
             commits,
+            fenced: Mutex::new(None),
             config,
             stats: Arc::default(),
             read_rotation: AtomicU64::new(0),
@@ -337,10 +366,11 @@ impl VolumeClient {
 
     /// Allocates an MTR (waiting while LAL holds it back), ships its records, and returns its
     /// CPL without waiting for durability: pass it to [`commit`](Self::commit).
-    pub async fn write_mtr(&self, records: Vec<MtrRecord>) -> Result<Lsn, WriterError> {
+    pub async fn write_mtr(&self, records: Vec<MtrRecord>) -> Result<Lsn, VolumeError> {
         let mut vdl = self.shared.vdl.subscribe();
         let count = records.len() as u64;
         loop {
+            self.shared.check_fenced()?;
             {
                 let mut state = self.shared.state.lock().expect("state lock");
                 // Empty and never-fitting MTRs go through to get their error, not a wait.
@@ -357,22 +387,25 @@ impl VolumeClient {
         }
     }
 
-    /// Resolves once VDL ≥ `lsn`; completed by the commit task, never by polling.
+    /// Resolves once VDL ≥ `lsn`; completed by the commit task, never by polling. Fails if
+    /// the writer is fenced first.
     pub fn commit(
         &self,
         lsn: Lsn,
-    ) -> impl std::future::Future<Output = anyhow::Result<()>> + use<> {
+    ) -> impl std::future::Future<Output = Result<(), VolumeError>> + use<> {
         let (tx, rx) = oneshot::channel();
-        let ready = *self.shared.vdl.borrow() >= lsn;
-        if ready {
-            let _ = tx.send(());
-        } else {
-            let _ = self.shared.commits.send((lsn, tx));
+        match self.shared.check_fenced() {
+            Err(fenced) => {
+                let _ = tx.send(Err(fenced));
+            }
+            Ok(()) if *self.shared.vdl.borrow() >= lsn => {
+                let _ = tx.send(Ok(()));
+            }
+            Ok(()) => {
+                let _ = self.shared.commits.send(CommitRequest::Wait(lsn, tx));
+            }
         }
-        async move {
-            rx.await
-                .context("volume client shut down before the commit")
-        }
+        async move { rx.await.unwrap_or(Err(VolumeError::ShutDown)) }
     }
 
     /// The page at the current VDL: from the buffer cache, or from one segment.
@@ -507,6 +540,23 @@ impl Shared {
         });
     }
 
+    fn check_fenced(&self) -> Result<(), VolumeError> {
+        match self.fenced.lock().expect("fenced lock").as_ref() {
+            Some(reason) => Err(VolumeError::Fenced(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the writer fenced (once) and fails every commit waiting.
+    fn fence(&self, reason: String) {
+        let mut fenced = self.fenced.lock().expect("fenced lock");
+        if fenced.is_none() {
+            tracing::error!("writer fenced: {reason}");
+            *fenced = Some(reason.clone());
+            let _ = self.commits.send(CommitRequest::Fence(reason));
+        }
+    }
+
     fn count_sent(&self, frame_bytes: usize) {
         self.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -598,7 +648,12 @@ async fn send_append(
     match client.append(append).await {
         Ok(Ok(ack)) => shared.on_ack(pg, segment, ack.scl),
         Ok(Err(e)) if e.code == ErrorCode::StaleEpoch => {
-            tracing::error!("node {} fenced this writer: {}", link.name, e.message);
+            shared.fence(format!(
+                "node {} refused epoch {}: {}",
+                link.name,
+                shared.file.epoch(),
+                e.message
+            ));
         }
         Ok(Err(e)) => tracing::warn!(
             "node {} refused an append: {:?} {}",
@@ -613,31 +668,41 @@ async fn send_append(
     }
 }
 
-/// The dedicated commit task: completes waiters as VDL passes them.
+/// The dedicated commit task: completes waiters as VDL passes them, or fails them all once
+/// the writer is fenced.
 async fn run_commits(
     mut vdl: watch::Receiver<Lsn>,
-    mut requests: mpsc::UnboundedReceiver<(Lsn, oneshot::Sender<()>)>,
+    mut requests: mpsc::UnboundedReceiver<CommitRequest>,
 ) {
-    let mut waiting: BTreeMap<Lsn, Vec<oneshot::Sender<()>>> = BTreeMap::new();
+    type Waiter = oneshot::Sender<Result<(), VolumeError>>;
+    let mut waiting: BTreeMap<Lsn, Vec<Waiter>> = BTreeMap::new();
+    let mut fenced: Option<String> = None;
     loop {
         tokio::select! {
-            request = requests.recv() => {
-                let Some((lsn, tx)) = request else { return };
-                waiting.entry(lsn).or_default().push(tx);
-            }
+            request = requests.recv() => match request {
+                None => return,
+                Some(CommitRequest::Wait(lsn, tx)) => waiting.entry(lsn).or_default().push(tx),
+                Some(CommitRequest::Fence(reason)) => fenced = Some(reason),
+            },
             changed = vdl.changed() => {
                 if changed.is_err() {
                     return;
                 }
             }
         }
+        // Commits VDL has passed succeed even if a fence arrived after: they are durable.
         let current = *vdl.borrow_and_update();
         let still_waiting = waiting.split_off(&Lsn(current.0.saturating_add(1)));
         for tx in std::mem::replace(&mut waiting, still_waiting)
             .into_values()
             .flatten()
         {
-            let _ = tx.send(());
+            let _ = tx.send(Ok(()));
+        }
+        if let Some(reason) = &fenced {
+            for tx in std::mem::take(&mut waiting).into_values().flatten() {
+                let _ = tx.send(Err(VolumeError::Fenced(reason.clone())));
+            }
         }
     }
 }

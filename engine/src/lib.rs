@@ -10,5 +10,5 @@ pub mod tls;
 pub mod volume;
 
 pub use client::NodeClient;
-pub use driver::{VolumeClient, VolumeConfig};
+pub use driver::{VolumeClient, VolumeConfig, VolumeError};
 pub use volume::VolumeFile;

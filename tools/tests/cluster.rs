@@ -389,3 +389,47 @@ fn lal_back_pressure(lal: u64, retained_bytes_max: usize) {
         },
     );
 }
+
+/// Goal: once the nodes have seen a newer epoch, this writer is fenced: its next commit fails
+/// with `Fenced` instead of hanging, so does every write after it, and its reads are refused.
+/// Method: commit an MTR at epoch 1, then tell every node the volume's epoch is 2 (as a new
+/// writer's recovery would), then try to commit again.
+#[test]
+fn a_newer_epoch_fences_the_writer() {
+    cluster_test(
+        "cluster-fence",
+        VolumeConfig::default(),
+        async |cluster, volume| {
+            let page = PageId(9);
+            let write = |text: &str| {
+                vec![MtrRecord {
+                    page,
+                    op: RedoOp::Write {
+                        offset: 0,
+                        bytes: text.as_bytes().to_vec(),
+                    },
+                }]
+            };
+            let cpl = volume.write_mtr(write("epoch one")).await.unwrap();
+            volume.commit(cpl).await.unwrap();
+
+            let mut newer = cluster.volume.clone();
+            newer.epoch = 2;
+            engine::driver::assign_segments(&newer, &cluster.endpoint().unwrap())
+                .await
+                .unwrap();
+
+            let cpl = volume.write_mtr(write("epoch one, late")).await.unwrap();
+            let error = volume.commit(cpl).await.unwrap_err();
+            assert!(error.is_fenced(), "{error}");
+            assert!(error.to_string().contains("epoch"), "{error}");
+            let error = volume.write_mtr(write("again")).await.unwrap_err();
+            assert!(error.is_fenced(), "{error}");
+
+            let vdl = volume.vdl();
+            let image = volume.read_page_from(page, vdl, None).await;
+            // Reads at epoch 1 are refused too now; a new writer reads at its own epoch.
+            assert!(image.is_err(), "stale-epoch reads are refused");
+        },
+    );
+}
