@@ -22,7 +22,7 @@ use wire::{
 };
 
 use crate::config::NodeConfig;
-use crate::journal::{JournalFiles, Scan};
+use crate::journal::JournalFiles;
 use crate::persister::{
     PersistRequest, PersistResult, Persister, PersisterConfig, RecordInBody, SharedSegments,
 };
@@ -74,19 +74,20 @@ impl Node {
             config.journal.file_bytes,
             config.journal.file_count,
         )?;
-        let scan = journal.scan()?;
-        let (segments, records) = rebuild_segments(&manifest, &scan);
+        // One group in memory at a time: recovery memory does not grow with the journal.
+        let mut rebuild = Rebuild::new(&manifest);
+        let scan = journal.scan_with(|group| rebuild.group(&group))?;
         let stale_headers_erased = journal.erase_stale_tail(scan.end)?;
         let report = RecoveryReport {
-            groups: scan.groups.len(),
-            records,
+            groups: rebuild.groups,
+            records: rebuild.records,
             stop_reason: scan.stop_reason.clone(),
             stale_headers_erased,
         };
         let read_files = (0..journal.files.len() as u32)
             .map(|i| File::open(crate::journal::file_path(&journal_dir, i)))
             .collect::<Result<_, _>>()?;
-        let segments: SharedSegments = Arc::new(Mutex::new(segments));
+        let segments: SharedSegments = Arc::new(Mutex::new(rebuild.segments));
         let persister_config = PersisterConfig {
             inflight_groups_max: config.journal.inflight_groups_max,
             sync_mode: config.journal.sync_mode(),
@@ -369,15 +370,29 @@ fn check_pages(meta: &VolumeMeta, append: &Append) -> Result<VolumeMeta, ErrorRe
     }
 }
 
-/// Each hosted segment's state, rebuilt from the durable journal.
-fn rebuild_segments(manifest: &Manifest, scan: &Scan) -> (HashMap<SegmentKey, Segment>, usize) {
-    let mut segments: HashMap<SegmentKey, Segment> = manifest
-        .segments
-        .iter()
-        .map(|k| (*k, Segment::default()))
-        .collect();
-    let mut records = 0;
-    for group in &scan.groups {
+/// Each hosted segment's state, rebuilt group by group from the durable journal.
+struct Rebuild {
+    segments: HashMap<SegmentKey, Segment>,
+    groups: usize,
+    records: usize,
+}
+
+impl Rebuild {
+    fn new(manifest: &Manifest) -> Self {
+        let segments = manifest
+            .segments
+            .iter()
+            .map(|k| (*k, Segment::default()))
+            .collect();
+        Self {
+            segments,
+            groups: 0,
+            records: 0,
+        }
+    }
+
+    fn group(&mut self, group: &crate::journal::ScannedGroup) {
+        self.groups += 1;
         for entry in &group.entries {
             let append = &entry.append;
             let key = SegmentKey {
@@ -385,14 +400,13 @@ fn rebuild_segments(manifest: &Manifest, scan: &Scan) -> (HashMap<SegmentKey, Se
                 pg: append.pg,
                 segment: append.segment,
             };
-            let Some(segment) = segments.get_mut(&key) else {
+            let Some(segment) = self.segments.get_mut(&key) else {
                 continue;
             };
             for record in RecordInBody::of(append) {
                 segment.observe(&record.durable(group.position.file, entry.body_offset));
-                records += 1;
+                self.records += 1;
             }
         }
     }
-    (segments, records)
 }

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use node::journal::JournalFiles;
+use node::journal::{JournalFiles, ScannedGroup};
 use wire::RedoOp;
 
 /// One durable record as `inspect` prints it.
@@ -30,62 +30,76 @@ pub fn journal_dir(dir: &Path) -> PathBuf {
     }
 }
 
+/// The records of one durable group.
+fn records_of(group: &ScannedGroup) -> impl Iterator<Item = InspectedRecord> + '_ {
+    group
+        .entries
+        .iter()
+        .map(|e| &e.append)
+        .flat_map(move |entry| {
+            entry.records.iter().map(move |record| InspectedRecord {
+                group: group.sequence,
+                lsn: record.lsn.0,
+                backlink: record.backlink.0,
+                volume: entry.volume.0,
+                pg: entry.pg.0,
+                segment: entry.segment.0,
+                page: record.page.0,
+                cpl: record.cpl,
+                op: match &record.op {
+                    RedoOp::Init => "init".to_string(),
+                    RedoOp::Write { offset, bytes } => format!("write@{offset}+{}", bytes.len()),
+                },
+            })
+        })
+}
+
 /// Reads every durable record; also returns why the scan stopped.
 pub fn journal_records(dir: &Path) -> anyhow::Result<(Vec<InspectedRecord>, String)> {
     let journal = JournalFiles::open_existing(&journal_dir(dir))?;
-    let scan = journal.scan()?;
     let mut out = Vec::new();
-    for group in &scan.groups {
-        for entry in group.entries.iter().map(|e| &e.append) {
-            for record in &entry.records {
-                out.push(InspectedRecord {
-                    group: group.sequence,
-                    lsn: record.lsn.0,
-                    backlink: record.backlink.0,
-                    volume: entry.volume.0,
-                    pg: entry.pg.0,
-                    segment: entry.segment.0,
-                    page: record.page.0,
-                    cpl: record.cpl,
-                    op: match &record.op {
-                        RedoOp::Init => "init".to_string(),
-                        RedoOp::Write { offset, bytes } => {
-                            format!("write@{offset}+{}", bytes.len())
-                        }
-                    },
-                });
-            }
-        }
-    }
+    let scan = journal.scan_with(|group| out.extend(records_of(&group)))?;
     Ok((out, scan.stop_reason))
 }
 
-/// Prints the records as a tab-separated table with a header and a closing summary line.
+/// Prints the records as a tab-separated table with a header and a closing summary line,
+/// one journal group in memory at a time.
 pub fn print_journal(dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
-    let (records, stop_reason) = journal_records(dir)?;
+    let journal = JournalFiles::open_existing(&journal_dir(dir))?;
     writeln!(
         out,
         "group\tlsn\tbacklink\tvolume\tpg\tsegment\tpage\tcpl\top"
     )?;
-    for r in &records {
-        writeln!(
-            out,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
-            r.group,
-            r.lsn,
-            r.backlink,
-            r.volume,
-            r.pg,
-            r.segment,
-            r.page,
-            u8::from(r.cpl),
-            r.op
-        )?;
+    let mut count = 0u64;
+    let mut failed = None;
+    let scan = journal.scan_with(|group| {
+        for r in records_of(&group) {
+            count += 1;
+            let line = writeln!(
+                out,
+                "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                r.group,
+                r.lsn,
+                r.backlink,
+                r.volume,
+                r.pg,
+                r.segment,
+                r.page,
+                u8::from(r.cpl),
+                r.op
+            );
+            if let Err(e) = line {
+                failed.get_or_insert(e);
+            }
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
     }
     writeln!(
         out,
-        "# {} durable records; scan stopped: {stop_reason}",
-        records.len()
+        "# {count} durable records; scan stopped: {}",
+        scan.stop_reason
     )?;
     Ok(())
 }

@@ -123,17 +123,26 @@ impl JournalFiles {
     }
 
     /// Reads every durable group in order and finds the durable end.
+    /// Keeps every group in memory: for tools and tests; recovery uses [`Self::scan_with`].
     pub fn scan(&self) -> io::Result<Scan> {
-        let mut scanner = Scanner::new(self);
         let mut groups = Vec::new();
+        let mut scan = self.scan_with(|group| groups.push(group))?;
+        scan.groups = groups;
+        Ok(scan)
+    }
+
+    /// Hands each durable group to `visit` in journal order, holding one group at a time, and
+    /// returns where the journal ends (`groups` is left empty).
+    pub fn scan_with(&self, mut visit: impl FnMut(ScannedGroup)) -> io::Result<Scan> {
+        let mut scanner = Scanner::new(self);
         let stop_reason = loop {
             match scanner.next_group()? {
-                Ok(group) => groups.push(group),
+                Ok(group) => visit(group),
                 Err(reason) => break reason,
             }
         };
         Ok(Scan {
-            groups,
+            groups: Vec::new(),
             end: scanner.position,
             next_sequence: scanner.next_sequence,
             stop_reason,
