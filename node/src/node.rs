@@ -341,10 +341,17 @@ impl Node {
                 format!("journal record at {location:?} is damaged: {e}"),
             )
         })?;
-        assert!(
-            record.lsn == location.lsn,
-            "page index points at the wrong record"
-        );
+        // A record that checks but is not the one indexed was misdirected on disk: an
+        // operating error (scrub and peers will repair it), reported, never served.
+        if record.lsn != location.lsn {
+            return Err(error(
+                ErrorCode::Internal,
+                format!(
+                    "journal holds record {} where {} was indexed",
+                    record.lsn, location.lsn
+                ),
+            ));
+        }
         Ok(record)
     }
 }

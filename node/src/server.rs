@@ -199,8 +199,17 @@ fn handle_frame(
         }
         Message::ReadPage(read) => {
             let (node, tx) = (node.clone(), tx.clone());
-            tokio::task::spawn_blocking(move || {
-                send_reply(&tx, request_id, node.read_page(&read).map(Message::Page));
+            tokio::spawn(async move {
+                // Reads touch the journal files: off the runtime thread. Even a read that
+                // panics (an assertion) gets an answer rather than leaving its client waiting.
+                let read = tokio::task::spawn_blocking(move || node.read_page(&read)).await;
+                let result = read.unwrap_or_else(|e| {
+                    Err(ErrorReply::new(
+                        ErrorCode::Internal,
+                        format!("the read failed: {e}"),
+                    ))
+                });
+                send_reply(&tx, request_id, result.map(Message::Page));
                 drop(permit);
             });
         }
