@@ -419,15 +419,15 @@ impl VolumeClient {
             *state.read_points.entry(read_point).or_default() += 1;
             read_point
         };
+        // Unregistered however the read ends, cancellation included, so PGMRPL never sticks.
+        let registered = ReadPointGuard {
+            shared: &self.shared,
+            read_point,
+        };
         let result = self.read_page_from(page, read_point, None).await;
-        let mut state = self.shared.state.lock().expect("state lock");
-        match state.read_points.get_mut(&read_point) {
-            Some(n) if *n > 1 => *n -= 1,
-            _ => {
-                state.read_points.remove(&read_point);
-            }
-        }
+        drop(registered);
         let image = result?;
+        let mut state = self.shared.state.lock().expect("state lock");
         if !state.recent_writes.written_after(page, read_point) {
             let vdl = state.writer.vdl();
             state.cache.insert(image.clone(), vdl);
@@ -474,6 +474,27 @@ impl VolumeClient {
             }
         };
         hedged_read(&self.shared, pg, page, read_point, candidates).await
+    }
+}
+
+/// An outstanding read point, counted in `State::read_points` while it lives.
+struct ReadPointGuard<'a> {
+    shared: &'a Shared,
+    read_point: Lsn,
+}
+
+impl Drop for ReadPointGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.shared.state.lock().expect("state lock");
+        let count = state
+            .read_points
+            .get_mut(&self.read_point)
+            .expect("registered read point");
+        assert!(*count > 0);
+        *count -= 1;
+        if *count == 0 {
+            state.read_points.remove(&self.read_point);
+        }
     }
 }
 
