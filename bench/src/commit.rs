@@ -144,46 +144,13 @@ fn run_in(args: &CommitArgs, levels: &[usize], run_dir: &Path) -> anyhow::Result
             eprintln!("{m}")
         }
     };
-    let runtime = if args.engine_threads == 0 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.engine_threads)
-            .enable_all()
-            .build()?
-    };
+    let runtime = engine_runtime(args.engine_threads)?;
 
     progress("raw disk: 4 KiB O_DIRECT write + fdatasync (linked), io_uring, 1 in flight …");
     let raw = append::raw_summary(run_dir, duration, SyncMode::LinkedFdatasync)?;
 
-    // The cluster: six nodes, each hosting one segment of every PG, so each journal takes
-    // every transaction.
-    let warmup_bytes = (WARMUP_TXNS * levels.len()) as u64 * JOURNAL_BYTES_PER_TXN_ALONE;
-    let journal_bytes = warmup_bytes
-        + levels
-            .iter()
-            .map(|&k| {
-                let (rate, bytes) = if k == 1 {
-                    // One in flight waits for a flush on four nodes at least: it cannot beat
-                    // the disk's own flush rate (twice that, for a noisy probe).
-                    let rate = (2_000_000 / raw.p50_us.max(10)).min(COMMITS_PER_S_MAX);
-                    (rate, JOURNAL_BYTES_PER_TXN_ALONE)
-                } else {
-                    (COMMITS_PER_S_MAX, JOURNAL_BYTES_PER_TXN_GROUPED)
-                };
-                rate * args.seconds * bytes
-            })
-            .sum::<u64>();
-    let journal_file_count =
-        (journal_bytes.div_ceil(JOURNAL_FILE_BYTES) + 1).min(JOURNAL_FILE_COUNT_MAX) as u32;
-    let options = ClusterOptions {
-        pg_count: args.pg_count,
-        journal_file_bytes: JOURNAL_FILE_BYTES,
-        journal_file_count,
-        ..ClusterOptions::default()
-    };
+    let options = cluster_options(args, levels, &raw);
+    let journal_file_count = options.journal_file_count;
     let cluster_dir = run_dir.join("cluster");
     progress(&format!(
         "starting 6 sixfold-nodes in 3 AZs under {} ({journal_file_count} journal files of \
@@ -205,8 +172,63 @@ fn run_in(args: &CommitArgs, levels: &[usize], run_dir: &Path) -> anyhow::Result
     }
     let (commits, page_bytes) = measured?;
     stopped.context("stopping the cluster")?;
+    let single = measure_single_node(args, levels, &raw, run_dir, &runtime, &progress)?;
+    report(args, &raw, &commits, &single, page_bytes);
+    Ok(())
+}
 
-    // Single-node appends, one fresh node per level, after the cluster is gone.
+fn engine_runtime(engine_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if engine_threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(engine_threads)
+            .enable_all()
+            .build()
+    }
+}
+
+/// The cluster: six nodes, each hosting one segment of every PG, so each journal takes
+/// every transaction; journals sized so that no level can fill them.
+fn cluster_options(args: &CommitArgs, levels: &[usize], raw: &Summary) -> ClusterOptions {
+    let warmup_bytes = (WARMUP_TXNS * levels.len()) as u64 * JOURNAL_BYTES_PER_TXN_ALONE;
+    let journal_bytes = warmup_bytes
+        + levels
+            .iter()
+            .map(|&k| {
+                let (rate, bytes) = if k == 1 {
+                    // One in flight waits for a flush on four nodes at least: it cannot beat
+                    // the disk's own flush rate (twice that, for a noisy probe).
+                    let rate = (2_000_000 / raw.p50_us.max(10)).min(COMMITS_PER_S_MAX);
+                    (rate, JOURNAL_BYTES_PER_TXN_ALONE)
+                } else {
+                    (COMMITS_PER_S_MAX, JOURNAL_BYTES_PER_TXN_GROUPED)
+                };
+                rate * args.seconds * bytes
+            })
+            .sum::<u64>();
+    let journal_file_count =
+        (journal_bytes.div_ceil(JOURNAL_FILE_BYTES) + 1).min(JOURNAL_FILE_COUNT_MAX) as u32;
+    ClusterOptions {
+        pg_count: args.pg_count,
+        journal_file_bytes: JOURNAL_FILE_BYTES,
+        journal_file_count,
+        ..ClusterOptions::default()
+    }
+}
+
+/// Single-node appends, one fresh node per level, after the cluster is gone.
+fn measure_single_node(
+    args: &CommitArgs,
+    levels: &[usize],
+    raw: &Summary,
+    run_dir: &Path,
+    runtime: &tokio::runtime::Runtime,
+    progress: &dyn Fn(&str),
+) -> anyhow::Result<Vec<(usize, Summary)>> {
+    let duration = Duration::from_secs(args.seconds);
     let append_args = AppendArgs {
         target: crate::Target {
             dir: run_dir.join("single"),
@@ -223,7 +245,7 @@ fn run_in(args: &CommitArgs, levels: &[usize], run_dir: &Path) -> anyhow::Result
     std::fs::create_dir_all(&append_args.target.dir)?;
     let mut single = Vec::new();
     for &k in levels {
-        let (node, identity) = append::node_under_test(&append_args, k, &raw)?;
+        let (node, identity) = append::node_under_test(&append_args, k, raw)?;
         progress(&format!("single node: one-record appends, {k} in flight …"));
         let summary = runtime.block_on(append::measure_node(
             &node,
@@ -235,8 +257,7 @@ fn run_in(args: &CommitArgs, levels: &[usize], run_dir: &Path) -> anyhow::Result
         drop(node);
         single.push((k, summary));
     }
-    report(args, &raw, &commits, &single, page_bytes);
-    Ok(())
+    Ok(single)
 }
 
 fn runtime_name(engine_threads: usize) -> String {
@@ -435,9 +456,42 @@ fn report(
     let falling = (per_segment.len() >= 2).then(|| per_segment.windows(2).all(|w| w[1] < w[0]));
     let total_txns: u64 = commits.iter().map(|c| c.txns).sum();
     let total_redo: u64 = commits.iter().map(|c| c.redo_bytes).sum();
-    let redo_bytes_per_txn = total_redo as f64 / total_txns.max(1) as f64;
-
+    let targets = Targets {
+        p99s,
+        falling,
+        redo_bytes_per_txn: total_redo as f64 / total_txns.max(1) as f64,
+        page_bytes,
+    };
     if args.json {
+        report_json(args, raw, commits, single, &targets);
+    } else {
+        report_text(raw, commits, single, &targets);
+    }
+}
+
+/// The verdicts a report states.
+struct Targets {
+    /// (level, commit p99, single-node p99) at the level the latency target is read at.
+    p99s: Option<(usize, u64, u64)>,
+    falling: Option<bool>,
+    redo_bytes_per_txn: f64,
+    page_bytes: u64,
+}
+
+fn report_json(
+    args: &CommitArgs,
+    raw: &Summary,
+    commits: &[CommitLevel],
+    single: &[(usize, Summary)],
+    targets: &Targets,
+) {
+    let Targets {
+        p99s,
+        falling,
+        redo_bytes_per_txn,
+        page_bytes,
+    } = *targets;
+    {
         let mut commit = serde_json::Map::new();
         let mut messages = serde_json::Map::new();
         let mut messages_per_segment = serde_json::Map::new();
@@ -477,9 +531,21 @@ fn report(
             },
         });
         println!("{out}");
-        return;
     }
+}
 
+fn report_text(
+    raw: &Summary,
+    commits: &[CommitLevel],
+    single: &[(usize, Summary)],
+    targets: &Targets,
+) {
+    let Targets {
+        p99s,
+        falling,
+        redo_bytes_per_txn,
+        page_bytes,
+    } = *targets;
     println!("{}", raw.line("raw disk: write + fdatasync, 1 in flight"));
     for c in commits {
         println!(

@@ -178,41 +178,8 @@ fn handle_frame(
     };
     let request_id = header.request_id;
     match message {
-        Message::Append(append) => {
-            let tx = tx.clone();
-            let (volume, pg, segment) = (append.volume, append.pg, append.segment);
-            let reply = Box::new(move |result: Result<wire::Lsn, ErrorReply>| {
-                let ack = result.map(|scl| {
-                    Message::Ack(SegmentAck {
-                        volume,
-                        pg,
-                        segment,
-                        scl,
-                    })
-                });
-                send_reply(&tx, request_id, ack);
-                drop(permit);
-            });
-            let mut body = frame;
-            body.drain(..wire::frame::FRAME_HEADER_BYTES);
-            node.append(&append, body, reply);
-        }
-        Message::ReadPage(read) => {
-            let (node, tx) = (node.clone(), tx.clone());
-            tokio::spawn(async move {
-                // Reads touch the journal files: off the runtime thread. Even a read that
-                // panics (an assertion) gets an answer rather than leaving its client waiting.
-                let read = tokio::task::spawn_blocking(move || node.read_page(&read)).await;
-                let result = read.unwrap_or_else(|e| {
-                    Err(ErrorReply::new(
-                        ErrorCode::Internal,
-                        format!("the read failed: {e}"),
-                    ))
-                });
-                send_reply(&tx, request_id, result.map(Message::Page));
-                drop(permit);
-            });
-        }
+        Message::Append(append) => serve_append(node, &append, frame, tx, request_id, permit),
+        Message::ReadPage(read) => serve_read(node, read, tx, request_id, permit),
         Message::HostSegments(host) => {
             send_reply(
                 tx,
@@ -233,6 +200,57 @@ fn handle_frame(
             ErrorReply::new(ErrorCode::Malformed, "a node accepts requests, not replies"),
         ),
     }
+}
+
+/// Queues a batch; its ack (or error) is sent when the persister is done with it.
+fn serve_append(
+    node: &Node,
+    append: &wire::Append,
+    frame: Vec<u8>,
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    request_id: u64,
+    permit: Permits,
+) {
+    let tx = tx.clone();
+    let (volume, pg, segment) = (append.volume, append.pg, append.segment);
+    let reply = Box::new(move |result: Result<wire::Lsn, ErrorReply>| {
+        let ack = result.map(|scl| {
+            Message::Ack(SegmentAck {
+                volume,
+                pg,
+                segment,
+                scl,
+            })
+        });
+        send_reply(&tx, request_id, ack);
+        drop(permit);
+    });
+    let mut body = frame;
+    body.drain(..wire::frame::FRAME_HEADER_BYTES);
+    node.append(append, body, reply);
+}
+
+/// Serves a read off the runtime thread (it reads the journal files). Even a read that panics
+/// (an assertion) gets an answer rather than leaving its client waiting.
+fn serve_read(
+    node: &Arc<Node>,
+    read: wire::ReadPage,
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    request_id: u64,
+    permit: Permits,
+) {
+    let (node, tx) = (node.clone(), tx.clone());
+    tokio::spawn(async move {
+        let read = tokio::task::spawn_blocking(move || node.read_page(&read)).await;
+        let result = read.unwrap_or_else(|e| {
+            Err(ErrorReply::new(
+                ErrorCode::Internal,
+                format!("the read failed: {e}"),
+            ))
+        });
+        send_reply(&tx, request_id, result.map(Message::Page));
+        drop(permit);
+    });
 }
 
 /// Sends a request's outcome: its reply message, or its error.

@@ -37,6 +37,7 @@ fn frame(request_id: u64, append: wire::Append) -> Vec<u8> {
 /// Method: interleave each bad request on connection A with good appends on connection B, then
 /// read the journal to check that only the good records were persisted.
 #[test]
+#[allow(clippy::too_many_lines)] // One scenario, read top to bottom: each bad case, then a good one.
 fn each_bad_input_gets_its_error_and_the_node_keeps_serving() {
     let dir = test_dir("bad-input");
     let certs = certs(&dir);
