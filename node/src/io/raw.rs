@@ -34,17 +34,14 @@ pub fn open_direct(path: &Path, create: bool) -> io::Result<File> {
         .open(path)
 }
 
-/// Writes zeroes over `len` bytes of `file` (a multiple of 1 MiB or less) and syncs, so later
-/// overwrites touch only data blocks: on ext4, syncing a write into fallocated-but-unwritten
-/// extents also flushes extent metadata, several times slower.
+/// Writes zeroes over `len` bytes of `file` (a multiple of 4 KiB: the file is O_DIRECT) and
+/// syncs, so later overwrites touch only data blocks: on ext4, syncing a write into
+/// fallocated-but-unwritten extents also flushes extent metadata, several times slower.
 pub fn prewrite(file: &File, len: u64) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let chunk = AlignedBuf::new(1 << 20);
-    let zeros = {
-        let mut c = chunk;
-        c.set_len(c.capacity());
-        c
-    };
+    assert!(len.is_multiple_of(super::DIRECT_IO_ALIGN as u64));
+    let mut zeros = AlignedBuf::new(1 << 20);
+    zeros.set_len(zeros.capacity());
     let mut offset = 0u64;
     while offset < len {
         let n = (len - offset).min(zeros.len() as u64) as usize;

@@ -151,14 +151,20 @@ impl JournalFiles {
 
     /// Zeroes every plausible group header within [`TAIL_WINDOW_BYTES`] after `end` and syncs.
     pub fn erase_stale_tail(&self, end: Position) -> io::Result<u32> {
-        let mut block = AlignedBuf::new(DIRECT_IO_ALIGN);
+        const CHUNK_BYTES: u64 = 1 << 20;
+        let align = DIRECT_IO_ALIGN as u64;
+        let mut chunk = AlignedBuf::new(CHUNK_BYTES as usize);
         let mut zeros = AlignedBuf::new(DIRECT_IO_ALIGN);
         zeros.set_len(DIRECT_IO_ALIGN);
         let mut erased = 0;
         let mut pos = end;
         let mut remaining = TAIL_WINDOW_BYTES;
         while remaining > 0 && (pos.file as usize) < self.files.len() {
-            if pos.offset + DIRECT_IO_ALIGN as u64 > self.file_bytes {
+            let len = CHUNK_BYTES
+                .min(remaining)
+                .min(self.file_bytes.saturating_sub(pos.offset));
+            let len = len / align * align;
+            if len == 0 {
                 pos = Position {
                     file: pos.file + 1,
                     offset: 0,
@@ -166,14 +172,16 @@ impl JournalFiles {
                 continue;
             }
             let file = &self.files[pos.file as usize];
-            block.set_len(DIRECT_IO_ALIGN);
-            file.read_exact_at(block.as_mut_full(), pos.offset)?;
-            if GroupHeader::decode(block.as_slice()).is_some() {
-                file.write_all_at(zeros.as_slice(), pos.offset)?;
-                erased += 1;
+            chunk.set_len(len as usize);
+            file.read_exact_at(&mut chunk.as_mut_full()[..len as usize], pos.offset)?;
+            for (index, block) in chunk.as_slice().chunks_exact(DIRECT_IO_ALIGN).enumerate() {
+                if GroupHeader::decode(block).is_some() {
+                    file.write_all_at(zeros.as_slice(), pos.offset + index as u64 * align)?;
+                    erased += 1;
+                }
             }
-            pos.offset += DIRECT_IO_ALIGN as u64;
-            remaining -= DIRECT_IO_ALIGN as u64;
+            pos.offset += len;
+            remaining -= len;
         }
         if erased > 0 {
             for file in &self.files {
