@@ -462,11 +462,27 @@ fn report(
         redo_bytes_per_txn: total_redo as f64 / total_txns.max(1) as f64,
         page_bytes,
     };
+    let report = Report {
+        args,
+        raw,
+        commits,
+        single,
+        targets,
+    };
     if args.json {
-        report_json(args, raw, commits, single, &targets);
+        report.json();
     } else {
-        report_text(raw, commits, single, &targets);
+        report.text();
     }
+}
+
+/// Everything one run reports, in text or JSON.
+struct Report<'a> {
+    args: &'a CommitArgs,
+    raw: &'a Summary,
+    commits: &'a [CommitLevel],
+    single: &'a [(usize, Summary)],
+    targets: Targets,
 }
 
 /// The verdicts a report states.
@@ -478,20 +494,21 @@ struct Targets {
     page_bytes: u64,
 }
 
-fn report_json(
-    args: &CommitArgs,
-    raw: &Summary,
-    commits: &[CommitLevel],
-    single: &[(usize, Summary)],
-    targets: &Targets,
-) {
-    let Targets {
-        p99s,
-        falling,
-        redo_bytes_per_txn,
-        page_bytes,
-    } = *targets;
-    {
+impl Report<'_> {
+    fn json(&self) {
+        let Report {
+            args,
+            raw,
+            commits,
+            single,
+            ref targets,
+        } = *self;
+        let Targets {
+            p99s,
+            falling,
+            redo_bytes_per_txn,
+            page_bytes,
+        } = *targets;
         let mut commit = serde_json::Map::new();
         let mut messages = serde_json::Map::new();
         let mut messages_per_segment = serde_json::Map::new();
@@ -532,69 +549,71 @@ fn report_json(
         });
         println!("{out}");
     }
-}
 
-fn report_text(
-    raw: &Summary,
-    commits: &[CommitLevel],
-    single: &[(usize, Summary)],
-    targets: &Targets,
-) {
-    let Targets {
-        p99s,
-        falling,
-        redo_bytes_per_txn,
-        page_bytes,
-    } = *targets;
-    println!("{}", raw.line("raw disk: write + fdatasync, 1 in flight"));
-    for c in commits {
-        println!(
-            "{}",
-            c.summary
-                .line(&format!("quorum commit (4/6), {} in flight", c.inflight))
-        );
-        println!(
-            "    per txn: {:.2} messages ({:.3} per segment), {:.2} appends, {:.0} bytes sent, \
+    fn text(&self) {
+        let Report {
+            raw,
+            commits,
+            single,
+            ref targets,
+            ..
+        } = *self;
+        let Targets {
+            p99s,
+            falling,
+            redo_bytes_per_txn,
+            page_bytes,
+        } = *targets;
+        println!("{}", raw.line("raw disk: write + fdatasync, 1 in flight"));
+        for c in commits {
+            println!(
+                "{}",
+                c.summary
+                    .line(&format!("quorum commit (4/6), {} in flight", c.inflight))
+            );
+            println!(
+                "    per txn: {:.2} messages ({:.3} per segment), {:.2} appends, {:.0} bytes sent, \
              {:.0} redo bytes{}",
-            c.messages_per_txn,
-            c.messages_per_segment(),
-            c.appends_per_txn,
-            c.bytes_per_txn,
-            c.redo_bytes_per_txn,
-            if c.quiesced {
-                ""
-            } else {
-                " (segments had not caught up)"
-            }
-        );
-    }
-    for (k, s) in single {
-        println!("{}", s.line(&format!("single node append, {k} in flight")));
-    }
-    println!("redo bytes per committed txn (all levels): {redo_bytes_per_txn:.0}");
-    println!("engine page bytes sent: {page_bytes}");
-    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-    if let Some((k, commit_p99, single_p99)) = p99s {
-        let note = if k == 64 { "" } else { " (stated at 64)" };
-        println!(
-            "target: quorum commit p99 at {k} in flight = {commit_p99} µs ≤ single-node \
+                c.messages_per_txn,
+                c.messages_per_segment(),
+                c.appends_per_txn,
+                c.bytes_per_txn,
+                c.redo_bytes_per_txn,
+                if c.quiesced {
+                    ""
+                } else {
+                    " (segments had not caught up)"
+                }
+            );
+        }
+        for (k, s) in single {
+            println!("{}", s.line(&format!("single node append, {k} in flight")));
+        }
+        println!("redo bytes per committed txn (all levels): {redo_bytes_per_txn:.0}");
+        println!("engine page bytes sent: {page_bytes}");
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        if let Some((k, commit_p99, single_p99)) = p99s {
+            let note = if k == 64 { "" } else { " (stated at 64)" };
+            println!(
+                "target: quorum commit p99 at {k} in flight = {commit_p99} µs ≤ single-node \
              append p99 = {single_p99} µs{note}: {}",
-            verdict(commit_p99 <= single_p99)
-        );
-    }
-    if let Some(falling) = falling {
-        let chain: Vec<String> = commits
-            .iter()
-            .map(|c| format!("{:.3} at {}", c.messages_per_segment(), c.inflight))
-            .collect();
+                verdict(commit_p99 <= single_p99)
+            );
+        }
+        if let Some(falling) = falling {
+            let chain: Vec<String> = commits
+                .iter()
+                .map(|c| format!("{:.3} at {}", c.messages_per_segment(), c.inflight))
+                .collect();
+            println!(
+                "target: messages per committed txn per segment fall as concurrency rises ({}): {}",
+                chain.join(" → "),
+                verdict(falling)
+            );
+        }
         println!(
-            "target: messages per committed txn per segment fall as concurrency rises ({}): {}",
-            chain.join(" → "),
-            verdict(falling)
+            "target: engine page bytes sent = {page_bytes} (= 0): {}",
+            verdict(page_bytes == 0)
         );
     }
-    println!(
-        "target: engine page bytes sent = {page_bytes} (= 0): {}",
-        verdict(page_bytes == 0)
-    );
 }
