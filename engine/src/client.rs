@@ -17,19 +17,11 @@ use wire::{Append, ErrorReply, Frame, Message, SegmentAck};
 
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Message>>>>>;
 
-/// Counters a benchmark reads.
-#[derive(Debug, Default)]
-pub struct ClientStats {
-    pub messages_sent: AtomicU64,
-    pub bytes_sent: AtomicU64,
-}
-
 pub struct NodeClient {
     connection: quinn::Connection,
     send: tokio::sync::Mutex<quinn::SendStream>,
     pending: Pending,
     next_request_id: AtomicU64,
-    pub stats: Arc<ClientStats>,
 }
 
 impl NodeClient {
@@ -54,7 +46,6 @@ impl NodeClient {
             send: tokio::sync::Mutex::new(send),
             pending,
             next_request_id: AtomicU64::new(1),
-            stats: Arc::default(),
         };
         Ok((client, unsolicited))
     }
@@ -88,10 +79,6 @@ impl NodeClient {
 
     /// Writes bytes to the stream without expecting a reply under any id.
     pub async fn send_bytes(&self, bytes: &[u8]) -> anyhow::Result<()> {
-        self.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .bytes_sent
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let mut send = self.send.lock().await;
         send.write_all(bytes)
             .await

@@ -8,8 +8,8 @@ use anyhow::Context;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-/// ALPN protocol of every Sixfold connection (the node side declares the same).
-pub const ALPN: &[u8] = b"sixfold/1";
+/// ALPN protocol of every Sixfold connection (defined in `wire`, shared with the node).
+pub use wire::ALPN;
 
 /// Paths of the cluster CA and of this client's certificate and key.
 #[derive(Clone, Debug)]
@@ -74,9 +74,9 @@ pub fn client_config(
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(std::time::Duration::from_secs(5)).expect("small timeout"),
     ));
-    // MTU discovery up to jumbo frames, as on the node side (8952 = 9000 − IPv6/UDP headers).
+    // MTU discovery up to jumbo frames, as on the node side.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(8952);
+    mtu.upper_bound(wire::JUMBO_UDP_PAYLOAD_BYTES);
     transport.mtu_discovery_config(Some(mtu));
     config.transport_config(Arc::new(transport));
     Ok(config)

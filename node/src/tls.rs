@@ -8,11 +8,9 @@ use anyhow::Context;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-/// Largest UDP payload MTU discovery may try: a 9000-byte MTU less IPv6 and UDP headers.
-pub const JUMBO_UDP_PAYLOAD_BYTES: u16 = 8952;
-
-/// ALPN protocol of every Sixfold connection.
-pub const ALPN: &[u8] = b"sixfold/1";
+/// ALPN protocol of every Sixfold connection (defined in `wire`, shared with the engine).
+pub use wire::ALPN;
+use wire::JUMBO_UDP_PAYLOAD_BYTES;
 
 pub fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)

@@ -9,6 +9,12 @@
 #![deny(clippy::indexing_slicing)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+/// ALPN protocol of every Sixfold QUIC connection, engine to node and node to node.
+pub const ALPN: &[u8] = b"sixfold/1";
+/// Largest UDP payload QUIC MTU discovery may try on either side: a 9000-byte (jumbo frame)
+/// MTU less IPv6 and UDP headers, so a 4 KiB record travels in one datagram.
+pub const JUMBO_UDP_PAYLOAD_BYTES: u16 = 8952;
+
 pub mod apply;
 pub mod codec;
 pub mod frame;

@@ -104,10 +104,6 @@ impl AlignedBuf {
     pub fn as_ptr(&self) -> *const u8 {
         self.ptr.as_ptr()
     }
-
-    pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
 }
 
 impl Drop for AlignedBuf {
