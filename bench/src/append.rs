@@ -245,6 +245,7 @@ pub(crate) fn one_record(record_bytes: usize) -> Append {
         epoch: Epoch(1),
         pg: PgId(0),
         segment: SegmentIndex(0),
+        vdl: Lsn::ZERO,
         records: vec![LogRecord {
             lsn: Lsn(lsn),
             backlink: Lsn(lsn - 1),

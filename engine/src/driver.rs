@@ -649,6 +649,7 @@ async fn send_append(
         epoch: shared.file.epoch(),
         pg,
         segment,
+        vdl: Lsn::ZERO, // VolumeCore replaces this driver
         records,
     };
     // A node marked down is probed by the reconnect task only; what it misses meanwhile is

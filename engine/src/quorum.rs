@@ -19,64 +19,13 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use thiserror::Error;
-use wire::record::RECORD_PAYLOAD_BYTES_MAX;
 use wire::{LogRecord, Lsn, PageId, PgId, RedoOp, SegmentIndex};
 
-/// Segments per PG.
-pub const PG_SIZE: usize = 6;
-/// Segments whose SCL must reach an LSN for the PG to be complete to it.
-pub const WRITE_QUORUM: usize = 4;
-/// Segments a recovery must hear from.
-pub const READ_QUORUM: usize = 3;
+pub use wire::geometry::{Geometry, PG_COUNT_MAX, PG_SIZE, READ_QUORUM, WRITE_QUORUM};
+
 /// Default LAL: the writer never allocates an LSN above `vdl + LSN_ALLOCATION_LIMIT`.
 pub const LSN_ALLOCATION_LIMIT: u64 = 10_000_000;
-/// Most PGs a volume may have; the writer allocates its per-PG state up front.
-pub const PG_COUNT_MAX: u32 = 1 << 20;
-
-// A read quorum always overlaps the last write quorum, and two write quorums always overlap.
-const _: () = assert!(READ_QUORUM + WRITE_QUORUM > PG_SIZE);
-const _: () = assert!(2 * WRITE_QUORUM > PG_SIZE);
-const _: () = assert!(WRITE_QUORUM <= PG_SIZE);
-const _: () = assert!(READ_QUORUM <= WRITE_QUORUM);
 const _: () = assert!(LSN_ALLOCATION_LIMIT > 0);
-
-/// The shape of a volume: `pg_count` PGs of `pages_per_pg` pages of `page_size_bytes` each.
-/// PG `n` holds pages `[n * pages_per_pg, (n + 1) * pages_per_pg)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Geometry {
-    pub page_size_bytes: u32,
-    pub pages_per_pg: u64,
-    pub pg_count: u32,
-}
-
-impl Geometry {
-    /// The PG holding `page`, or `None` if the page lies outside the volume.
-    #[must_use]
-    pub fn pg_of(&self, page: PageId) -> Option<PgId> {
-        let pg_index = page.0.checked_div(self.pages_per_pg)?;
-        let pg_index = u32::try_from(pg_index).ok()?;
-        (pg_index < self.pg_count).then_some(PgId(pg_index))
-    }
-
-    /// Pages in the volume (saturating; `Writer::new` refuses geometries where it saturates).
-    #[must_use]
-    pub fn page_count(&self) -> u64 {
-        self.pages_per_pg.saturating_mul(u64::from(self.pg_count))
-    }
-
-    /// Whether the geometry describes a usable volume.
-    fn is_valid(&self) -> bool {
-        self.page_size_bytes > 0
-            && self.page_size_bytes as usize <= RECORD_PAYLOAD_BYTES_MAX
-            && self.pages_per_pg > 0
-            && self.pg_count > 0
-            && self.pg_count <= PG_COUNT_MAX
-            && self
-                .pages_per_pg
-                .checked_mul(u64::from(self.pg_count))
-                .is_some()
-    }
-}
 
 /// One record of an MTR, before the writer gives it an LSN.
 #[derive(Clone, Debug, PartialEq, Eq)]

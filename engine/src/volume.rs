@@ -13,13 +13,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use wire::{Epoch, PageId, PgId, SegmentIndex, VolumeId};
 
-use crate::quorum::{Geometry, PG_SIZE};
-
-/// Segments of a PG per AZ.
-pub const SEGMENTS_PER_AZ: usize = 2;
-/// AZs a PG spans.
-pub const AZ_COUNT: usize = 3;
-const _: () = assert!(SEGMENTS_PER_AZ * AZ_COUNT == PG_SIZE);
+pub use wire::geometry::{AZ_COUNT, SEGMENTS_PER_AZ};
+use wire::geometry::{Geometry, PG_SIZE};
 
 /// A storage node as the volume file lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -194,7 +194,20 @@ fn handle_frame(
                 node.set_pgmrpl(&set).map(|()| Message::Done),
             );
         }
-        Message::Ack(_) | Message::Error(_) | Message::Page(_) | Message::Done => send_error(
+        Message::GetVolumeState(_)
+        | Message::Fence(_)
+        | Message::Truncate(_)
+        | Message::FetchRecords(_) => send_error(
+            tx,
+            request_id,
+            ErrorReply::new(ErrorCode::BadRequest, "not served by this node yet"),
+        ),
+        Message::Ack(_)
+        | Message::Error(_)
+        | Message::Page(_)
+        | Message::Done
+        | Message::VolumeState(_)
+        | Message::Records(_) => send_error(
             tx,
             request_id,
             ErrorReply::new(ErrorCode::Malformed, "a node accepts requests, not replies"),

@@ -45,6 +45,7 @@ fn write_groups(journal: JournalFiles, end: Position, next_sequence: u64, lsns: 
             epoch: Epoch(1),
             pg: PgId(0),
             segment: SegmentIndex(0),
+            vdl: Lsn::ZERO,
             records: vec![record],
         };
         let mut body = Vec::new();

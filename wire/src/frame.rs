@@ -7,7 +7,9 @@
 //!      0     4  len         bytes that follow this field (12 + body); 12 ≤ len ≤ FRAME_BYTES_MAX - 4
 //!      4     1  version     FRAME_VERSION (1)
 //!      5     1  kind        1 = Append, 2 = Ack, 3 = Error, 4 = ReadPage, 5 = Page,
-//!                           6 = HostSegments, 7 = SetPgmrpl, 8 = Done
+//!                           6 = HostSegments, 7 = SetPgmrpl, 8 = Done, 9 = GetVolumeState,
+//!                           10 = VolumeState, 11 = Fence, 12 = Truncate, 13 = FetchRecords,
+//!                           14 = Records
 //!      6     2  reserved    zero
 //!      8     8  request_id  chosen by the sender of a request, echoed by its reply
 //!     16     …  body        per kind, below
@@ -22,8 +24,14 @@
 //!     20     4  segment       index of the segment within its PG (0..6)
 //!     24     4  record_count  ≥ 1
 //!     28     4  reserved      zero
-//!     32     …  records       record_count log records back to back (see `record`)
+//!     32     8  vdl           the writer's VDL when it sent the batch: every record at or
+//!                             below it is on a write quorum of its PG (recovery's floor)
+//!     40     …  records       record_count log records back to back (see `record`)
 //! ```
+//!
+//! The engine encodes a PG batch's records once and sends the same bytes to all six
+//! segments behind six different Append headers ([`encode_append_frame`]); a node reads an
+//! Append through [`AppendView`], which checks every record without copying any.
 //!
 //! Ack body: the segment's SCL once the batch is durable.
 //!
@@ -86,11 +94,75 @@
 //!
 //! Done body: empty (a request without a result succeeded).
 //!
+//! GetVolumeState body: what a node holds of a volume (read-only; any epoch).
+//!
+//! ```text
+//!      0     8  volume
+//! ```
+//!
+//! VolumeState body (reply to GetVolumeState, Fence and Truncate): the node's epoch for the
+//! volume, the highest VDL it holds durably (from Append headers), and each hosted segment's
+//! SCL.
+//!
+//! ```text
+//!      0     8  volume
+//!      8     8  epoch
+//!     16     8  vdl
+//!     24     4  count         ≤ HOST_SEGMENTS_MAX
+//!     28     4  reserved      zero
+//!     32     …  count × { u32 pg, u32 segment, u64 scl }
+//! ```
+//!
+//! Fence body: install `epoch_new` if the node's epoch is at most `epoch_current` (the epoch
+//! the writer saw); a node already at `epoch_new` answers as if it had just installed it.
+//!
+//! ```text
+//!      0     8  volume
+//!      8     8  epoch_current
+//!     16     8  epoch_new
+//! ```
+//!
+//! Truncate body: records with LSNs in `(after, through]` are annulled for good, by the writer
+//! of `epoch` (installed first if newer than the node's).
+//!
+//! ```text
+//!      0     8  volume
+//!      8     8  epoch
+//!     16     8  after         the recovered VDL
+//!     24     8  through       after + LAL
+//! ```
+//!
+//! FetchRecords body: a segment's records with LSNs in `(after, through]`, in LSN order, up to
+//! about `bytes_max` bytes of records (at least one record if any qualifies).
+//!
+//! ```text
+//!      0     8  volume
+//!      8     8  epoch
+//!     16     4  pg
+//!     20     4  segment
+//!     24     8  after
+//!     32     8  through
+//!     40     4  bytes_max
+//!     44     4  reserved      zero
+//! ```
+//!
+//! Records body (reply to FetchRecords): the segment's SCL and the records found.
+//!
+//! ```text
+//!      0     8  volume
+//!      8     4  pg
+//!     12     4  segment
+//!     16     8  scl
+//!     24     4  record_count  may be 0
+//!     28     4  reserved      zero
+//!     32     …  records
+//! ```
+//!
 //! A reader checks `len` against [`FRAME_BYTES_MAX`] before allocating anything, so a peer
 //! cannot make us allocate more than one frame's worth.
 
 use crate::codec::{DecodeError, Reader};
-use crate::record::{LogRecord, decode_records, encode_records};
+use crate::record::{LogRecord, RECORD_HEADER_BYTES, RecordMeta, decode_records, encode_records};
 use crate::types::{Epoch, Lsn, PageId, PgId, SegmentIndex, VolumeId};
 
 /// The frame format version this build speaks.
@@ -100,7 +172,9 @@ pub const FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Bytes of the frame header that follow the length prefix.
 pub const FRAME_HEADER_BYTES: usize = 12;
 /// Bytes of the fixed part of an Append body.
-pub const APPEND_HEADER_BYTES: usize = 32;
+pub const APPEND_HEADER_BYTES: usize = 40;
+/// Bytes of the length prefix.
+pub const LEN_PREFIX_BYTES: usize = 4;
 /// Longest error message carried in an error reply.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
 
@@ -112,6 +186,12 @@ const KIND_PAGE: u8 = 5;
 const KIND_HOST_SEGMENTS: u8 = 6;
 const KIND_SET_PGMRPL: u8 = 7;
 const KIND_DONE: u8 = 8;
+const KIND_GET_VOLUME_STATE: u8 = 9;
+const KIND_VOLUME_STATE: u8 = 10;
+const KIND_FENCE: u8 = 11;
+const KIND_TRUNCATE: u8 = 12;
+const KIND_FETCH_RECORDS: u8 = 13;
+const KIND_RECORDS: u8 = 14;
 
 /// Largest page a Page reply carries.
 pub const PAGE_BYTES_MAX: usize = 64 * 1024;
@@ -162,6 +242,76 @@ pub struct Append {
     pub epoch: Epoch,
     pub pg: PgId,
     pub segment: SegmentIndex,
+    /// The writer's VDL when it sent the batch.
+    pub vdl: Lsn,
+    pub records: Vec<LogRecord>,
+}
+
+/// The fixed part of an Append body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendHeader {
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    pub pg: PgId,
+    pub segment: SegmentIndex,
+    pub record_count: u32,
+    pub vdl: Lsn,
+}
+
+/// What a node holds of a volume: its epoch, the highest VDL it holds durably, and each hosted
+/// segment's SCL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeState {
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    pub vdl: Lsn,
+    pub segments: Vec<SegmentState>,
+}
+
+/// One hosted segment's SCL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentState {
+    pub pg: PgId,
+    pub segment: SegmentIndex,
+    pub scl: Lsn,
+}
+
+/// Install `epoch_new` unless the node has seen an epoch newer than `epoch_current`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub volume: VolumeId,
+    pub epoch_current: Epoch,
+    pub epoch_new: Epoch,
+}
+
+/// Annul every record with an LSN in `(after, through]`, on behalf of the writer of `epoch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Truncate {
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    pub after: Lsn,
+    pub through: Lsn,
+}
+
+/// A segment's records with LSNs in `(after, through]`, up to about `bytes_max` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchRecords {
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    pub pg: PgId,
+    pub segment: SegmentIndex,
+    pub after: Lsn,
+    pub through: Lsn,
+    pub bytes_max: u32,
+}
+
+/// Reply to [`FetchRecords`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Records {
+    pub volume: VolumeId,
+    pub pg: PgId,
+    pub segment: SegmentIndex,
+    pub scl: Lsn,
     pub records: Vec<LogRecord>,
 }
 
@@ -191,6 +341,9 @@ macro_rules! error_codes {
     };
 }
 
+// `Forbidden`: the certificate's role may not make this request. `EpochNotInstalled`: the
+// request carries an epoch newer than the node has installed; send Fence or Truncate first
+// (a node learns a new epoch together with its truncation).
 error_codes! {
     Malformed = 1,
     FrameTooLarge = 2,
@@ -203,6 +356,8 @@ error_codes! {
     Internal = 9,
     SclBelowReadPoint = 10,
     BadRequest = 11,
+    Forbidden = 12,
+    EpochNotInstalled = 13,
 }
 
 impl ErrorCode {
@@ -250,6 +405,12 @@ pub enum Message {
     HostSegments(HostSegments),
     SetPgmrpl(SetPgmrpl),
     Done,
+    GetVolumeState(VolumeId),
+    VolumeState(VolumeState),
+    Fence(Fence),
+    Truncate(Truncate),
+    FetchRecords(FetchRecords),
+    Records(Records),
 }
 
 /// One frame: a message and the request it belongs to.
@@ -365,7 +526,45 @@ impl Message {
             Message::HostSegments(_) => KIND_HOST_SEGMENTS,
             Message::SetPgmrpl(_) => KIND_SET_PGMRPL,
             Message::Done => KIND_DONE,
+            Message::GetVolumeState(_) => KIND_GET_VOLUME_STATE,
+            Message::VolumeState(_) => KIND_VOLUME_STATE,
+            Message::Fence(_) => KIND_FENCE,
+            Message::Truncate(_) => KIND_TRUNCATE,
+            Message::FetchRecords(_) => KIND_FETCH_RECORDS,
+            Message::Records(_) => KIND_RECORDS,
         }
+    }
+
+    /// Bytes of the encoded body: what [`Frame::encode`] writes after the frame header.
+    #[must_use]
+    pub fn body_len(&self) -> usize {
+        match self {
+            Message::Append(append) => append.encoded_len(),
+            Message::Ack(_) => 24,
+            Message::Error(error) => {
+                8 + error
+                    .message
+                    .floor_char_boundary(ERROR_MESSAGE_BYTES_MAX)
+                    .min(error.message.len())
+            }
+            Message::ReadPage(_) => 40,
+            Message::Page(page) => 24 + page.bytes.len(),
+            Message::HostSegments(host) => 32 + 8 * host.segments.len(),
+            Message::SetPgmrpl(_) => 24,
+            Message::Done => 0,
+            Message::GetVolumeState(_) => 8,
+            Message::VolumeState(state) => 32 + 16 * state.segments.len(),
+            Message::Fence(_) => 24,
+            Message::Truncate(_) => 32,
+            Message::FetchRecords(_) => 48,
+            Message::Records(records) => 32 + records_len(&records.records),
+        }
+    }
+
+    /// Bytes of the whole encoded frame, length prefix included.
+    #[must_use]
+    pub fn frame_len(&self) -> usize {
+        LEN_PREFIX_BYTES + FRAME_HEADER_BYTES + self.body_len()
     }
 
     fn encode_body(&self, out: &mut Vec<u8>) {
@@ -420,6 +619,47 @@ impl Message {
                 out.extend_from_slice(&m.pgmrpl.0.to_le_bytes());
             }
             Message::Done => {}
+            _ => self.encode_recovery_body(out),
+        }
+    }
+
+    /// The bodies of the recovery messages (see the module docs).
+    fn encode_recovery_body(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::GetVolumeState(volume) => out.extend_from_slice(&volume.0.to_le_bytes()),
+            Message::VolumeState(state) => state.encode(out),
+            Message::Fence(f) => {
+                out.extend_from_slice(&f.volume.0.to_le_bytes());
+                out.extend_from_slice(&f.epoch_current.0.to_le_bytes());
+                out.extend_from_slice(&f.epoch_new.0.to_le_bytes());
+            }
+            Message::Truncate(t) => {
+                out.extend_from_slice(&t.volume.0.to_le_bytes());
+                out.extend_from_slice(&t.epoch.0.to_le_bytes());
+                out.extend_from_slice(&t.after.0.to_le_bytes());
+                out.extend_from_slice(&t.through.0.to_le_bytes());
+            }
+            Message::FetchRecords(f) => {
+                out.extend_from_slice(&f.volume.0.to_le_bytes());
+                out.extend_from_slice(&f.epoch.0.to_le_bytes());
+                out.extend_from_slice(&f.pg.0.to_le_bytes());
+                out.extend_from_slice(&f.segment.0.to_le_bytes());
+                out.extend_from_slice(&f.after.0.to_le_bytes());
+                out.extend_from_slice(&f.through.0.to_le_bytes());
+                out.extend_from_slice(&f.bytes_max.to_le_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes());
+            }
+            Message::Records(r) => {
+                out.extend_from_slice(&r.volume.0.to_le_bytes());
+                out.extend_from_slice(&r.pg.0.to_le_bytes());
+                out.extend_from_slice(&r.segment.0.to_le_bytes());
+                out.extend_from_slice(&r.scl.0.to_le_bytes());
+                let count = u32::try_from(r.records.len()).expect("bounded by the frame limit");
+                out.extend_from_slice(&count.to_le_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes());
+                encode_records(&r.records, out);
+            }
+            _ => unreachable!("encode_body handles every other kind"),
         }
     }
 
@@ -460,6 +700,16 @@ impl Message {
                 })
             }
             KIND_DONE => Message::Done,
+            KIND_GET_VOLUME_STATE => Message::GetVolumeState(VolumeId(reader.u64("volume")?)),
+            KIND_VOLUME_STATE => Message::VolumeState(VolumeState::decode(&mut reader)?),
+            KIND_FENCE => Message::Fence(Fence {
+                volume: VolumeId(reader.u64("volume")?),
+                epoch_current: Epoch(reader.u64("epoch current")?),
+                epoch_new: Epoch(reader.u64("epoch new")?),
+            }),
+            KIND_TRUNCATE => Message::Truncate(decode_truncate(&mut reader)?),
+            KIND_FETCH_RECORDS => Message::FetchRecords(decode_fetch(&mut reader)?),
+            KIND_RECORDS => return decode_records_reply(body).map(Message::Records),
             other => return Err(DecodeError::UnknownKind(other)),
         };
         reader.finish("message body")?;
@@ -554,20 +804,274 @@ fn decode_error(reader: &mut Reader<'_>) -> Result<ErrorReply, DecodeError> {
     Ok(ErrorReply::new(code, message))
 }
 
-impl Append {
-    /// Appends the Append body (the journal entry format) to `out`.
+impl AppendHeader {
+    /// Appends the fixed part of an Append body to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         assert!(
-            !self.records.is_empty(),
+            self.record_count > 0,
             "an append carries at least one record"
         );
         out.extend_from_slice(&self.volume.0.to_le_bytes());
         out.extend_from_slice(&self.epoch.0.to_le_bytes());
         out.extend_from_slice(&self.pg.0.to_le_bytes());
         out.extend_from_slice(&self.segment.0.to_le_bytes());
-        let count = u32::try_from(self.records.len()).expect("record count fits a frame");
+        out.extend_from_slice(&self.record_count.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.vdl.0.to_le_bytes());
+    }
+
+    fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let volume = VolumeId(reader.u64("volume")?);
+        let epoch = Epoch(reader.u64("epoch")?);
+        let pg = PgId(reader.u32("pg")?);
+        let segment = SegmentIndex(reader.u32("segment")?);
+        let record_count = reader.u32("record count")?;
+        if reader.u32("append reserved")? != 0 {
+            return Err(DecodeError::Malformed("append reserved bytes are not zero"));
+        }
+        let vdl = Lsn(reader.u64("vdl")?);
+        if record_count == 0 {
+            return Err(DecodeError::Malformed("append without records"));
+        }
+        Ok(Self {
+            volume,
+            epoch,
+            pg,
+            segment,
+            record_count,
+            vdl,
+        })
+    }
+}
+
+/// Writes a whole Append frame (length prefix included) from a header and records already
+/// encoded back to back: a PG batch is encoded once and framed six times.
+///
+/// # Panics
+/// If the frame would pass [`FRAME_BYTES_MAX`] (the sender sizes batches below it).
+pub fn encode_append_frame(
+    request_id: u64,
+    header: &AppendHeader,
+    records: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let len = FRAME_HEADER_BYTES + APPEND_HEADER_BYTES + records.len();
+    assert!(
+        len + LEN_PREFIX_BYTES <= FRAME_BYTES_MAX,
+        "append frame too large"
+    );
+    let len = u32::try_from(len).expect("bounded by the frame limit");
+    out.reserve(len as usize + LEN_PREFIX_BYTES);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.push(FRAME_VERSION);
+    out.push(KIND_APPEND);
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&request_id.to_le_bytes());
+    header.encode(out);
+    out.extend_from_slice(records);
+}
+
+/// An Append body checked in place: every record's CRC, backlink and op verified, LSNs
+/// strictly increasing, and nothing copied.
+#[derive(Clone, Debug)]
+pub struct AppendView<'a> {
+    pub header: AppendHeader,
+    /// Each record's checked header fields, in body order.
+    pub records: Vec<RecordMeta>,
+    body: &'a [u8],
+}
+
+impl<'a> AppendView<'a> {
+    /// Checks an Append body that must fill `body` exactly.
+    pub fn decode(body: &'a [u8]) -> Result<Self, DecodeError> {
+        let mut reader = Reader::new(body);
+        let header = AppendHeader::decode(&mut reader)?;
+        let count = header.record_count as usize;
+        if count > reader.remaining() / RECORD_HEADER_BYTES {
+            return Err(DecodeError::Malformed(
+                "record count larger than the bytes can hold",
+            ));
+        }
+        let mut records: Vec<RecordMeta> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (meta, _) = RecordMeta::decode(&mut reader)?;
+            if records.last().is_some_and(|last| last.lsn >= meta.lsn) {
+                return Err(DecodeError::Malformed(
+                    "record LSNs do not increase within the batch",
+                ));
+            }
+            records.push(meta);
+        }
+        reader.finish("append")?;
+        Ok(Self {
+            header,
+            records,
+            body,
+        })
+    }
+
+    /// The body as received.
+    #[must_use]
+    pub fn body(&self) -> &'a [u8] {
+        self.body
+    }
+
+    /// Each record with its offset within the body, in body order.
+    pub fn records_with_offsets(&self) -> impl Iterator<Item = (u32, RecordMeta)> + '_ {
+        self.records.iter().scan(
+            u32::try_from(APPEND_HEADER_BYTES).expect("small"),
+            |offset, meta| {
+                let at = *offset;
+                *offset += meta.encoded_len;
+                Some((at, *meta))
+            },
+        )
+    }
+
+    /// The owned form (copies every payload).
+    pub fn to_append(&self) -> Result<Append, DecodeError> {
+        Append::decode(self.body)
+    }
+}
+
+fn records_len(records: &[LogRecord]) -> usize {
+    records.iter().map(LogRecord::encoded_len).sum()
+}
+
+impl VolumeState {
+    fn encode(&self, out: &mut Vec<u8>) {
+        assert!(
+            self.segments.len() <= HOST_SEGMENTS_MAX,
+            "too many segments"
+        );
+        out.extend_from_slice(&self.volume.0.to_le_bytes());
+        out.extend_from_slice(&self.epoch.0.to_le_bytes());
+        out.extend_from_slice(&self.vdl.0.to_le_bytes());
+        let count = u32::try_from(self.segments.len()).expect("bounded above");
         out.extend_from_slice(&count.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
+        for s in &self.segments {
+            out.extend_from_slice(&s.pg.0.to_le_bytes());
+            out.extend_from_slice(&s.segment.0.to_le_bytes());
+            out.extend_from_slice(&s.scl.0.to_le_bytes());
+        }
+    }
+
+    fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let volume = VolumeId(reader.u64("volume")?);
+        let epoch = Epoch(reader.u64("epoch")?);
+        let vdl = Lsn(reader.u64("vdl")?);
+        let count = reader.u32("segment count")? as usize;
+        if reader.u32("volume state reserved")? != 0 {
+            return Err(DecodeError::Malformed(
+                "volume state reserved bytes are not zero",
+            ));
+        }
+        if count > HOST_SEGMENTS_MAX || count > reader.remaining() / 16 {
+            return Err(DecodeError::Malformed(
+                "segment count larger than the bytes can hold",
+            ));
+        }
+        let mut segments = Vec::with_capacity(count);
+        for _ in 0..count {
+            segments.push(SegmentState {
+                pg: PgId(reader.u32("pg")?),
+                segment: SegmentIndex(reader.u32("segment")?),
+                scl: Lsn(reader.u64("scl")?),
+            });
+        }
+        Ok(Self {
+            volume,
+            epoch,
+            vdl,
+            segments,
+        })
+    }
+}
+
+fn decode_truncate(reader: &mut Reader<'_>) -> Result<Truncate, DecodeError> {
+    let truncate = Truncate {
+        volume: VolumeId(reader.u64("volume")?),
+        epoch: Epoch(reader.u64("epoch")?),
+        after: Lsn(reader.u64("after")?),
+        through: Lsn(reader.u64("through")?),
+    };
+    if truncate.through < truncate.after {
+        return Err(DecodeError::Malformed("truncation ends before it starts"));
+    }
+    Ok(truncate)
+}
+
+fn decode_fetch(reader: &mut Reader<'_>) -> Result<FetchRecords, DecodeError> {
+    let fetch = FetchRecords {
+        volume: VolumeId(reader.u64("volume")?),
+        epoch: Epoch(reader.u64("epoch")?),
+        pg: PgId(reader.u32("pg")?),
+        segment: SegmentIndex(reader.u32("segment")?),
+        after: Lsn(reader.u64("after")?),
+        through: Lsn(reader.u64("through")?),
+        bytes_max: reader.u32("bytes max")?,
+    };
+    if reader.u32("fetch reserved")? != 0 {
+        return Err(DecodeError::Malformed("fetch reserved bytes are not zero"));
+    }
+    Ok(fetch)
+}
+
+fn decode_records_reply(body: &[u8]) -> Result<Records, DecodeError> {
+    let mut reader = Reader::new(body);
+    let volume = VolumeId(reader.u64("volume")?);
+    let pg = PgId(reader.u32("pg")?);
+    let segment = SegmentIndex(reader.u32("segment")?);
+    let scl = Lsn(reader.u64("scl")?);
+    let count = reader.u32("record count")?;
+    if reader.u32("records reserved")? != 0 {
+        return Err(DecodeError::Malformed(
+            "records reserved bytes are not zero",
+        ));
+    }
+    let records = decode_records(reader.take(reader.remaining(), "records")?, count)?;
+    if !records
+        .windows(2)
+        .all(|w| matches!(w, [a, b] if a.lsn < b.lsn))
+    {
+        return Err(DecodeError::Malformed(
+            "record LSNs do not increase within the reply",
+        ));
+    }
+    Ok(Records {
+        volume,
+        pg,
+        segment,
+        scl,
+        records,
+    })
+}
+
+impl Append {
+    /// The fixed part of this Append's body.
+    ///
+    /// # Panics
+    /// If the batch holds more records than a frame could.
+    #[must_use]
+    pub fn header(&self) -> AppendHeader {
+        AppendHeader {
+            volume: self.volume,
+            epoch: self.epoch,
+            pg: self.pg,
+            segment: self.segment,
+            record_count: u32::try_from(self.records.len()).expect("record count fits a frame"),
+            vdl: self.vdl,
+        }
+    }
+
+    /// Appends the Append body (the journal entry format) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        assert!(
+            !self.records.is_empty(),
+            "an append carries at least one record"
+        );
+        self.header().encode(out);
         encode_records(&self.records, out);
     }
 
@@ -575,18 +1079,11 @@ impl Append {
     /// that LSNs strictly increase within the batch.
     pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
         let mut reader = Reader::new(body);
-        let volume = VolumeId(reader.u64("volume")?);
-        let epoch = Epoch(reader.u64("epoch")?);
-        let pg = PgId(reader.u32("pg")?);
-        let segment = SegmentIndex(reader.u32("segment")?);
-        let count = reader.u32("record count")?;
-        if reader.u32("append reserved")? != 0 {
-            return Err(DecodeError::Malformed("append reserved bytes are not zero"));
-        }
-        if count == 0 {
-            return Err(DecodeError::Malformed("append without records"));
-        }
-        let records = decode_records(reader.take(reader.remaining(), "records")?, count)?;
+        let header = AppendHeader::decode(&mut reader)?;
+        let records = decode_records(
+            reader.take(reader.remaining(), "records")?,
+            header.record_count,
+        )?;
         let increasing = records
             .windows(2)
             .all(|w| matches!(w, [a, b] if a.lsn < b.lsn));
@@ -596,21 +1093,17 @@ impl Append {
             ));
         }
         Ok(Self {
-            volume,
-            epoch,
-            pg,
-            segment,
+            volume: header.volume,
+            epoch: header.epoch,
+            pg: header.pg,
+            segment: header.segment,
+            vdl: header.vdl,
             records,
         })
     }
 
     /// Length of the encoded body.
     pub fn encoded_len(&self) -> usize {
-        APPEND_HEADER_BYTES
-            + self
-                .records
-                .iter()
-                .map(LogRecord::encoded_len)
-                .sum::<usize>()
+        APPEND_HEADER_BYTES + records_len(&self.records)
     }
 }

@@ -18,14 +18,17 @@ pub const JUMBO_UDP_PAYLOAD_BYTES: u16 = 8952;
 pub mod apply;
 pub mod codec;
 pub mod frame;
+pub mod geometry;
 pub mod record;
 pub mod types;
 
 pub use apply::{ApplyError, PageImage, apply_record, apply_records};
 pub use codec::DecodeError;
 pub use frame::{
-    Append, ErrorCode, ErrorReply, FRAME_BYTES_MAX, Frame, HostSegments, Message, PageReply,
-    ReadPage, SegmentAck, SetPgmrpl,
+    Append, AppendHeader, AppendView, ErrorCode, ErrorReply, FRAME_BYTES_MAX, Fence, FetchRecords,
+    Frame, HostSegments, Message, PageReply, ReadPage, Records, SegmentAck, SegmentState,
+    SetPgmrpl, Truncate, VolumeState,
 };
-pub use record::{LogRecord, RECORD_HEADER_BYTES, RedoOp};
-pub use types::{Epoch, Lsn, PageId, PgId, SegmentIndex, VolumeId};
+pub use geometry::{Geometry, PG_SIZE, READ_QUORUM, WRITE_QUORUM};
+pub use record::{LogRecord, RECORD_HEADER_BYTES, RecordMeta, RedoOp};
+pub use types::{Epoch, Lsn, PageId, PgId, Role, SegmentIndex, VolumeId};

@@ -94,6 +94,42 @@ impl LogRecord {
 
     /// Decodes one record from the front of `reader`, verifying its CRC.
     pub fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let (meta, payload) = RecordMeta::decode(reader)?;
+        let op = match meta.op {
+            OP_INIT => RedoOp::Init,
+            _ => RedoOp::Write {
+                offset: meta.offset,
+                bytes: payload.to_vec(),
+            },
+        };
+        Ok(Self {
+            lsn: meta.lsn,
+            backlink: meta.backlink,
+            page: meta.page,
+            cpl: meta.cpl,
+            op,
+        })
+    }
+}
+
+/// A record's header fields, checked (CRC included) without copying its payload: what a node
+/// needs to index a record it will persist as received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordMeta {
+    pub lsn: Lsn,
+    pub backlink: Lsn,
+    pub page: PageId,
+    pub cpl: bool,
+    op: u8,
+    offset: u32,
+    /// Encoded length, header included.
+    pub encoded_len: u32,
+}
+
+impl RecordMeta {
+    /// Checks one record at the front of `reader` (header, CRC, op, backlink) and returns its
+    /// header fields and its payload.
+    pub fn decode<'a>(reader: &mut Reader<'a>) -> Result<(Self, &'a [u8]), DecodeError> {
         let header = reader.take(RECORD_HEADER_BYTES, "record header")?;
         let mut h = Reader::new(header);
         let lsn = Lsn(h.u64("lsn")?);
@@ -133,22 +169,23 @@ impl LogRecord {
                 "record backlink does not precede its LSN",
             ));
         }
-        let op = match op {
-            OP_INIT if offset == 0 && len == 0 => RedoOp::Init,
+        match op {
+            OP_INIT if offset == 0 && len == 0 => {}
             OP_INIT => return Err(DecodeError::Malformed("Init record with offset or payload")),
-            OP_WRITE => RedoOp::Write {
-                offset,
-                bytes: payload.to_vec(),
-            },
+            OP_WRITE => {}
             other => return Err(DecodeError::UnknownOp(other)),
-        };
-        Ok(Self {
+        }
+        let encoded_len = u32::try_from(RECORD_HEADER_BYTES + len).expect("bounded above");
+        let meta = Self {
             lsn,
             backlink,
             page,
             cpl: flags & FLAG_CPL != 0,
             op,
-        })
+            offset,
+            encoded_len,
+        };
+        Ok((meta, payload))
     }
 }
 

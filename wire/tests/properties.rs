@@ -13,9 +13,10 @@ use wire::frame::{
 };
 use wire::record::{RECORD_PAYLOAD_BYTES_MAX, decode_records, encode_records};
 use wire::{
-    Append, ApplyError, DecodeError, Epoch, ErrorCode, ErrorReply, Frame, HostSegments, LogRecord,
-    Lsn, Message, PageId, PageImage, PageReply, PgId, RECORD_HEADER_BYTES, ReadPage, RedoOp,
-    SegmentAck, SegmentIndex, SetPgmrpl, VolumeId, apply_record, apply_records,
+    Append, AppendView, ApplyError, DecodeError, Epoch, ErrorCode, ErrorReply, Fence, FetchRecords,
+    Frame, HostSegments, LogRecord, Lsn, Message, PageId, PageImage, PageReply, PgId,
+    RECORD_HEADER_BYTES, ReadPage, Records, RedoOp, SegmentAck, SegmentIndex, SegmentState,
+    SetPgmrpl, Truncate, VolumeId, VolumeState, apply_record, apply_records,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -26,7 +27,7 @@ const PREFIX_BYTES: usize = 4;
 /// Offset of an Append body's record count in a whole frame.
 const APPEND_COUNT_OFFSET: usize = PREFIX_BYTES + FRAME_HEADER_BYTES + 24;
 /// Offset of an Append frame's first record in a whole frame.
-const APPEND_RECORDS_OFFSET: usize = PREFIX_BYTES + FRAME_HEADER_BYTES + 32;
+const APPEND_RECORDS_OFFSET: usize = PREFIX_BYTES + FRAME_HEADER_BYTES + 40;
 /// Offset of a Page reply's `len` field in a whole frame; `crc32` and the bytes follow it.
 const PAGE_LEN_OFFSET: usize = PREFIX_BYTES + FRAME_HEADER_BYTES + 16;
 /// Offset of an error reply's message within the bytes after the length prefix.
@@ -36,11 +37,11 @@ const PAYLOAD_BYTES_MAX: usize = 9000;
 // Generated records must be encodable.
 const _: () = assert!(PAYLOAD_BYTES_MAX <= RECORD_PAYLOAD_BYTES_MAX);
 const KIND_ERROR: u8 = 3;
-/// Kinds 1..=8 exist; the generators of raw frames also try 0 and 9.
-const KIND_MAX: u8 = 8;
+/// Kinds 1..=14 exist; the generators of raw frames also try 0 and 15.
+const KIND_MAX: u8 = 14;
 const KIND_HOST_SEGMENTS: u8 = 6;
 
-const ALL_CODES: [ErrorCode; 11] = [
+const ALL_CODES: [ErrorCode; 13] = [
     ErrorCode::Malformed,
     ErrorCode::FrameTooLarge,
     ErrorCode::UnsupportedVersion,
@@ -52,6 +53,8 @@ const ALL_CODES: [ErrorCode; 11] = [
     ErrorCode::Internal,
     ErrorCode::SclBelowReadPoint,
     ErrorCode::BadRequest,
+    ErrorCode::Forbidden,
+    ErrorCode::EpochNotInstalled,
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -99,13 +102,15 @@ fn arb_append() -> impl Strategy<Value = Append> {
         any::<u64>(),
         any::<u32>(),
         any::<u32>(),
+        any::<u64>(),
         arb_records(),
     )
-        .prop_map(|(volume, epoch, pg, segment, records)| Append {
+        .prop_map(|(volume, epoch, pg, segment, vdl, records)| Append {
             volume: VolumeId(volume),
             epoch: Epoch(epoch),
             pg: PgId(pg),
             segment: SegmentIndex(segment),
+            vdl: Lsn(vdl),
             records,
         })
 }
@@ -193,6 +198,70 @@ fn arb_set_pgmrpl() -> impl Strategy<Value = SetPgmrpl> {
     })
 }
 
+fn arb_volume_state() -> impl Strategy<Value = VolumeState> {
+    let segment =
+        (any::<u32>(), any::<u32>(), any::<u64>()).prop_map(|(pg, s, scl)| SegmentState {
+            pg: PgId(pg),
+            segment: SegmentIndex(s),
+            scl: Lsn(scl),
+        });
+    (
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        vec(segment, 0..=24),
+    )
+        .prop_map(|(volume, epoch, vdl, segments)| VolumeState {
+            volume: VolumeId(volume),
+            epoch: Epoch(epoch),
+            vdl: Lsn(vdl),
+            segments,
+        })
+}
+
+fn arb_recovery_request() -> impl Strategy<Value = Message> {
+    let (v, e, l) = (any::<u64>(), any::<u64>(), any::<u64>());
+    prop_oneof![
+        v.prop_map(|v| Message::GetVolumeState(VolumeId(v))),
+        (v, e, e).prop_map(|(v, a, b)| Message::Fence(Fence {
+            volume: VolumeId(v),
+            epoch_current: Epoch(a),
+            epoch_new: Epoch(b),
+        })),
+        (v, e, l, l).prop_map(|(v, e, a, b)| Message::Truncate(Truncate {
+            volume: VolumeId(v),
+            epoch: Epoch(e),
+            after: Lsn(a.min(b)),
+            through: Lsn(a.max(b)),
+        })),
+        ((v, e, any::<u32>(), any::<u32>()), (l, l, any::<u32>())).prop_map(
+            |((v, e, pg, s), (a, b, max))| Message::FetchRecords(FetchRecords {
+                volume: VolumeId(v),
+                epoch: Epoch(e),
+                pg: PgId(pg),
+                segment: SegmentIndex(s),
+                after: Lsn(a),
+                through: Lsn(b),
+                bytes_max: max,
+            })
+        ),
+        (
+            v,
+            any::<u32>(),
+            any::<u32>(),
+            l,
+            prop_oneof![Just(vec![]), arb_records()]
+        )
+            .prop_map(|(v, pg, s, scl, records)| Message::Records(Records {
+                volume: VolumeId(v),
+                pg: PgId(pg),
+                segment: SegmentIndex(s),
+                scl: Lsn(scl),
+                records,
+            })),
+    ]
+}
+
 /// Every message kind, Append (the largest and most structured) most often.
 fn arb_frame() -> impl Strategy<Value = Frame> {
     let message = prop_oneof![
@@ -204,6 +273,8 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         1 => arb_host_segments().prop_map(Message::HostSegments),
         1 => arb_set_pgmrpl().prop_map(Message::SetPgmrpl),
         1 => Just(Message::Done),
+        1 => arb_volume_state().prop_map(Message::VolumeState),
+        3 => arb_recovery_request(),
     ];
     (any::<u64>(), message).prop_map(|(request_id, message)| Frame {
         request_id,
@@ -268,6 +339,28 @@ fn check_all_decoders(bytes: &[u8], count: u32) -> Result<(), TestCaseError> {
     {
         check_reencoding(rest, &frame)?;
     }
+    match (Append::decode(bytes), AppendView::decode(bytes)) {
+        (Ok(append), Ok(view)) => {
+            prop_assert_eq!(view.header, append.header());
+            prop_assert_eq!(view.records.len(), append.records.len());
+            for ((offset, meta), record) in view.records_with_offsets().zip(&append.records) {
+                prop_assert_eq!(meta.lsn, record.lsn);
+                prop_assert_eq!(meta.encoded_len as usize, record.encoded_len());
+                let mut one = Vec::new();
+                record.encode(&mut one);
+                let at = offset as usize;
+                prop_assert_eq!(&bytes[at..at + one.len()], &one[..]);
+            }
+        }
+        (Err(_), Err(_)) => {}
+        (a, v) => {
+            return Err(TestCaseError::fail(format!(
+                "Append::decode and AppendView::decode disagree: {:?} vs {:?}",
+                a.map(|_| ()),
+                v.map(|_| ())
+            )));
+        }
+    }
     if let Ok(append) = Append::decode(bytes) {
         let mut again = Vec::new();
         append.encode(&mut again);
@@ -297,6 +390,14 @@ proptest! {
     #[test]
     fn frame_round_trips(frame in arb_frame()) {
         let bytes = frame.to_bytes();
+        prop_assert_eq!(frame.message.frame_len(), bytes.len());
+        if let Message::Append(append) = &frame.message {
+            let mut records = Vec::new();
+            encode_records(&append.records, &mut records);
+            let mut framed = Vec::new();
+            wire::frame::encode_append_frame(frame.request_id, &append.header(), &records, &mut framed);
+            prop_assert_eq!(&framed, &bytes);
+        }
         prop_assert_eq!(Frame::decode(&bytes), Ok(frame.clone()));
         let prefix: [u8; 4] = bytes[..PREFIX_BYTES].try_into().unwrap();
         prop_assert_eq!(decode_len(prefix), Ok(bytes.len() - PREFIX_BYTES));

@@ -81,6 +81,7 @@ pub fn append(epoch: u64, records: Vec<LogRecord>) -> Append {
         epoch: Epoch(epoch),
         pg: PgId(0),
         segment: SegmentIndex(0),
+        vdl: Lsn::ZERO,
         records,
     }
 }
