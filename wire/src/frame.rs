@@ -101,16 +101,17 @@
 //! ```
 //!
 //! VolumeState body (reply to GetVolumeState, Fence and Truncate): the node's epoch for the
-//! volume, the highest VDL it holds durably (from Append headers), and each hosted segment's
-//! SCL.
+//! volume, the highest VDL it holds durably (from Append headers), the truncations it has
+//! installed (newest last, at most TRUNCATIONS_MAX), and each hosted segment's SCL.
 //!
 //! ```text
 //!      0     8  volume
 //!      8     8  epoch
 //!     16     8  vdl
-//!     24     4  count         ≤ HOST_SEGMENTS_MAX
-//!     28     4  reserved      zero
-//!     32     …  count × { u32 pg, u32 segment, u64 scl }
+//!     24     4  count         segments, ≤ HOST_SEGMENTS_MAX
+//!     28     4  truncations   ≤ TRUNCATIONS_MAX
+//!     32     …  truncations × { u64 annul_epoch, u64 after, u64 through }
+//!      …     …  count × { u32 pg, u32 segment, u64 scl }
 //! ```
 //!
 //! Fence body: install `epoch_new` if the node's epoch is at most `epoch_current` (the epoch
@@ -122,14 +123,17 @@
 //!     16     8  epoch_new
 //! ```
 //!
-//! Truncate body: records with LSNs in `(after, through]` are annulled for good, by the writer
-//! of `epoch` (installed first if newer than the node's).
+//! Truncate body: records of epochs older than `annul_epoch` with LSNs in `(after, through]`
+//! are annulled for good. Sent by the writer of `epoch` (installed first if newer than the
+//! node's; refused if older): its own truncation has `annul_epoch = epoch`; an older one it
+//! forwards to a node that missed it keeps the `annul_epoch` it was made with.
 //!
 //! ```text
 //!      0     8  volume
 //!      8     8  epoch
-//!     16     8  after         the recovered VDL
-//!     24     8  through       after + LAL
+//!     16     8  annul_epoch   ≤ epoch
+//!     24     8  after         the VDL recovery found
+//!     32     8  through       after + LAL
 //! ```
 //!
 //! FetchRecords body: a segment's records with LSNs in `(after, through]`, in LSN order, up to
@@ -197,6 +201,8 @@ const KIND_RECORDS: u8 = 14;
 pub const PAGE_BYTES_MAX: usize = 64 * 1024;
 /// Most segments one HostSegments message names.
 pub const HOST_SEGMENTS_MAX: usize = 64 * 1024;
+/// Most truncations a VolumeState carries (a node keeps its newest ones).
+pub const TRUNCATIONS_MAX: usize = 64;
 
 /// Read a page as of exactly `read_point` from one segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -265,7 +271,25 @@ pub struct VolumeState {
     pub volume: VolumeId,
     pub epoch: Epoch,
     pub vdl: Lsn,
+    /// Installed truncations, oldest first.
+    pub truncations: Vec<TruncationRange>,
     pub segments: Vec<SegmentState>,
+}
+
+/// Records of epochs older than `annul_epoch` with LSNs in `(after, through]` are annulled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TruncationRange {
+    pub annul_epoch: Epoch,
+    pub after: Lsn,
+    pub through: Lsn,
+}
+
+impl TruncationRange {
+    /// Whether a record at `lsn` that arrived with `epoch` is annulled by this range.
+    #[must_use]
+    pub fn annuls(&self, lsn: Lsn, epoch: Epoch) -> bool {
+        epoch < self.annul_epoch && lsn > self.after && lsn <= self.through
+    }
 }
 
 /// One hosted segment's SCL.
@@ -289,8 +313,7 @@ pub struct Fence {
 pub struct Truncate {
     pub volume: VolumeId,
     pub epoch: Epoch,
-    pub after: Lsn,
-    pub through: Lsn,
+    pub range: TruncationRange,
 }
 
 /// A segment's records with LSNs in `(after, through]`, up to about `bytes_max` bytes.
@@ -553,9 +576,11 @@ impl Message {
             Message::SetPgmrpl(_) => 24,
             Message::Done => 0,
             Message::GetVolumeState(_) => 8,
-            Message::VolumeState(state) => 32 + 16 * state.segments.len(),
+            Message::VolumeState(state) => {
+                32 + 24 * state.truncations.len() + 16 * state.segments.len()
+            }
             Message::Fence(_) => 24,
-            Message::Truncate(_) => 32,
+            Message::Truncate(_) => 40,
             Message::FetchRecords(_) => 48,
             Message::Records(records) => 32 + records_len(&records.records),
         }
@@ -636,8 +661,7 @@ impl Message {
             Message::Truncate(t) => {
                 out.extend_from_slice(&t.volume.0.to_le_bytes());
                 out.extend_from_slice(&t.epoch.0.to_le_bytes());
-                out.extend_from_slice(&t.after.0.to_le_bytes());
-                out.extend_from_slice(&t.through.0.to_le_bytes());
+                encode_range(&t.range, out);
             }
             Message::FetchRecords(f) => {
                 out.extend_from_slice(&f.volume.0.to_le_bytes());
@@ -947,9 +971,17 @@ impl VolumeState {
         out.extend_from_slice(&self.volume.0.to_le_bytes());
         out.extend_from_slice(&self.epoch.0.to_le_bytes());
         out.extend_from_slice(&self.vdl.0.to_le_bytes());
+        assert!(
+            self.truncations.len() <= TRUNCATIONS_MAX,
+            "too many truncations"
+        );
         let count = u32::try_from(self.segments.len()).expect("bounded above");
         out.extend_from_slice(&count.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        let truncations = u32::try_from(self.truncations.len()).expect("bounded above");
+        out.extend_from_slice(&truncations.to_le_bytes());
+        for range in &self.truncations {
+            encode_range(range, out);
+        }
         for s in &self.segments {
             out.extend_from_slice(&s.pg.0.to_le_bytes());
             out.extend_from_slice(&s.segment.0.to_le_bytes());
@@ -962,10 +994,13 @@ impl VolumeState {
         let epoch = Epoch(reader.u64("epoch")?);
         let vdl = Lsn(reader.u64("vdl")?);
         let count = reader.u32("segment count")? as usize;
-        if reader.u32("volume state reserved")? != 0 {
-            return Err(DecodeError::Malformed(
-                "volume state reserved bytes are not zero",
-            ));
+        let truncation_count = reader.u32("truncation count")? as usize;
+        if truncation_count > TRUNCATIONS_MAX {
+            return Err(DecodeError::Malformed("more truncations than the limit"));
+        }
+        let mut truncations = Vec::with_capacity(truncation_count);
+        for _ in 0..truncation_count {
+            truncations.push(decode_range(reader)?);
         }
         if count > HOST_SEGMENTS_MAX || count > reader.remaining() / 16 {
             return Err(DecodeError::Malformed(
@@ -984,20 +1019,40 @@ impl VolumeState {
             volume,
             epoch,
             vdl,
+            truncations,
             segments,
         })
     }
+}
+
+fn encode_range(range: &TruncationRange, out: &mut Vec<u8>) {
+    out.extend_from_slice(&range.annul_epoch.0.to_le_bytes());
+    out.extend_from_slice(&range.after.0.to_le_bytes());
+    out.extend_from_slice(&range.through.0.to_le_bytes());
+}
+
+fn decode_range(reader: &mut Reader<'_>) -> Result<TruncationRange, DecodeError> {
+    let range = TruncationRange {
+        annul_epoch: Epoch(reader.u64("annul epoch")?),
+        after: Lsn(reader.u64("after")?),
+        through: Lsn(reader.u64("through")?),
+    };
+    if range.through < range.after {
+        return Err(DecodeError::Malformed("truncation ends before it starts"));
+    }
+    Ok(range)
 }
 
 fn decode_truncate(reader: &mut Reader<'_>) -> Result<Truncate, DecodeError> {
     let truncate = Truncate {
         volume: VolumeId(reader.u64("volume")?),
         epoch: Epoch(reader.u64("epoch")?),
-        after: Lsn(reader.u64("after")?),
-        through: Lsn(reader.u64("through")?),
+        range: decode_range(reader)?,
     };
-    if truncate.through < truncate.after {
-        return Err(DecodeError::Malformed("truncation ends before it starts"));
+    if truncate.range.annul_epoch > truncate.epoch {
+        return Err(DecodeError::Malformed(
+            "a truncation annuls epochs newer than its sender's",
+        ));
     }
     Ok(truncate)
 }

@@ -27,7 +27,7 @@ pub use codec::DecodeError;
 pub use frame::{
     Append, AppendHeader, AppendView, ErrorCode, ErrorReply, FRAME_BYTES_MAX, Fence, FetchRecords,
     Frame, HostSegments, Message, PageReply, ReadPage, Records, SegmentAck, SegmentState,
-    SetPgmrpl, Truncate, VolumeState,
+    SetPgmrpl, Truncate, TruncationRange, VolumeState,
 };
 pub use geometry::{Geometry, PG_SIZE, READ_QUORUM, WRITE_QUORUM};
 pub use record::{LogRecord, RECORD_HEADER_BYTES, RecordMeta, RedoOp};

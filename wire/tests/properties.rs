@@ -16,7 +16,7 @@ use wire::{
     Append, AppendView, ApplyError, DecodeError, Epoch, ErrorCode, ErrorReply, Fence, FetchRecords,
     Frame, HostSegments, LogRecord, Lsn, Message, PageId, PageImage, PageReply, PgId,
     RECORD_HEADER_BYTES, ReadPage, Records, RedoOp, SegmentAck, SegmentIndex, SegmentState,
-    SetPgmrpl, Truncate, VolumeId, VolumeState, apply_record, apply_records,
+    SetPgmrpl, Truncate, TruncationRange, VolumeId, VolumeState, apply_record, apply_records,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -205,18 +205,25 @@ fn arb_volume_state() -> impl Strategy<Value = VolumeState> {
             segment: SegmentIndex(s),
             scl: Lsn(scl),
         });
+    let range = (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(e, a, b)| TruncationRange {
+        annul_epoch: Epoch(e),
+        after: Lsn(a.min(b)),
+        through: Lsn(a.max(b)),
+    });
     (
-        any::<u64>(),
-        any::<u64>(),
-        any::<u64>(),
+        (any::<u64>(), any::<u64>(), any::<u64>()),
+        vec(range, 0..=4),
         vec(segment, 0..=24),
     )
-        .prop_map(|(volume, epoch, vdl, segments)| VolumeState {
-            volume: VolumeId(volume),
-            epoch: Epoch(epoch),
-            vdl: Lsn(vdl),
-            segments,
-        })
+        .prop_map(
+            |((volume, epoch, vdl), truncations, segments)| VolumeState {
+                volume: VolumeId(volume),
+                epoch: Epoch(epoch),
+                vdl: Lsn(vdl),
+                truncations,
+                segments,
+            },
+        )
 }
 
 fn arb_recovery_request() -> impl Strategy<Value = Message> {
@@ -228,11 +235,14 @@ fn arb_recovery_request() -> impl Strategy<Value = Message> {
             epoch_current: Epoch(a),
             epoch_new: Epoch(b),
         })),
-        (v, e, l, l).prop_map(|(v, e, a, b)| Message::Truncate(Truncate {
+        (v, e, e, l, l).prop_map(|(v, e, n, a, b)| Message::Truncate(Truncate {
             volume: VolumeId(v),
-            epoch: Epoch(e),
-            after: Lsn(a.min(b)),
-            through: Lsn(a.max(b)),
+            epoch: Epoch(e.max(n)),
+            range: TruncationRange {
+                annul_epoch: Epoch(e.min(n)),
+                after: Lsn(a.min(b)),
+                through: Lsn(a.max(b)),
+            },
         })),
         ((v, e, any::<u32>(), any::<u32>()), (l, l, any::<u32>())).prop_map(
             |((v, e, pg, s), (a, b, max))| Message::FetchRecords(FetchRecords {
