@@ -88,8 +88,8 @@ fn log_recovery(report: &node::node::RecoveryReport) {
             end = range.end.offset,
             sequence_before = range.sequence_before,
             sequence_after = range.sequence_after,
-            "journal corrupt in the middle: {range}; skipped, every valid group after it kept; \
-             its records are missing here until they are sent again ({})",
+            "journal corrupt in the middle: {range}: {}; every valid group after it is kept, \
+             the missing groups' records are absent here until they are sent again",
             range.reason
         );
     }

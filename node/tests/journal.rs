@@ -430,7 +430,7 @@ fn good_end(layout: &[(Position, u64, Position)], index: usize) -> Position {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     /// Goal: whatever the group sizes and wherever one byte is damaged, every group whose
     /// checked bytes (header and payload) do not contain it survives, and the damaged one is

@@ -18,7 +18,9 @@
 //!
 //! Invariants: a group is valid only if its magic, version, bounds and CRC all check; a torn
 //! write fails the CRC. Groups follow each other with consecutive sequence numbers, so the
-//! durable end of the journal is the first position whose group is invalid or out of sequence.
+//! durable end of the journal is the first position whose group is invalid or out of sequence
+//! unless a valid group with a higher sequence follows it (corruption in the middle, which a
+//! scan skips and reports: see the journal module).
 
 use wire::codec::{DecodeError, Reader};
 use wire::frame::Append;
