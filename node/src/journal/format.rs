@@ -65,6 +65,7 @@ impl GroupHeader {
             && version == GROUP_VERSION
             && reserved == 0
             && reserved2 == 0
+            && sequence < u64::MAX // so `sequence + 1` names the next group
             && GROUP_HEADER_BYTES + payload_len as usize <= GROUP_BYTES_MAX;
         plausible.then_some(Self {
             sequence,

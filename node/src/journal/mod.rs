@@ -8,15 +8,19 @@
 //!   between two good groups with sequences `a < b` occupy at least `b - a - 1` 4 KiB blocks
 //!   between them;
 //! - a scan never drops a group whose header and CRC check and whose sequence is above every
-//!   group before it. Where a group does not check, the scan looks ahead (every 4 KiB block to
-//!   the end of the journal) for such a group. If there is one, the stretch before it is a
-//!   [`CorruptRange`] in the middle: reported, skipped, and the strict sequence check resumes
-//!   from the group found. If there is none, the bad group is the torn tail: the durable end,
-//!   after which nothing was ever acknowledged (acks are released in journal order);
-//! - recovery only ever zeroes stale headers (sequence below the next one, older than the
-//!   durable end) within [`TAIL_WINDOW_BYTES`] after the end, never a header with a higher
-//!   sequence; the strict sequence check already keeps a stale group from passing for the
-//!   successor of a new one, the erase makes sure it can never be read again at all.
+//!   group before it. Where no group checks in sequence, the scan looks ahead (every 4 KiB
+//!   block to the end of the journal, each following file from its start) for the first group
+//!   that checks and whose sequence is above the last good one, by no more than the blocks in
+//!   between could hold. If there is one, the stretch before it is a [`CorruptRange`] in the
+//!   middle: reported, skipped, and the strict sequence check resumes from the group found. If
+//!   there is none, the bad group is the torn tail: the durable end, from which on nothing was
+//!   ever acknowledged (acks are released in journal order). A crash that tears one group while
+//!   later ones in flight land whole looks like the first case: those later groups were never
+//!   acknowledged, and keeping them is harmless;
+//! - recovery zeroes only stale headers (sequence below the next one: older than the durable
+//!   end) within [`TAIL_WINDOW_BYTES`] after the end, never a header with a higher sequence.
+//!   No stale group can pass a scan anyway (the strict check wants the next sequence, the
+//!   look-ahead a higher one); the erase keeps them out of the space new groups will fill.
 
 pub mod format;
 
@@ -54,12 +58,6 @@ pub struct Position {
     pub offset: u64,
 }
 
-impl fmt::Display for Position {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "file {} offset {}", self.file, self.offset)
-    }
-}
-
 /// One entry of a durable group: an Append body and where it lies in its journal file.
 #[derive(Debug)]
 pub struct ScannedEntry {
@@ -79,7 +77,8 @@ pub struct ScannedGroup {
 /// higher sequence numbers follow it: a bit flip or a bad sector (or a crash that tore one
 /// group while later ones in flight landed whole). The groups it held, sequences
 /// `sequence_before + 1 .. sequence_after`, are lost on this node; their segments have a gap
-/// in their backlink chains that peers can fill.
+/// in their backlink chains until the missing records are sent again (by peer gossip, once it
+/// exists).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CorruptRange {
     /// Where the group after `sequence_before` should have started.
@@ -164,6 +163,7 @@ pub struct JournalFiles {
 pub fn file_path(dir: &Path, index: u32) -> PathBuf {
     dir.join(format!("journal-{index:06}.sfj"))
 }
+
 impl JournalFiles {
     /// Opens the journal under `dir`, creating and pre-writing `file_count` files of
     /// `file_bytes` if there are none yet.
