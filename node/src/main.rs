@@ -59,13 +59,7 @@ fn run(config: node::NodeConfig) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let (node, report) = node::Node::open(config)?;
-        tracing::info!(
-            groups = report.groups,
-            records = report.records,
-            stale_headers_erased = report.stale_headers_erased,
-            "journal recovered; scan stopped: {}",
-            report.stop_reason
-        );
+        log_recovery(&report);
         let endpoint = quinn::Endpoint::server(server_config, listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         tracing::info!(%listen, name = %node.config.name, az = %node.config.az, "serving");
@@ -80,6 +74,39 @@ fn run(config: node::NodeConfig) -> anyhow::Result<()> {
         node.shutdown().await;
         anyhow::Ok(())
     })
+}
+
+/// A torn tail is the normal end of a journal after a crash (INFO); a corrupt range in the
+/// middle lost acknowledged records on this node (WARN, one line per range, so an operator
+/// sees which bytes and which group sequences).
+fn log_recovery(report: &node::node::RecoveryReport) {
+    for range in &report.corrupt {
+        tracing::warn!(
+            file = range.start.file,
+            start = range.start.offset,
+            end_file = range.end.file,
+            end = range.end.offset,
+            sequence_before = range.sequence_before,
+            sequence_after = range.sequence_after,
+            "journal corrupt in the middle: {range}: {}; every valid group after it is kept, \
+             the missing groups' records are absent here until they are sent again",
+            range.reason
+        );
+    }
+    if report.corrupt_omitted > 0 {
+        tracing::warn!(
+            omitted = report.corrupt_omitted,
+            "journal has more corrupt ranges than are listed"
+        );
+    }
+    tracing::info!(
+        groups = report.groups,
+        records = report.records,
+        corrupt_ranges = report.corrupt.len() as u64 + report.corrupt_omitted,
+        stale_headers_erased = report.stale_headers_erased,
+        "journal recovered; scan stopped: {}",
+        report.stop_reason
+    );
 }
 
 async fn shutdown_signal() {

@@ -22,7 +22,7 @@ use wire::{
 };
 
 use crate::config::NodeConfig;
-use crate::journal::JournalFiles;
+use crate::journal::{CorruptRange, JournalFiles};
 use crate::persister::{
     PersistRequest, PersistResult, Persister, PersisterConfig, RecordInBody, SharedSegments,
 };
@@ -34,8 +34,15 @@ use crate::state::{Manifest, SegmentKey, VolumeMeta};
 pub struct RecoveryReport {
     pub groups: usize,
     pub records: usize,
+    /// Why the scan stopped: the torn tail, where new groups go.
     pub stop_reason: String,
     pub stale_headers_erased: u32,
+    /// Corrupt ranges in the middle of the journal, skipped: every valid group after them is
+    /// kept and indexed, and the segments whose records they held have a gap below those
+    /// records (their SCL stops below it until the missing records arrive again).
+    pub corrupt: Vec<CorruptRange>,
+    /// Corrupt ranges beyond the listed ones, counted only.
+    pub corrupt_omitted: u64,
 }
 
 pub struct Node {
@@ -77,12 +84,14 @@ impl Node {
         // One group in memory at a time: recovery memory does not grow with the journal.
         let mut rebuild = Rebuild::new(&manifest);
         let scan = journal.scan_with(|group| rebuild.group(&group))?;
-        let stale_headers_erased = journal.erase_stale_tail(scan.end)?;
+        let stale_headers_erased = journal.erase_stale_tail(scan.end, scan.next_sequence)?;
         let report = RecoveryReport {
             groups: rebuild.groups,
             records: rebuild.records,
             stop_reason: scan.stop_reason.clone(),
             stale_headers_erased,
+            corrupt: scan.corrupt.clone(),
+            corrupt_omitted: scan.corrupt_omitted,
         };
         let read_files = (0..journal.files.len() as u32)
             .map(|i| File::open(crate::journal::file_path(&journal_dir, i)))
@@ -377,7 +386,10 @@ fn check_pages(meta: &VolumeMeta, append: &Append) -> Result<VolumeMeta, ErrorRe
     }
 }
 
-/// Each hosted segment's state, rebuilt group by group from the durable journal.
+/// Each hosted segment's state, rebuilt group by group from the durable journal. Groups after
+/// a corrupt range come like any other: their records are indexed (they are durable and must
+/// be readable once the gap is filled) and, their backlinks pointing into the gap, wait in the
+/// SCL tracker's pending set; the SCL stays below the gap.
 struct Rebuild {
     segments: HashMap<SegmentKey, Segment>,
     groups: usize,

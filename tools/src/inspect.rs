@@ -1,10 +1,12 @@
 //! `sixfold inspect journal DIR`: the durable records of a node's journal, one per line, so
-//! tests and people can see what survived a crash.
+//! tests and people can see what survived a crash, then the corrupt ranges the scan skipped in
+//! the middle of the journal (the groups, and so the records, lost on this node) and where it
+//! stopped.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use node::journal::{JournalFiles, ScannedGroup};
+use node::journal::{JournalFiles, Scan, ScannedGroup};
 use wire::RedoOp;
 
 /// One durable record as `inspect` prints it.
@@ -54,16 +56,18 @@ fn records_of(group: &ScannedGroup) -> impl Iterator<Item = InspectedRecord> + '
         })
 }
 
-/// Reads every durable record; also returns why the scan stopped.
-pub fn journal_records(dir: &Path) -> anyhow::Result<(Vec<InspectedRecord>, String)> {
+/// Reads every durable record; also returns the scan's summary (groups left empty): where
+/// and why it stopped, and the corrupt ranges it skipped.
+pub fn journal_records(dir: &Path) -> anyhow::Result<(Vec<InspectedRecord>, Scan)> {
     let journal = JournalFiles::open_existing(&journal_dir(dir))?;
     let mut out = Vec::new();
     let scan = journal.scan_with(|group| out.extend(records_of(&group)))?;
-    Ok((out, scan.stop_reason))
+    Ok((out, scan))
 }
 
-/// Prints the records as a tab-separated table with a header and a closing summary line,
-/// one journal group in memory at a time.
+/// Prints the records as a tab-separated table with a header, then one `# corrupt` line per
+/// range skipped in the middle and a closing summary line, one journal group in memory at a
+/// time.
 pub fn print_journal(dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     let journal = JournalFiles::open_existing(&journal_dir(dir))?;
     writeln!(
@@ -96,9 +100,16 @@ pub fn print_journal(dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     if let Some(e) = failed {
         return Err(e.into());
     }
+    for range in &scan.corrupt {
+        writeln!(out, "# corrupt: {range}: {}", range.reason)?;
+    }
+    if scan.corrupt_omitted > 0 {
+        writeln!(out, "# corrupt: {} more ranges", scan.corrupt_omitted)?;
+    }
+    let corrupt = scan.corrupt.len() as u64 + scan.corrupt_omitted;
     writeln!(
         out,
-        "# {count} durable records; scan stopped: {}",
+        "# {count} durable records; {corrupt} corrupt ranges; scan stopped: {}",
         scan.stop_reason
     )?;
     Ok(())

@@ -18,7 +18,9 @@
 //!
 //! Invariants: a group is valid only if its magic, version, bounds and CRC all check; a torn
 //! write fails the CRC. Groups follow each other with consecutive sequence numbers, so the
-//! durable end of the journal is the first position whose group is invalid or out of sequence.
+//! durable end of the journal is the first position whose group is invalid or out of sequence
+//! unless a valid group with a higher sequence follows it (corruption in the middle, which a
+//! scan skips and reports: see the journal module).
 
 use wire::codec::{DecodeError, Reader};
 use wire::frame::Append;
@@ -63,6 +65,7 @@ impl GroupHeader {
             && version == GROUP_VERSION
             && reserved == 0
             && reserved2 == 0
+            && sequence < u64::MAX // so `sequence + 1` names the next group
             && GROUP_HEADER_BYTES + payload_len as usize <= GROUP_BYTES_MAX;
         plausible.then_some(Self {
             sequence,

@@ -4,14 +4,27 @@
 //! Invariants:
 //! - files are named `journal-NNNNNN.sfj` and used in index order; a group never spans files
 //!   (a group that does not fit the rest of a file starts the next file);
-//! - the durable end is the first position whose group is invalid or out of sequence; groups
-//!   after it were never acknowledged (acks are released in journal order);
-//! - after recovery, every plausible group header within [`TAIL_WINDOW_BYTES`] after the end is
-//!   zeroed and synced before new writes, so a stale group from before a crash can never be
-//!   read as the successor of a new one.
+//! - groups are written in sequence order, each right after the previous one, so the groups
+//!   between two good groups with sequences `a < b` occupy at least `b - a - 1` 4 KiB blocks
+//!   between them;
+//! - a scan never drops a group whose header and CRC check and whose sequence is above every
+//!   group before it. Where no group checks in sequence, the scan looks ahead (every 4 KiB
+//!   block to the end of the journal, each following file from its start) for the first group
+//!   that checks and whose sequence is above the last good one, by no more than the blocks in
+//!   between could hold. If there is one, the stretch before it is a [`CorruptRange`] in the
+//!   middle: reported, skipped, and the strict sequence check resumes from the group found. If
+//!   there is none, the bad group is the torn tail: the durable end, from which on nothing was
+//!   ever acknowledged (acks are released in journal order). A crash that tears one group while
+//!   later ones in flight land whole looks like the first case: those later groups were never
+//!   acknowledged, and keeping them is harmless;
+//! - recovery zeroes only stale headers (sequence below the next one: older than the durable
+//!   end) within [`TAIL_WINDOW_BYTES`] after the end, never a header with a higher sequence.
+//!   No stale group can pass a scan anyway (the strict check wants the next sequence, the
+//!   look-ahead a higher one); the erase keeps them out of the space new groups will fill.
 
 pub mod format;
 
+use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -21,12 +34,22 @@ use wire::frame::Append;
 
 use crate::io::raw::{open_direct, prewrite};
 use crate::io::{AlignedBuf, DIRECT_IO_ALIGN};
-use format::{GROUP_BYTES_MAX, GROUP_HEADER_BYTES, GroupHeader};
+use format::{GROUP_BYTES_MAX, GROUP_HEADER_BYTES, GROUP_MAGIC, GroupHeader};
 
 /// Most block groups the persister keeps in flight; bounds the tail a crash can leave.
 pub const INFLIGHT_GROUPS_MAX: usize = 8;
 /// Span after the durable end in which stale groups may lie after a crash.
 pub const TAIL_WINDOW_BYTES: u64 = ((INFLIGHT_GROUPS_MAX + 1) * GROUP_BYTES_MAX) as u64;
+/// Bytes read at a time when erasing the tail or looking ahead past a group that does not
+/// check: each 4 KiB block of a chunk is first tested for the magic alone, so a look-ahead over
+/// the default journal's pre-written zeroes (8 × 256 MiB) costs one sequential read of it.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// Corrupt ranges a scan lists; further ones are only counted, so that a failing disk cannot
+/// make recovery's memory grow with the journal.
+pub const CORRUPT_RANGES_MAX: usize = 1024;
+
+const _: () = assert!(CHUNK_BYTES.is_multiple_of(DIRECT_IO_ALIGN));
+const _: () = assert!(TAIL_WINDOW_BYTES.is_multiple_of(DIRECT_IO_ALIGN as u64));
 
 /// Where a block group starts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -50,16 +73,84 @@ pub struct ScannedGroup {
     pub entries: Vec<ScannedEntry>,
 }
 
+/// A stretch in the middle of the journal where no group checks although good groups with
+/// higher sequence numbers follow it: a bit flip or a bad sector (or a crash that tore one
+/// group while later ones in flight landed whole). The groups it held, sequences
+/// `sequence_before + 1 .. sequence_after`, are lost on this node; their segments have a gap
+/// in their backlink chains until the missing records are sent again (by peer gossip, once it
+/// exists).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CorruptRange {
+    /// Where the group after `sequence_before` should have started.
+    pub start: Position,
+    /// Where the group `sequence_after` starts; the end of `start`'s file when that group
+    /// starts the next file. Exclusive.
+    pub end: Position,
+    /// The last good sequence before the range (0: the range starts the journal).
+    pub sequence_before: u64,
+    /// The first good sequence after the range.
+    pub sequence_after: u64,
+    /// Why the group at `start` did not check.
+    pub reason: String,
+}
+
+impl CorruptRange {
+    /// The sequence numbers of the groups lost in the range.
+    pub fn missing_sequences(&self) -> std::ops::Range<u64> {
+        self.sequence_before + 1..self.sequence_after
+    }
+}
+
+impl fmt::Display for CorruptRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (start, end) = (self.start, self.end);
+        if start.file == end.file {
+            write!(
+                f,
+                "file {} bytes [{}, {})",
+                start.file, start.offset, end.offset
+            )?;
+        } else {
+            write!(
+                f,
+                "file {} byte {} to file {} byte {} (exclusive)",
+                start.file, start.offset, end.file, end.offset
+            )?;
+        }
+        match self.missing_sequences() {
+            missing if missing.is_empty() => write!(f, ", no group missing")?,
+            missing if missing.end - missing.start == 1 => {
+                write!(f, ", group {} missing", missing.start)?;
+            }
+            missing => write!(
+                f,
+                ", groups {} to {} missing",
+                missing.start,
+                missing.end - 1
+            )?,
+        }
+        write!(
+            f,
+            " (last good {}, next good {})",
+            self.sequence_before, self.sequence_after
+        )
+    }
+}
+
 /// What a scan found.
 #[derive(Debug)]
 pub struct Scan {
     pub groups: Vec<ScannedGroup>,
-    /// Where the next group goes.
+    /// Where the next group goes: just after the last good group.
     pub end: Position,
     /// Sequence number of the next group.
     pub next_sequence: u64,
-    /// Why the scan stopped where it did, for logs and `sixfold inspect`.
+    /// Why the scan stopped where it did (the torn tail), for logs and `sixfold inspect`.
     pub stop_reason: String,
+    /// Corrupt ranges in the middle, in journal order (at most [`CORRUPT_RANGES_MAX`]).
+    pub corrupt: Vec<CorruptRange>,
+    /// Corrupt ranges found beyond [`CORRUPT_RANGES_MAX`], counted only.
+    pub corrupt_omitted: u64,
 }
 
 /// The journal files of one node.
@@ -132,35 +223,79 @@ impl JournalFiles {
     }
 
     /// Hands each durable group to `visit` in journal order, holding one group at a time, and
-    /// returns where the journal ends (`groups` is left empty).
+    /// returns where the journal ends and which corrupt ranges it skipped (`groups` is left
+    /// empty).
     pub fn scan_with(&self, mut visit: impl FnMut(ScannedGroup)) -> io::Result<Scan> {
         let mut scanner = Scanner::new(self);
+        let mut corrupt = Vec::new();
+        let mut corrupt_omitted = 0;
         let stop_reason = loop {
-            match scanner.next_group()? {
-                Ok(group) => visit(group),
-                Err(reason) => break reason,
+            let reason = match scanner.next_group()? {
+                Ok(group) => {
+                    visit(group);
+                    continue;
+                }
+                Err(reason) => reason,
+            };
+            let start = scanner.position;
+            let sequence_before = scanner.next_sequence - 1;
+            let Some(group) = scanner.look_ahead()? else {
+                break reason; // Nothing valid after it: the torn tail.
+            };
+            assert!(group.sequence > sequence_before);
+            assert!(group.position >= start);
+            let range = CorruptRange {
+                start,
+                end: self.range_end(start, group.position),
+                sequence_before,
+                sequence_after: group.sequence,
+                reason,
+            };
+            if corrupt.len() < CORRUPT_RANGES_MAX {
+                corrupt.push(range);
+            } else {
+                corrupt_omitted += 1;
             }
+            visit(group);
         };
         Ok(Scan {
             groups: Vec::new(),
             end: scanner.position,
             next_sequence: scanner.next_sequence,
             stop_reason,
+            corrupt,
+            corrupt_omitted,
         })
     }
 
-    /// Zeroes every plausible group header within [`TAIL_WINDOW_BYTES`] after `end` and syncs.
-    pub fn erase_stale_tail(&self, end: Position) -> io::Result<u32> {
-        const CHUNK_BYTES: u64 = 1 << 20;
+    /// The exclusive end of a corrupt range that starts at `start` and is followed by a good
+    /// group at `next`: the end of `start`'s file if `next` starts the following one.
+    fn range_end(&self, start: Position, next: Position) -> Position {
+        if next.offset == 0 && next.file == start.file + 1 {
+            Position {
+                file: start.file,
+                offset: self.file_bytes,
+            }
+        } else {
+            next
+        }
+    }
+
+    /// Zeroes every stale group header within [`TAIL_WINDOW_BYTES`] after `end` and syncs.
+    /// Stale means a sequence below `next_sequence`: older than the durable end. A header with
+    /// a higher sequence is never touched: a scan has found no group after `end` whose CRC
+    /// checks, so it belongs to a torn group, which can never pass a scan and is overwritten
+    /// in place as the journal grows.
+    pub fn erase_stale_tail(&self, end: Position, next_sequence: u64) -> io::Result<u32> {
         let align = DIRECT_IO_ALIGN as u64;
-        let mut chunk = AlignedBuf::new(CHUNK_BYTES as usize);
+        let mut chunk = AlignedBuf::new(CHUNK_BYTES);
         let mut zeros = AlignedBuf::new(DIRECT_IO_ALIGN);
         zeros.set_len(DIRECT_IO_ALIGN);
         let mut erased = 0;
         let mut pos = end;
         let mut remaining = TAIL_WINDOW_BYTES;
         while remaining > 0 && (pos.file as usize) < self.files.len() {
-            let len = CHUNK_BYTES
+            let len = (CHUNK_BYTES as u64)
                 .min(remaining)
                 .min(self.file_bytes.saturating_sub(pos.offset));
             let len = len / align * align;
@@ -175,7 +310,8 @@ impl JournalFiles {
             chunk.set_len(len as usize);
             file.read_exact_at(&mut chunk.as_mut_full()[..len as usize], pos.offset)?;
             for (index, block) in chunk.as_slice().chunks_exact(DIRECT_IO_ALIGN).enumerate() {
-                if GroupHeader::decode(block).is_some() {
+                let stale = GroupHeader::decode(block).is_some_and(|h| h.sequence < next_sequence);
+                if stale {
                     file.write_all_at(zeros.as_slice(), pos.offset + index as u64 * align)?;
                     erased += 1;
                 }
@@ -195,10 +331,14 @@ impl JournalFiles {
 /// Walks the journal group by group.
 struct Scanner<'a> {
     journal: &'a JournalFiles,
+    /// Where the next group should start: just after the last good group.
     position: Position,
     next_sequence: u64,
     started: bool,
+    /// One group at a time.
     buf: AlignedBuf,
+    /// One look-ahead chunk at a time.
+    chunk: AlignedBuf,
 }
 
 impl<'a> Scanner<'a> {
@@ -209,12 +349,13 @@ impl<'a> Scanner<'a> {
             next_sequence: 1,
             started: false,
             buf: AlignedBuf::new(GROUP_BYTES_MAX),
+            chunk: AlignedBuf::new(CHUNK_BYTES),
         }
     }
 
-    /// The next durable group, or `Err(reason)` at the durable end.
+    /// The next group in sequence, or `Err(reason)` if none checks where it should be.
     fn next_group(&mut self) -> io::Result<Result<ScannedGroup, String>> {
-        match self.read_at(self.position)? {
+        match self.read_at(self.position, true)? {
             Ok(group) => Ok(Ok(group)),
             Err(reason) => {
                 // The writer starts the next file when a group does not fit: look there.
@@ -225,7 +366,7 @@ impl<'a> Scanner<'a> {
                 if self.position.offset == 0 || next.file as usize >= self.journal.files.len() {
                     return Ok(Err(reason));
                 }
-                match self.read_at(next)? {
+                match self.read_at(next, true)? {
                     Ok(group) => Ok(Ok(group)),
                     Err(_) => Ok(Err(reason)),
                 }
@@ -233,7 +374,74 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    fn read_at(&mut self, at: Position) -> io::Result<Result<ScannedGroup, String>> {
+    /// After no group checked at `self.position`: the first group after it, to the end of the
+    /// journal, whose header and CRC check and whose sequence is above the last good one (and
+    /// not further above it than the blocks in between could hold). Every 4 KiB block is a
+    /// possible start, since a corrupt header's length cannot be trusted, and each following
+    /// file is searched from its start. `None` means the bad group is the torn tail.
+    fn look_ahead(&mut self) -> io::Result<Option<ScannedGroup>> {
+        let align = DIRECT_IO_ALIGN as u64;
+        let mut at = self.position;
+        while let Some(file) = self.journal.files.get(at.file as usize) {
+            let room = self.journal.file_bytes.saturating_sub(at.offset);
+            let len = room.min(CHUNK_BYTES as u64) / align * align;
+            if len == 0 {
+                at = Position {
+                    file: at.file + 1,
+                    offset: 0,
+                };
+                continue;
+            }
+            self.chunk.set_len(len as usize);
+            file.read_exact_at(&mut self.chunk.as_mut_full()[..len as usize], at.offset)?;
+            for candidate in self.candidates(at) {
+                if let Ok(group) = self.read_at(candidate, false)? {
+                    return Ok(Some(group));
+                }
+            }
+            at.offset += len;
+        }
+        Ok(None)
+    }
+
+    /// Blocks of the chunk read at `at` that may start the next good group: the magic first
+    /// (cheap), then a plausible header whose sequence fits the gap since `self.position`.
+    fn candidates(&self, at: Position) -> Vec<Position> {
+        let align = DIRECT_IO_ALIGN as u64;
+        let last_good = self.next_sequence - 1;
+        let magic = GROUP_MAGIC.to_le_bytes();
+        let blocks = self.chunk.as_slice().chunks_exact(DIRECT_IO_ALIGN);
+        let found = blocks
+            .enumerate()
+            .filter(|(_, block)| block.starts_with(&magic));
+        found
+            .filter_map(|(index, block)| {
+                let header = GroupHeader::decode(block)?;
+                let position = Position {
+                    file: at.file,
+                    offset: at.offset + index as u64 * align,
+                };
+                // Each missing group took at least one block between the last good group and
+                // this one; a header claiming more is garbage (or a group inside a payload).
+                let missing = header.sequence.checked_sub(last_good + 1)?;
+                let blocks_between = (self.linear(position) - self.linear(self.position)) / align;
+                (missing <= blocks_between).then_some(position)
+            })
+            .collect()
+    }
+
+    /// A position as a byte address in the journal taken as one run of files.
+    fn linear(&self, at: Position) -> u64 {
+        u64::from(at.file) * self.journal.file_bytes + at.offset
+    }
+
+    /// Reads and checks the group at `at`; `in_sequence` also requires the next sequence.
+    /// On success the scan continues after it.
+    fn read_at(
+        &mut self,
+        at: Position,
+        in_sequence: bool,
+    ) -> io::Result<Result<ScannedGroup, String>> {
         let Some(file) = self.journal.files.get(at.file as usize) else {
             return Ok(Err("end of the last journal file".into()));
         };
@@ -249,7 +457,7 @@ impl<'a> Scanner<'a> {
                 at.file, at.offset
             )));
         };
-        if self.started && header.sequence != self.next_sequence {
+        if in_sequence && self.started && header.sequence != self.next_sequence {
             return Ok(Err(format!(
                 "group at file {} offset {} has sequence {}, expected {}",
                 at.file, at.offset, header.sequence, self.next_sequence
