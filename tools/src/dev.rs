@@ -205,6 +205,13 @@ async fn run_workload(
     // engine/src/driver.rs (learn the SCLs from the nodes, compute VDL, bump the epoch),
     // which a reopened volume needs for its writes to commit past the earlier run's.
     let volume = Arc::new(cluster.attach(VolumeConfig::default())?);
+    if cluster.reopened {
+        eprintln!(
+            "sixfold dev: note: the engine does not recover a volume on attach yet, so this \
+             writer starts again at LSN 1 and its commits wait (VDL stays put) until its LSNs \
+             pass what the nodes already hold"
+        );
+    }
     let load = Arc::new(Workload::new(volume));
     let workers: Vec<_> = (0..options.workers)
         .map(|w| {
