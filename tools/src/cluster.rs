@@ -16,7 +16,6 @@
 //! every restart and reopen brings it back where the volume file says it is.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
 use engine::tls::ClientIdentity;
@@ -24,7 +23,7 @@ use engine::volume::NodeEntry;
 use engine::{VolumeClient, VolumeConfig, VolumeFile};
 use wire::VolumeId;
 
-use crate::procs::{Backoff, NodeProcess, NodeSpec, StartingNode, Supervisor};
+use crate::procs::{Backoff, NodeProcess, NodeSpec, Supervisor};
 
 /// Options of a local cluster.
 #[derive(Clone, Debug)]
@@ -76,14 +75,14 @@ fn absolute_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))
 }
 
-/// Starts a node per config file, all at once, and waits for each to serve.
+/// Starts a node per config file, one after the other (a new node pre-writes its journal:
+/// one at a time keeps each within its readiness deadline on a slow disk).
 fn start_all(configs: &[PathBuf]) -> anyhow::Result<Vec<NodeProcess>> {
-    let starting = configs
+    // On an error the nodes already started are dropped, which kills them.
+    configs
         .iter()
-        .map(|config| StartingNode::spawn(config))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    // On an error the nodes not yet waited for are dropped, which kills them.
-    starting.into_iter().map(StartingNode::wait_ready).collect()
+        .map(|config| NodeProcess::start(config))
+        .collect()
 }
 
 /// Writes `contents` to `path` atomically: a temporary file, fsynced, renamed over it.
@@ -97,6 +96,8 @@ fn write_atomically(path: &Path, contents: &str) -> anyhow::Result<()> {
 
 impl LocalCluster {
     /// Reopens the cluster under `dir` if it has a `volume.toml`, else starts a new one.
+    /// `options` shape a new cluster only: a reopened one keeps the geometry of its
+    /// `volume.toml` and the journals its node configs describe.
     pub async fn open_or_start(dir: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
         if dir.join("volume.toml").is_file() {
             Self::open(dir)
@@ -227,13 +228,8 @@ impl LocalCluster {
     /// SIGTERMs every node, waits up to `STOP_GRACE` for all of them to exit, SIGKILLs any
     /// left; an error if any did not exit cleanly by itself.
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        self.stop_within(crate::procs::STOP_GRACE)
-    }
-
-    /// [`stop`](Self::stop) with another grace period.
-    pub fn stop_within(&mut self, grace: Duration) -> anyhow::Result<()> {
         let mut running: Vec<&mut NodeProcess> = self.nodes.iter_mut().flatten().collect();
-        let outcomes = crate::procs::stop_all(&mut running, grace);
+        let outcomes = crate::procs::stop_all(&mut running, crate::procs::STOP_GRACE);
         self.nodes.clear();
         match outcomes.iter().find(|o| !o.is_clean()) {
             Some(bad) => anyhow::bail!("a node {bad}"),

@@ -67,8 +67,8 @@ const SUPERVISE_INTERVAL: Duration = Duration::from_millis(200);
 /// How long workers get to finish once asked to stop, before they are aborted.
 const WORKER_STOP_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Where dev keeps things: a new cluster's journals are small, since until garbage collection
-/// exists they only fill (256 MiB per node lasts about ten minutes of the paced workload).
+/// A new dev cluster's options: small journals, since until garbage collection exists they
+/// only fill (256 MiB per node lasts about ten minutes of the paced workload).
 fn cluster_options() -> ClusterOptions {
     ClusterOptions {
         journal_file_bytes: 32 << 20,
@@ -130,16 +130,17 @@ fn watch_signals(stop: Arc<watch::Sender<bool>>) -> anyhow::Result<JoinHandle<()
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     Ok(tokio::spawn(async move {
-        loop {
+        for received in 0.. {
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
             };
-            if stop.send_replace(true) {
+            if received > 0 {
                 eprintln!("sixfold dev: {name} again: exiting now");
                 std::process::exit(130);
             }
             eprintln!("sixfold dev: {name}: stopping …");
+            stop.send_replace(true);
         }
     }))
 }
@@ -286,7 +287,7 @@ async fn report_until_stopped(
         if vdl == last_vdl {
             let states = supervisor.lock().expect("supervisor lock").states();
             line.push_str("  | ");
-            line.push_str(&stall_reason(&load.volume, &states));
+            line.push_str(&stall_reason(&load.volume, vdl, &states));
         }
         last_vdl = vdl;
         println!("{line}");
@@ -297,7 +298,7 @@ async fn report_until_stopped(
 }
 
 /// [`explain_stall`] for a live volume and the supervisor's node states (by node name).
-fn stall_reason(volume: &VolumeClient, states: &[(String, NodeState)]) -> String {
+fn stall_reason(volume: &VolumeClient, vdl: Lsn, states: &[(String, NodeState)]) -> String {
     let file = volume.file();
     let nodes: Vec<(String, NodeState)> = file
         .nodes
@@ -313,7 +314,7 @@ fn stall_reason(volume: &VolumeClient, states: &[(String, NodeState)]) -> String
     let scl = |pg: usize, segment: usize| {
         volume.segment_scl(PgId(pg as u32), SegmentIndex(segment as u32))
     };
-    explain_stall(volume.vdl(), &file.placement(), &nodes, scl)
+    explain_stall(vdl, &file.placement(), &nodes, scl)
 }
 
 /// Why VDL is not moving, in one line: the PGs lacking a write quorum (fewer than
@@ -551,7 +552,10 @@ async fn worker(load: &Workload, mut stop: watch::Receiver<bool>, seed: u64) -> 
         load.committed(&ids, version);
         load.record_latency(start.elapsed());
         if rng.below(16) == 0 {
-            load.check_read(rng.below(pages)).await?;
+            tokio::select! {
+                checked = load.check_read(rng.below(pages)) => checked?,
+                _ = stop.wait_for(|&s| s) => return Ok(()),
+            }
         }
         // A small workload: each worker paces itself to about 12 transactions a second.
         tokio::select! {

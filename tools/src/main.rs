@@ -29,9 +29,11 @@ enum Command {
         #[arg(long = "engine")]
         engines: Vec<String>,
     },
-    /// Run a local cluster: 6 nodes in 3 AZs, a volume, an engine and a small workload.
+    /// Run a local cluster: 6 nodes in 3 AZs (restarted when they die), a volume, an engine
+    /// and a small self-checking workload. Run again on the same --dir to reopen the cluster.
     Dev {
-        /// Directory for the nodes' data, certificates and the volume file.
+        /// Directory for the nodes' data, certificates and the volume file; a cluster already
+        /// there is reopened.
         #[arg(long, default_value = ".sixfold")]
         dir: PathBuf,
         /// Stop after this many seconds (default: run until SIGINT or SIGTERM).
