@@ -317,10 +317,18 @@ fn stall_reason(volume: &VolumeClient, vdl: Lsn, states: &[(String, NodeState)])
     explain_stall(vdl, &file.placement(), &nodes, scl)
 }
 
+/// The SCL a segment of a PG needs to count as caught up: VDL if the PG has records above
+/// VDL (a segment acked one), else the PG's last record the writer knows of. A segment's SCL
+/// never passes its PG's last record, so the segments of a PG with nothing written near VDL
+/// are caught up below it.
+fn caught_up_mark(vdl: Lsn, scls: &[Lsn]) -> Lsn {
+    scls.iter().copied().max().unwrap_or(Lsn::ZERO).min(vdl)
+}
+
 /// Why VDL is not moving, in one line: the PGs lacking a write quorum (fewer than
-/// `WRITE_QUORUM` of their segments on nodes that are up and with SCL ≥ VDL), the segments
-/// down (their node is not serving) and those behind (SCL, as the writer knows it, < VDL).
-/// `placement[pg][segment]` indexes `nodes`.
+/// `WRITE_QUORUM` of their segments on nodes that are up and caught up), the nodes down (not
+/// serving) with their segments, and the segments behind (SCL, as the writer knows it from
+/// acks, below VDL; see [`caught_up_mark`]). `placement[pg][segment]` indexes `nodes`.
 pub fn explain_stall(
     vdl: Lsn,
     placement: &[[usize; PG_SIZE]],
@@ -331,14 +339,16 @@ pub fn explain_stall(
     let mut down: Vec<Vec<String>> = vec![Vec::new(); nodes.len()];
     let mut behind = Vec::new();
     for (pg, segments) in placement.iter().enumerate() {
+        let scls: Vec<Lsn> = (0..PG_SIZE).map(|segment| scl(pg, segment)).collect();
+        let mark = caught_up_mark(vdl, &scls);
         let mut complete = 0;
         for (segment, &node) in segments.iter().enumerate() {
             let name = format!("pg{pg}/seg{segment}");
             if !matches!(nodes[node].1, NodeState::Up { .. }) {
                 down[node].push(name);
-            } else if scl(pg, segment) < vdl {
-                let (node, scl) = (&nodes[node].0, scl(pg, segment).0);
-                behind.push(format!("{name} on {node} (SCL {scl})"));
+            } else if scls[segment] < mark {
+                let (node, scl) = (&nodes[node].0, scls[segment].0);
+                behind.push(format!("{name} on {node} (SCL {scl} < {})", mark.0));
             } else {
                 complete += 1;
             }
@@ -349,11 +359,11 @@ pub fn explain_stall(
     }
     let mut parts = vec![if lacking.is_empty() {
         format!(
-            "VDL stalled though every PG has {WRITE_QUORUM} of {PG_SIZE} segments up with SCL ≥ VDL (waiting for acks)"
+            "VDL stalled though every PG has {WRITE_QUORUM} of {PG_SIZE} segments up and caught up (waiting for acks)"
         )
     } else {
         format!(
-            "VDL stalled: no write quorum ({WRITE_QUORUM} of {PG_SIZE} segments up with SCL ≥ VDL): {}",
+            "VDL stalled: no write quorum ({WRITE_QUORUM} of {PG_SIZE} segments up and caught up): {}",
             lacking.join(", ")
         )
     }];
@@ -373,7 +383,7 @@ pub fn explain_stall(
         parts.push(format!("down: {}", down.join(", ")));
     }
     if !behind.is_empty() {
-        parts.push(format!("behind VDL {}: {}", vdl.0, behind.join(", ")));
+        parts.push(format!("behind: {}", behind.join(", ")));
     }
     parts.join("; ")
 }
@@ -599,8 +609,9 @@ mod tests {
     }
 
     /// Goal: the stall line names the PGs without a write quorum, the nodes down with their
-    /// segments, and the segments behind VDL. Method: two PGs over six nodes, two nodes
-    /// down (one restarting) and one segment behind.
+    /// segments, and the segments behind — behind VDL, or behind their PG's last record when
+    /// the PG has nothing above VDL. Method: two PGs over six nodes, with nodes down (one
+    /// restarting) and segments behind, then all up with an idle PG.
     #[test]
     fn a_stall_names_pgs_without_quorum_and_segments_down_or_behind() {
         let placement = vec![[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]];
@@ -623,11 +634,29 @@ mod tests {
             line.contains("node2 starting (pg0/seg1 pg1/seg4)"),
             "{line}"
         );
-        assert!(line.contains("pg0/seg2 on node3 (SCL 5)"), "{line}");
+        assert!(line.contains("pg0/seg2 on node3 (SCL 5 < 10)"), "{line}");
         let all_up: Vec<_> = (1..=6)
             .map(|i| (format!("node{i}"), NodeState::Up { pid: i }))
             .collect();
         let line = explain_stall(Lsn(10), &placement, &all_up, |_, _| Lsn(10));
         assert!(line.contains("waiting for acks"), "{line}");
+        // pg1 has nothing written above 7: its segments at 7 are caught up, the one at 6 is
+        // not; pg0 has records above VDL, so its segments at 9 are behind.
+        let scl = |pg: usize, segment: usize| {
+            Lsn(match (pg, segment) {
+                (1, 0) => 6,
+                (1, _) => 7,
+                (0, 0..=2) => 9,
+                _ => 12,
+            })
+        };
+        let line = explain_stall(Lsn(10), &placement, &all_up, scl);
+        assert!(
+            line.contains("no write quorum") && line.contains("pg0 has 3"),
+            "{line}"
+        );
+        assert!(!line.contains("pg1 has"), "{line}");
+        assert!(line.contains("pg1/seg0 on node6 (SCL 6 < 7)"), "{line}");
+        assert!(line.contains("pg0/seg2 on node3 (SCL 9 < 10)"), "{line}");
     }
 }
