@@ -29,9 +29,11 @@ enum Command {
         #[arg(long = "engine")]
         engines: Vec<String>,
     },
-    /// Run a local cluster: 6 nodes in 3 AZs, a volume, an engine and a small workload.
+    /// Run a local cluster: 6 nodes in 3 AZs (restarted when they die), a volume, an engine
+    /// and a small self-checking workload. Run again on the same --dir to reopen the cluster.
     Dev {
-        /// Directory for the nodes' data, certificates and the volume file.
+        /// Directory for the nodes' data, certificates and the volume file; a cluster already
+        /// there is reopened.
         #[arg(long, default_value = ".sixfold")]
         dir: PathBuf,
         /// Stop after this many seconds (default: run until SIGINT or SIGTERM).
@@ -144,6 +146,8 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: logs redirected to a file stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -1,11 +1,18 @@
 //! Running storage nodes as real processes, for tests, benchmarks and local clusters: write a
-//! config, start `sixfold-node`, wait for its readiness line, stop it with SIGTERM or kill -9.
+//! config, start `sixfold-node`, wait for its readiness line, stop it with SIGTERM or kill -9,
+//! and supervise nodes (restart them with backoff when they die).
+//!
+//! Invariants: no wait here is unbounded — readiness within `READY_TIMEOUT`, a stop within
+//! `STOP_GRACE` after SIGTERM and then SIGKILL, a reap within `REAP_TIMEOUT` after SIGKILL;
+//! a node process never outlives the thread that spawned it (PR_SET_PDEATHSIG); every node
+//! process is killed when its handle is dropped.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -65,6 +72,39 @@ impl NodeSpec {
         }
     }
 
+    /// The spec a node config file describes (the inverse of [`to_toml`](Self::to_toml)).
+    pub fn from_config(config: &node::NodeConfig) -> Self {
+        use node::config::{PersisterChoice, SyncChoice};
+        Self {
+            name: config.name.clone(),
+            listen: config.listen,
+            az: config.az.clone(),
+            data_dir: config.data_dir.clone(),
+            certs_dir: config
+                .tls
+                .ca
+                .parent()
+                .unwrap_or(Path::new("."))
+                .to_path_buf(),
+            journal_file_bytes: config.journal.file_bytes,
+            journal_file_count: config.journal.file_count,
+            inflight_groups_max: config.journal.inflight_groups_max,
+            sync: match config.journal.sync {
+                SyncChoice::Fdatasync => "fdatasync",
+                SyncChoice::RwfDsync => "rwf_dsync",
+            },
+            persister: match config.journal.persister {
+                PersisterChoice::Thread => "thread",
+                PersisterChoice::Inline => "inline",
+            },
+            segments: config
+                .segments
+                .iter()
+                .map(|s| (s.volume.0, s.pg.0, s.segment.0))
+                .collect(),
+        }
+    }
+
     pub fn to_toml(&self) -> String {
         let mut s = format!(
             "name = \"{}\"\nlisten = \"{}\"\naz = \"{}\"\ndata_dir = \"{}\"\n\n[tls]\n\
@@ -104,17 +144,116 @@ impl NodeSpec {
     }
 }
 
-/// A running `sixfold-node`. Dropping it kills the process.
-pub struct NodeProcess {
-    child: Child,
-    pub addr: SocketAddr,
-    pub config: PathBuf,
-    pub log: PathBuf,
+/// How long a node may take from spawn to its readiness line (creating and pre-writing the
+/// journal on a slow, shared disk dominates).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long stopping waits for nodes to exit after SIGTERM before it SIGKILLs them.
+pub const STOP_GRACE: Duration = Duration::from_secs(20);
+/// How long to wait for a SIGKILLed process to be reaped before giving up on it.
+const REAP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until `child` exits or `deadline` passes, reaping it if it exited.
+fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            // Not exited by the deadline, or cannot be waited on at all.
+            Ok(None) | Err(_) => return None,
+        }
+    }
 }
 
-impl NodeProcess {
-    /// Starts a node on `config` and waits (up to two minutes) until it serves.
-    pub fn start(config: &Path) -> anyhow::Result<Self> {
+/// SIGKILL, then reap within `REAP_TIMEOUT`.
+fn kill_and_reap(child: &mut Child) -> Option<ExitStatus> {
+    let _ = child.kill();
+    wait_until(child, Instant::now() + REAP_TIMEOUT)
+}
+
+/// How a node ended when it was stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// It exited by itself within the grace period after SIGTERM (or had exited already).
+    Exited(ExitStatus),
+    /// It was still running when the grace period ended and was SIGKILLed (`None`: not even
+    /// reaped within `REAP_TIMEOUT` after that).
+    Killed(Option<ExitStatus>),
+}
+
+impl StopOutcome {
+    /// Exited with status 0 when asked to.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, StopOutcome::Exited(status) if status.success())
+    }
+}
+
+impl std::fmt::Display for StopOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopOutcome::Exited(status) => write!(f, "exited with {status}"),
+            StopOutcome::Killed(Some(_)) => write!(f, "ignored SIGTERM for too long; SIGKILLed"),
+            StopOutcome::Killed(None) => write!(f, "SIGKILLed but not reaped"),
+        }
+    }
+}
+
+/// Stops processes together: SIGTERM to all, then one shared deadline `grace` away for all
+/// of them to exit, then SIGKILL for whoever is left. Never waits past `grace + REAP_TIMEOUT`.
+fn stop_children(children: &mut [&mut Child], grace: Duration) -> Vec<StopOutcome> {
+    for child in children.iter_mut() {
+        if let Ok(pid) = i32::try_from(child.id()) {
+            // SAFETY: plain syscall on a child process we own and have not reaped (a child
+            // that exited already is a zombie until reaped, so the pid is still ours).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+    let deadline = Instant::now() + grace;
+    children
+        .iter_mut()
+        .map(|child| match wait_until(child, deadline) {
+            Some(status) => StopOutcome::Exited(status),
+            None => StopOutcome::Killed(kill_and_reap(child)),
+        })
+        .collect()
+}
+
+/// The last lines of a node's log, joined, for error messages.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut tail: Vec<&str> = text.lines().rev().take(5).collect();
+    tail.reverse();
+    tail.join(" | ")
+}
+
+/// A `sixfold-node` spawned but not yet serving (no readiness line yet). Dropping it kills
+/// the process.
+pub struct StartingNode {
+    /// Always `Some` until the value is consumed.
+    child: Option<Child>,
+    /// The node's first stdout line (`None`: stdout closed without one).
+    ready: Receiver<Option<String>>,
+    deadline: Instant,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+/// Where a starting node is.
+pub enum Startup {
+    Pending(StartingNode),
+    Ready(NodeProcess),
+    /// It exited, or did not become ready in time and was killed; either way it is reaped.
+    Failed(anyhow::Error),
+}
+
+impl StartingNode {
+    /// Spawns `sixfold-node --config CONFIG`, stderr appended to `CONFIG` with extension
+    /// `.log`. Returns at once; readiness is [`poll`](Self::poll)ed or
+    /// [`wait_ready`](Self::wait_ready)ed, within `READY_TIMEOUT`.
+    ///
+    /// The node gets SIGTERM when the *thread* that spawned it exits (PR_SET_PDEATHSIG follows
+    /// the thread), so spawn only from threads that live as long as the nodes should: the
+    /// main thread or a runtime worker, never a `spawn_blocking` thread.
+    pub fn spawn(config: &Path) -> anyhow::Result<Self> {
         let binary = find_binary("sixfold-node")?;
         let log = config.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
@@ -141,34 +280,109 @@ impl NodeProcess {
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
         let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, ready) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            let ready = lines.next().and_then(Result::ok);
-            let _ = tx.send(ready);
+            let _ = tx.send(lines.next().and_then(Result::ok));
             for _ in lines {} // Keep draining so the node never blocks on stdout.
         });
-        let line = rx.recv_timeout(Duration::from_secs(120)).ok().flatten();
+        Ok(Self {
+            child: Some(child),
+            ready,
+            deadline: Instant::now() + READY_TIMEOUT,
+            config: config.to_path_buf(),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Checks for readiness without blocking.
+    pub fn poll(self) -> Startup {
+        match self.ready.try_recv() {
+            Ok(line) => self.finish(line),
+            Err(TryRecvError::Empty) if Instant::now() < self.deadline => Startup::Pending(self),
+            Err(TryRecvError::Empty) => self.fail("did not become ready in time"),
+            Err(TryRecvError::Disconnected) => self.finish(None),
+        }
+    }
+
+    /// Waits for readiness (until the deadline set at spawn).
+    pub fn wait_ready(self) -> anyhow::Result<NodeProcess> {
+        let timeout = self.deadline.saturating_duration_since(Instant::now());
+        let startup = match self.ready.recv_timeout(timeout) {
+            Ok(line) => self.finish(line),
+            Err(RecvTimeoutError::Timeout) => self.fail("did not become ready in time"),
+            Err(RecvTimeoutError::Disconnected) => self.finish(None),
+        };
+        match startup {
+            Startup::Ready(process) => Ok(process),
+            Startup::Failed(e) => Err(e),
+            Startup::Pending(_) => unreachable!("finish and fail never leave it pending"),
+        }
+    }
+
+    fn finish(mut self, line: Option<String>) -> Startup {
         let addr = line
             .as_deref()
             .and_then(|l| l.strip_prefix("sixfold-node ready on "))
             .and_then(|a| a.trim().parse().ok());
-        let Some(addr) = addr else {
-            let _ = child.kill();
-            let _ = child.wait();
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-            anyhow::bail!(
-                "sixfold-node did not become ready; log tail: {}",
-                tail.join(" | ")
-            );
-        };
-        Ok(Self {
-            child,
-            addr,
-            config: config.to_path_buf(),
-            log,
-        })
+        match (addr, self.child.take()) {
+            (Some(addr), Some(child)) => Startup::Ready(NodeProcess {
+                child,
+                addr,
+                config: self.config.clone(),
+                log: self.log.clone(),
+            }),
+            (_, child) => {
+                self.child = child;
+                self.fail("exited before it was ready")
+            }
+        }
+    }
+
+    /// Kills (if still running) and reaps the process, and says why it failed.
+    fn fail(mut self, why: &str) -> Startup {
+        let status = self
+            .child
+            .as_mut()
+            .and_then(|child| match child.try_wait() {
+                Ok(Some(status)) => Some(status),
+                _ => kill_and_reap(child),
+            });
+        let status = status.map_or("not reaped".to_string(), |s| s.to_string());
+        Startup::Failed(anyhow::anyhow!(
+            "sixfold-node --config {} {why} ({status}); log tail: {}",
+            self.config.display(),
+            log_tail(&self.log)
+        ))
+    }
+}
+
+impl Drop for StartingNode {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut()
+            && matches!(child.try_wait(), Ok(None))
+        {
+            kill_and_reap(child);
+        }
+    }
+}
+
+/// A running `sixfold-node`. Dropping it kills the process.
+pub struct NodeProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts a node on `config` and waits (up to `READY_TIMEOUT`) until it serves.
+    pub fn start(config: &Path) -> anyhow::Result<Self> {
+        StartingNode::spawn(config)?.wait_ready()
     }
 
     pub fn pid(&self) -> u32 {
@@ -177,22 +391,25 @@ impl NodeProcess {
 
     /// SIGKILL, as a crash.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_and_reap(&mut self.child);
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// SIGTERM and wait for an exit; SIGKILL if it takes longer than `STOP_GRACE`.
     pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
-        let pid = i32::try_from(self.child.id()).context("pid")?;
-        // SAFETY: plain syscall on a child process we own and have not reaped.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        anyhow::ensure!(rc == 0, "cannot signal node {pid}");
-        Ok(self.child.wait()?)
+        match stop_children(&mut [&mut self.child], STOP_GRACE)[0] {
+            StopOutcome::Exited(status) => Ok(status),
+            killed => anyhow::bail!("node {}: {killed}", self.config.display()),
+        }
     }
 
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The exit status if the process has exited (reaping it), without blocking.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 }
 
@@ -201,5 +418,314 @@ impl Drop for NodeProcess {
         if self.is_running() {
             self.kill9();
         }
+    }
+}
+
+/// Stops nodes together (see [`stop_children`]): SIGTERM, a shared `grace`, then SIGKILL.
+pub fn stop_all(nodes: &mut [&mut NodeProcess], grace: Duration) -> Vec<StopOutcome> {
+    let mut children: Vec<&mut Child> = nodes.iter_mut().map(|n| &mut n.child).collect();
+    stop_children(&mut children, grace)
+}
+
+/// Restart delays of a supervised node: `initial`, doubling up to `max`; back to `initial`
+/// once the node has stayed up for `reset_after`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub reset_after: Duration,
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(
+            Duration::from_millis(500),
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        )
+    }
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration, reset_after: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            reset_after,
+            next: initial,
+        }
+    }
+
+    /// The delay before restarting a node that has just gone down after being up `up_for`.
+    pub fn delay_after(&mut self, up_for: Duration) -> Duration {
+        if up_for >= self.reset_after {
+            self.next = self.initial;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+}
+
+/// What a supervised node is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeState {
+    /// Serving (it printed its readiness line and has not exited since).
+    Up { pid: u32 },
+    /// Restarted, not serving yet.
+    Starting { pid: u32 },
+    /// No process: waiting for its restart delay, or stopped.
+    Down,
+}
+
+/// Something the supervisor did or saw, for the log.
+#[derive(Debug)]
+pub enum SupervisorEvent {
+    Exited {
+        node: String,
+        pid: u32,
+        status: ExitStatus,
+        restart_in: Duration,
+    },
+    Restarting {
+        node: String,
+        pid: u32,
+    },
+    Serving {
+        node: String,
+        pid: u32,
+        addr: SocketAddr,
+    },
+    StartFailed {
+        node: String,
+        error: String,
+        restart_in: Duration,
+    },
+}
+
+impl std::fmt::Display for SupervisorEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exited {
+                node,
+                pid,
+                status,
+                restart_in,
+            } => write!(
+                f,
+                "{node} (pid {pid}) exited with {status}; restarting it in {:.1} s",
+                restart_in.as_secs_f64()
+            ),
+            Self::Restarting { node, pid } => write!(f, "restarting {node}: pid {pid}"),
+            Self::Serving { node, pid, addr } => {
+                write!(f, "{node} is serving again on {addr} pid {pid}")
+            }
+            Self::StartFailed {
+                node,
+                error,
+                restart_in,
+            } => write!(
+                f,
+                "{node} failed to start: {error}; trying again in {:.1} s",
+                restart_in.as_secs_f64()
+            ),
+        }
+    }
+}
+
+enum Slot {
+    Up {
+        process: NodeProcess,
+        since: Instant,
+    },
+    Starting(StartingNode),
+    Down {
+        restart_at: Instant,
+    },
+    Stopped,
+}
+
+struct SupervisedNode {
+    name: String,
+    config: PathBuf,
+    slot: Slot,
+    backoff: Backoff,
+}
+
+/// Keeps nodes running: a node whose process exits is restarted from its config file after
+/// its backoff delay, until [`stop`](Supervisor::stop).
+///
+/// Invariants: [`poll`](Supervisor::poll) never blocks (spawning is a fork and exec, and
+/// readiness is polled), so it may run on an async runtime's worker thread — and it must run
+/// on a thread that outlives the nodes (see [`StartingNode::spawn`]); every process it
+/// started is reaped by it; after `stop` nothing is restarted.
+pub struct Supervisor {
+    nodes: Vec<SupervisedNode>,
+}
+
+impl Supervisor {
+    /// Supervises `(name, config path, running process)` triples; a node given without a
+    /// process is started at the first poll.
+    pub fn new(nodes: Vec<(String, PathBuf, Option<NodeProcess>)>, backoff: Backoff) -> Self {
+        let now = Instant::now();
+        let nodes = nodes
+            .into_iter()
+            .map(|(name, config, process)| SupervisedNode {
+                name,
+                config,
+                slot: match process {
+                    Some(process) => Slot::Up {
+                        process,
+                        since: now,
+                    },
+                    None => Slot::Down { restart_at: now },
+                },
+                backoff,
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    /// Reaps exited nodes, notes nodes that became ready, restarts nodes whose delay is over.
+    pub fn poll(&mut self, now: Instant) -> Vec<SupervisorEvent> {
+        self.nodes
+            .iter_mut()
+            .filter_map(|node| node.poll(now))
+            .collect()
+    }
+
+    /// Each node's name and state.
+    pub fn states(&self) -> Vec<(String, NodeState)> {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let state = match &node.slot {
+                    Slot::Up { process, .. } => NodeState::Up { pid: process.pid() },
+                    Slot::Starting(starting) => NodeState::Starting {
+                        pid: starting.pid(),
+                    },
+                    Slot::Down { .. } | Slot::Stopped => NodeState::Down,
+                };
+                (node.name.clone(), state)
+            })
+            .collect()
+    }
+
+    /// Stops every node that has a process (see [`stop_children`]) and restarts nothing
+    /// afterwards. Returns the outcome per node name; nodes that were down are not listed.
+    pub fn stop(&mut self, grace: Duration) -> Vec<(String, StopOutcome)> {
+        let mut names = Vec::new();
+        let mut children = Vec::new();
+        for node in &mut self.nodes {
+            let child = match &mut node.slot {
+                Slot::Up { process, .. } => &mut process.child,
+                Slot::Starting(starting) => match starting.child.as_mut() {
+                    Some(child) => child,
+                    None => continue,
+                },
+                Slot::Down { .. } | Slot::Stopped => continue,
+            };
+            names.push(node.name.clone());
+            children.push(child);
+        }
+        let outcomes = stop_children(&mut children, grace);
+        for node in &mut self.nodes {
+            node.slot = Slot::Stopped;
+        }
+        names.into_iter().zip(outcomes).collect()
+    }
+}
+
+impl SupervisedNode {
+    fn poll(&mut self, now: Instant) -> Option<SupervisorEvent> {
+        let node = self.name.clone();
+        match std::mem::replace(&mut self.slot, Slot::Stopped) {
+            Slot::Up { mut process, since } => {
+                let pid = process.pid();
+                let Some(status) = process.try_exit() else {
+                    self.slot = Slot::Up { process, since };
+                    return None;
+                };
+                let restart_in = self
+                    .backoff
+                    .delay_after(now.saturating_duration_since(since));
+                self.slot = Slot::Down {
+                    restart_at: now + restart_in,
+                };
+                Some(SupervisorEvent::Exited {
+                    node,
+                    pid,
+                    status,
+                    restart_in,
+                })
+            }
+            Slot::Starting(starting) => {
+                let pid = starting.pid();
+                match starting.poll() {
+                    Startup::Pending(starting) => {
+                        self.slot = Slot::Starting(starting);
+                        None
+                    }
+                    Startup::Ready(process) => {
+                        let addr = process.addr;
+                        self.slot = Slot::Up {
+                            process,
+                            since: now,
+                        };
+                        Some(SupervisorEvent::Serving { node, pid, addr })
+                    }
+                    Startup::Failed(error) => Some(self.start_failed(now, &error)),
+                }
+            }
+            Slot::Down { restart_at } if now >= restart_at => {
+                match StartingNode::spawn(&self.config) {
+                    Ok(starting) => {
+                        let pid = starting.pid();
+                        self.slot = Slot::Starting(starting);
+                        Some(SupervisorEvent::Restarting { node, pid })
+                    }
+                    Err(error) => Some(self.start_failed(now, &error)),
+                }
+            }
+            other => {
+                self.slot = other;
+                None
+            }
+        }
+    }
+
+    fn start_failed(&mut self, now: Instant, error: &anyhow::Error) -> SupervisorEvent {
+        let restart_in = self.backoff.delay_after(Duration::ZERO);
+        self.slot = Slot::Down {
+            restart_at: now + restart_in,
+        };
+        SupervisorEvent::StartFailed {
+            node: self.name.clone(),
+            error: format!("{error:#}"),
+            restart_in,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Goal: restart delays start at 0.5 s, double up to 10 s, and start over once a node
+    /// has stayed up long enough. Method: feed uptimes to a default `Backoff`.
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets_after_a_long_uptime() {
+        let mut backoff = Backoff::default();
+        let short = Duration::from_secs(1);
+        let delays: Vec<u128> = (0..7)
+            .map(|_| backoff.delay_after(short).as_millis())
+            .collect();
+        assert_eq!(delays, [500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
+        assert_eq!(
+            backoff.delay_after(Duration::from_secs(30)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(backoff.delay_after(short), Duration::from_secs(1));
     }
 }
