@@ -275,7 +275,7 @@ async fn measure_commits(
     duration: Duration,
     progress: &impl Fn(&str),
 ) -> anyhow::Result<(Vec<CommitLevel>, u64)> {
-    let volume = Arc::new(cluster.attach(VolumeConfig::default())?);
+    let volume = Arc::new(cluster.attach(VolumeConfig::default()).await?);
     let workload = Arc::new(Workload::new(&volume));
     let stats = volume.stats();
     let mut results = Vec::new();

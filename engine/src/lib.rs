@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod core;
 pub mod driver;
 pub mod quorum;
 pub mod tls;

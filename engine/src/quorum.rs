@@ -151,6 +151,42 @@ impl Writer {
         writer
     }
 
+    /// A writer resuming a recovered volume: VDL = VCL = `vdl`, the next LSN is `vdl + 1`, PG
+    /// `n`'s last record at or below `vdl` is `pg_last[n]` (the next record's backlink), and
+    /// each segment's SCL is known from the recovery (capped at its PG's last record: records
+    /// above VDL were annulled). Every PG must be complete to its last record.
+    ///
+    /// # Panics
+    /// As [`Writer::new`], or if the recovered state breaks an invariant (a PG's last record
+    /// above VDL, or not held by a write quorum): a recovery bug.
+    #[must_use]
+    pub fn recovered(
+        geometry: Geometry,
+        lal: u64,
+        vdl: Lsn,
+        pg_last: &[Lsn],
+        scl: &[[Lsn; PG_SIZE]],
+    ) -> Self {
+        let mut writer = Self::new(geometry, lal);
+        assert_eq!(pg_last.len(), writer.pgs.len());
+        assert_eq!(scl.len(), writer.pgs.len());
+        for ((state, &last), scl) in writer.pgs.iter_mut().zip(pg_last).zip(scl) {
+            assert!(
+                last <= vdl,
+                "a PG's last record lies above the recovered VDL"
+            );
+            state.lsn_allocated_max = last;
+            state.scl = scl.map(|s| s.min(last));
+            state.pgcl = pgcl_of(&state.scl);
+            assert_eq!(state.pgcl, last, "a recovered PG lacks a write quorum");
+        }
+        writer.lsn_allocated_max = vdl;
+        writer.vcl = vdl;
+        writer.vdl = vdl;
+        writer.check_invariants();
+        writer
+    }
+
     #[must_use]
     pub fn geometry(&self) -> Geometry {
         self.geometry

@@ -192,8 +192,8 @@ impl LocalCluster {
     }
 
     /// An engine attached to the volume.
-    pub fn attach(&self, config: VolumeConfig) -> anyhow::Result<VolumeClient> {
-        VolumeClient::attach(self.volume.clone(), self.endpoint()?, config)
+    pub async fn attach(&self, config: VolumeConfig) -> anyhow::Result<VolumeClient> {
+        VolumeClient::open(self.volume.clone(), self.endpoint()?, config).await
     }
 
     /// The config file of node `i`.

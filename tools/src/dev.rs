@@ -201,18 +201,15 @@ async fn run_workload(
     stop_tx: &Arc<watch::Sender<bool>>,
     options: &DevOptions,
 ) -> anyhow::Result<()> {
-    // The one place dev attaches an engine. `attach` starts a writer as on a fresh volume
-    // (VDL 0, epoch of the file); it will become the recovering open being built in
-    // engine/src/driver.rs (learn the SCLs from the nodes, compute VDL, bump the epoch),
-    // which a reopened volume needs for its writes to commit past the earlier run's.
-    let volume = Arc::new(cluster.attach(VolumeConfig::default())?);
-    if cluster.reopened {
-        eprintln!(
-            "sixfold dev: note: the engine does not recover a volume on attach yet, so this \
-             writer starts again at LSN 1 and its commits wait (VDL stays put) until its LSNs \
-             pass what the nodes already hold"
-        );
-    }
+    // The one place dev attaches an engine: `attach` runs crash recovery (learns the SCLs
+    // from the nodes, computes VDL, bumps the epoch, truncates), so a reopened volume carries
+    // on from the VDL the previous run reached, however it stopped.
+    let volume = Arc::new(cluster.attach(VolumeConfig::default()).await?);
+    eprintln!(
+        "sixfold dev: engine attached: VDL {} epoch {:#x}",
+        volume.vdl().0,
+        volume.epoch().0
+    );
     let load = Arc::new(Workload::new(volume));
     let workers: Vec<_> = (0..options.workers)
         .map(|w| {

@@ -356,7 +356,8 @@ fn volume_create_assigns_segments_on_running_nodes() {
     assert_eq!((file.volume, file.pgs.len()), (2, 3));
     rt.block_on(async {
         let volume =
-            engine::VolumeClient::attach(file, cluster.endpoint().unwrap(), Default::default())
+            engine::VolumeClient::open(file, cluster.endpoint().unwrap(), Default::default())
+                .await
                 .unwrap();
         let page = wire::PageId(300); // pg 2 of 128-page PGs
         let op = wire::RedoOp::Write {

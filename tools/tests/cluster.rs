@@ -147,7 +147,7 @@ fn cluster_test(
         let mut cluster = LocalCluster::start(&dir, &ClusterOptions::default())
             .await
             .unwrap();
-        let volume = Arc::new(cluster.attach(config).unwrap());
+        let volume = Arc::new(cluster.attach(config).await.unwrap());
         body(&mut cluster, volume).await;
         cluster.stop().unwrap();
     });
@@ -230,7 +230,9 @@ fn delayed_acks_never_let_a_commit_be_reported_early_and_reads_hedge() {
             hedge_delay: Duration::from_millis(50),
             ..VolumeConfig::default()
         };
-        let volume = VolumeClient::attach(file, cluster.endpoint().unwrap(), config).unwrap();
+        let volume = VolumeClient::open(file, cluster.endpoint().unwrap(), config)
+            .await
+            .unwrap();
         let page = PageId(5);
         for i in 0..8u32 {
             let start = tokio::time::Instant::now();

@@ -1,0 +1,435 @@
+//! Per-node send queues: batches go out in allocation order, at most `node_inflight_appends`
+//! rounds per node, and whatever queued up meanwhile is merged into one Append per segment. A
+//! node that fails a request (or misses a deadline, or falls too far behind) is marked down:
+//! its queue is dropped and it is probed every `reconnect_interval`; when it answers, it is
+//! told the current truncation if it has not installed it, then caught up from the retained
+//! records above its SCL.
+//!
+//! Invariants: a down node is sent nothing but probes and truncations; records dropped from a
+//! down node's queue are still retained (they are above their PG's PGCL), so catch-up can
+//! resend them; a record is retained until its PG's PGCL passes it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+use bytes::Bytes;
+use wire::{AppendHeader, ErrorCode, Lsn, Message, PgId, SegmentIndex, SetPgmrpl};
+
+use super::{NodeIndex, Payload, RequestKind, VolumeCore};
+use crate::quorum::PgBatch;
+
+/// Bytes of records one node's queue may hold; a node that falls this far behind is treated
+/// as down and caught up from the retained records once it keeps up again.
+pub const NODE_QUEUE_BYTES_MAX: usize = 64 << 20;
+/// Most bytes of records merged into one append.
+const MERGED_APPEND_BYTES_MAX: usize = 1 << 20;
+
+/// Records of one PG for one segment, encoded once and shared by the six queues.
+#[derive(Clone, Debug)]
+pub(super) struct QueuedBatch {
+    pg: PgId,
+    segment: SegmentIndex,
+    records: Bytes,
+    record_count: u32,
+}
+
+/// One node as the writer sees it.
+#[derive(Debug)]
+pub(super) struct Link {
+    pub(super) up: bool,
+    queue: VecDeque<QueuedBatch>,
+    queued_bytes: usize,
+    inflight_rounds: usize,
+    /// The node has not installed this writer's truncation yet.
+    pub(super) needs_truncate: bool,
+    /// A probe or truncation is in flight.
+    probing: bool,
+    next_probe: Option<Instant>,
+}
+
+impl Link {
+    pub(super) fn new() -> Self {
+        Self {
+            up: true,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            inflight_rounds: 0,
+            needs_truncate: false,
+            probing: false,
+            next_probe: None,
+        }
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.queue.clear();
+        self.queued_bytes = 0;
+        self.inflight_rounds = 0;
+        self.probing = false;
+        self.next_probe = None;
+    }
+
+    pub(super) fn next_timer(&self) -> Option<Instant> {
+        if self.up || self.probing {
+            return None;
+        }
+        self.next_probe
+    }
+}
+
+impl VolumeCore {
+    /// Queues each PG batch (encoded once) to its six segments and retains its records.
+    pub(super) fn dispatch(&mut self, batches: Vec<PgBatch>) {
+        let serving = self.serving.as_mut().expect("dispatch while serving");
+        let vdl = serving.writer.vdl();
+        for batch in batches {
+            let pg_index = batch.pg.0 as usize;
+            let mut encoded = Vec::new();
+            let mut bounds = Vec::with_capacity(batch.records.len());
+            for record in &batch.records {
+                let start = encoded.len();
+                record.encode(&mut encoded);
+                bounds.push((record.lsn, start, encoded.len()));
+                serving.pg_lsns[pg_index].push_back(record.lsn);
+                serving.recent_writes.note(record.page, record.lsn);
+                if let Err(e) = serving.cache.apply(record, vdl) {
+                    // A cached page that refuses a record the writer accepted is a bug.
+                    panic!(
+                        "cached page {} refused record {}: {e}",
+                        record.page.0, record.lsn
+                    );
+                }
+            }
+            let encoded = Bytes::from(encoded);
+            for (lsn, start, end) in bounds {
+                serving.retained_bytes += end - start;
+                serving.retained[pg_index].insert(lsn, encoded.slice(start..end));
+            }
+            let record_count = u32::try_from(batch.records.len()).expect("bounded by LAL");
+            for (segment, node) in self.layout.placement[pg_index].iter().enumerate() {
+                let item = QueuedBatch {
+                    pg: batch.pg,
+                    segment: SegmentIndex(segment as u32),
+                    records: encoded.clone(),
+                    record_count,
+                };
+                enqueue(&mut self.links[*node], item);
+            }
+        }
+    }
+
+    /// Starts append rounds on every node that has room and something queued.
+    pub(super) fn pump_links(&mut self, now: Instant) {
+        if self.phase != super::Phase::Serving {
+            return;
+        }
+        for node in 0..self.links.len() {
+            while self.links[node].up
+                && !self.links[node].needs_truncate
+                && self.links[node].inflight_rounds < self.config.node_inflight_appends
+                && !self.links[node].queue.is_empty()
+            {
+                self.start_round(now, node);
+            }
+        }
+    }
+
+    /// Merges what is queued for `node` (up to a bound) into one Append per segment.
+    fn start_round(&mut self, now: Instant, node: NodeIndex) {
+        let link = &mut self.links[node];
+        let mut merged: BTreeMap<(PgId, SegmentIndex), (Vec<Bytes>, u32)> = BTreeMap::new();
+        let mut bytes = 0;
+        while let Some(batch) = link.queue.pop_front() {
+            link.queued_bytes -= batch.records.len();
+            bytes += batch.records.len();
+            let entry = merged.entry((batch.pg, batch.segment)).or_default();
+            entry.0.push(batch.records);
+            entry.1 += batch.record_count;
+            if bytes >= MERGED_APPEND_BYTES_MAX {
+                break;
+            }
+        }
+        assert!(!merged.is_empty());
+        link.inflight_rounds += 1;
+        let round = self.next_round;
+        self.next_round += 1;
+        self.rounds.insert(round, (node, merged.len()));
+        let vdl = self.vdl();
+        for ((pg, segment), (records, record_count)) in merged {
+            let header = AppendHeader {
+                volume: self.layout.volume,
+                epoch: self.epoch,
+                pg,
+                segment,
+                record_count,
+                vdl,
+            };
+            let redo_bytes: usize = records.iter().map(Bytes::len).sum();
+            self.stats.appends_sent += 1;
+            self.stats.redo_bytes_sent += redo_bytes as u64;
+            let kind = RequestKind::Append { pg, segment, round };
+            self.send(now, node, kind, Payload::Append { header, records });
+        }
+    }
+
+    /// One Append of a round got its answer.
+    pub(super) fn finish_round(&mut self, now: Instant, round: u64) {
+        let Some((node, remaining)) = self.rounds.get_mut(&round) else {
+            return;
+        };
+        *remaining -= 1;
+        if *remaining > 0 {
+            return;
+        }
+        let node = *node;
+        self.rounds.remove(&round);
+        let link = &mut self.links[node];
+        link.inflight_rounds = link.inflight_rounds.saturating_sub(1);
+        self.pump_links(now);
+    }
+
+    pub(super) fn on_append_reply(
+        &mut self,
+        now: Instant,
+        node: NodeIndex,
+        pg: PgId,
+        segment: SegmentIndex,
+        reply: Result<Message, String>,
+    ) {
+        match reply {
+            Ok(Message::Ack(ack)) if ack.pg == pg && ack.segment == segment => {
+                self.on_ack(pg, segment, ack.scl);
+            }
+            Ok(Message::Error(e)) if e.code == ErrorCode::EpochNotInstalled => {
+                self.links[node].needs_truncate = true;
+                self.mark_down(now, node, "it has not installed this writer's epoch");
+            }
+            Ok(Message::Error(e)) => {
+                let why = format!("it refused an append: {:?} {}", e.code, e.message);
+                self.mark_down(now, node, &why);
+            }
+            Ok(other) => {
+                let why = format!("it answered an append with {}", message_name(&other));
+                self.mark_down(now, node, &why);
+            }
+            Err(e) => self.mark_down(now, node, &e),
+        }
+    }
+
+    /// Feeds one ack into the writer; frees retained records its PG no longer needs.
+    fn on_ack(&mut self, pg: PgId, segment: SegmentIndex, scl: Lsn) {
+        let serving = self
+            .serving
+            .as_mut()
+            .expect("acks count only while serving");
+        let advanced = serving.writer.on_ack(pg, segment, scl);
+        let pgcl = serving.writer.pgcl(pg);
+        let retained = &mut serving.retained[pg.0 as usize];
+        let mut freed = 0;
+        while let Some(entry) = retained.first_entry().filter(|e| *e.key() <= pgcl) {
+            freed += entry.remove().len();
+        }
+        assert!(freed <= serving.retained_bytes);
+        serving.retained_bytes -= freed;
+        if advanced {
+            self.on_vdl_advanced();
+        }
+    }
+
+    /// Treats `node` as down: its queue goes (catch-up resends from the retained records) and
+    /// it is probed until it answers.
+    pub(super) fn mark_down(&mut self, now: Instant, node: NodeIndex, why: &str) {
+        let link = &mut self.links[node];
+        if link.up {
+            tracing::info!(
+                "node {} is down for this writer: {why}",
+                self.layout.node_names[node]
+            );
+        }
+        link.up = false;
+        link.queue.clear();
+        link.queued_bytes = 0;
+        if link.next_probe.is_none() {
+            link.next_probe = Some(now + self.config.reconnect_interval);
+        }
+    }
+
+    /// Probes down nodes whose turn has come.
+    pub(super) fn links_timeout(&mut self, now: Instant) {
+        for node in 0..self.links.len() {
+            let link = &self.links[node];
+            if link.up || link.probing || link.next_probe.is_some_and(|t| t > now) {
+                continue;
+            }
+            self.links[node].probing = true;
+            let message = Message::GetVolumeState(self.layout.volume);
+            self.send(now, node, RequestKind::Probe, Payload::Message(message));
+        }
+    }
+
+    pub(super) fn on_probe_reply(
+        &mut self,
+        now: Instant,
+        node: NodeIndex,
+        reply: Result<Message, String>,
+    ) {
+        self.links[node].probing = false;
+        self.links[node].next_probe = Some(now + self.config.reconnect_interval);
+        if let Ok(Message::VolumeState(state)) = reply {
+            self.reconcile(now, node, &state);
+        }
+    }
+
+    /// Forwards the oldest truncation the node lacks (this writer's own included, which also
+    /// installs its epoch there), or brings the node up once it has them all.
+    fn reconcile(&mut self, now: Instant, node: NodeIndex, state: &wire::VolumeState) {
+        let serving = self.serving.as_ref().expect("serving");
+        let missing = serving
+            .truncations
+            .iter()
+            .find(|t| !state.truncations.contains(t))
+            .copied();
+        let Some(range) = missing else {
+            self.links[node].needs_truncate = false;
+            self.bring_up(now, node, state);
+            return;
+        };
+        self.links[node].needs_truncate = true;
+        self.links[node].probing = true;
+        let truncate = wire::Truncate {
+            volume: self.layout.volume,
+            epoch: self.epoch,
+            range,
+        };
+        let payload = Payload::Message(Message::Truncate(truncate));
+        self.send(now, node, RequestKind::Truncate, payload);
+    }
+
+    pub(super) fn on_truncate_reply(
+        &mut self,
+        now: Instant,
+        node: NodeIndex,
+        reply: Result<Message, String>,
+    ) {
+        self.links[node].probing = false;
+        self.links[node].next_probe = Some(now + self.config.reconnect_interval);
+        if let Ok(Message::VolumeState(state)) = reply {
+            self.reconcile(now, node, &state);
+        }
+    }
+
+    /// The node answered: it is up again; queue, for each of its segments, the retained
+    /// records above the SCL it reports.
+    fn bring_up(&mut self, now: Instant, node: NodeIndex, state: &wire::VolumeState) {
+        let link = &mut self.links[node];
+        assert!(!link.needs_truncate);
+        link.up = true;
+        link.next_probe = None;
+        tracing::info!(
+            "node {} is back; catching it up",
+            self.layout.node_names[node]
+        );
+        let serving = self.serving.as_mut().expect("serving");
+        for (pg, nodes) in self.layout.placement.iter().enumerate() {
+            for (segment, n) in nodes.iter().enumerate() {
+                if *n != node {
+                    continue;
+                }
+                let (pg, segment) = (PgId(pg as u32), SegmentIndex(segment as u32));
+                let scl = state
+                    .segments
+                    .iter()
+                    .find(|s| s.pg == pg && s.segment == segment)
+                    .map_or(Lsn::ZERO, |s| s.scl);
+                let retained = &serving.retained[pg.0 as usize];
+                let missing: Vec<Bytes> = retained
+                    .range(Lsn(scl.0 + 1)..)
+                    .map(|(_, b)| b.clone())
+                    .collect();
+                for chunk in missing.chunks(256) {
+                    let item = QueuedBatch {
+                        pg,
+                        segment,
+                        records: Bytes::from(chunk.concat()),
+                        record_count: u32::try_from(chunk.len()).expect("small"),
+                    };
+                    enqueue(&mut self.links[node], item);
+                }
+            }
+        }
+        self.pump_links(now);
+    }
+
+    /// Publishes PGMRPL: the lowest outstanding read point (or VDL when there is none).
+    pub(super) fn publish_pgmrpl(&mut self, now: Instant) {
+        let floor = self
+            .read_points
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.vdl());
+        let serving = self.serving.as_mut().expect("serving");
+        for lsns in &mut serving.pg_lsns {
+            while lsns.len() >= 2 && lsns[1] <= floor {
+                lsns.pop_front();
+            }
+        }
+        let mut updates = Vec::new();
+        for (pg, sent) in serving.pgmrpl_sent.iter_mut().enumerate() {
+            if floor > *sent {
+                *sent = floor;
+                updates.push(PgId(pg as u32));
+            }
+        }
+        for pg in updates {
+            for node in self.layout.placement[pg.0 as usize] {
+                if !self.links[node].up {
+                    continue;
+                }
+                let message = Message::SetPgmrpl(SetPgmrpl {
+                    volume: self.layout.volume,
+                    pg,
+                    pgmrpl: floor,
+                });
+                self.stats.pgmrpl_sent += 1;
+                self.send(now, node, RequestKind::Pgmrpl, Payload::Message(message));
+            }
+        }
+    }
+}
+
+/// Queues a batch unless the node is down or too far behind (then it is marked down: its
+/// records stay retained and catch-up resends them).
+fn enqueue(link: &mut Link, batch: QueuedBatch) {
+    if !link.up {
+        return;
+    }
+    let bytes = batch.records.len();
+    if link.queued_bytes + bytes > NODE_QUEUE_BYTES_MAX {
+        link.up = false;
+        link.queue.clear();
+        link.queued_bytes = 0;
+        return;
+    }
+    link.queued_bytes += bytes;
+    link.queue.push_back(batch);
+}
+
+/// A message kind's name, for error messages.
+pub(super) fn message_name(message: &Message) -> &'static str {
+    match message {
+        Message::Append(_) => "Append",
+        Message::Ack(_) => "Ack",
+        Message::Error(_) => "Error",
+        Message::ReadPage(_) => "ReadPage",
+        Message::Page(_) => "Page",
+        Message::HostSegments(_) => "HostSegments",
+        Message::SetPgmrpl(_) => "SetPgmrpl",
+        Message::Done => "Done",
+        Message::GetVolumeState(_) => "GetVolumeState",
+        Message::VolumeState(_) => "VolumeState",
+        Message::Fence(_) => "Fence",
+        Message::Truncate(_) => "Truncate",
+        Message::FetchRecords(_) => "FetchRecords",
+        Message::Records(_) => "Records",
+    }
+}

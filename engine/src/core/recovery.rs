@@ -1,0 +1,808 @@
+//! Crash recovery (DESIGN.md "Recovery and fencing"; Aurora SIGMOD 2018 §2.4). No redo is
+//! replayed, so recovery time depends on the records above the last VDL any node heard of,
+//! not on the volume's size. Steps, each retried every `reconnect_interval` for nodes that
+//! have not answered, each waiting (and saying which PGs and segments it waits for) rather
+//! than guessing:
+//!
+//! 1. **Query**: learn every node's epoch (a read quorum of every PG must answer; a node that
+//!    does not host what the volume file says fails recovery with a message naming it).
+//! 2. **Fence**: propose `epoch.next(tag)` carrying the highest epoch seen. A fenced node
+//!    refuses the old writer, so once a read quorum of a PG is fenced no new record of that PG
+//!    can reach a write quorum: the SCLs in the fence replies cover every record the old writer
+//!    ever completed. A node lacking a truncation another node reports gets it forwarded first
+//!    (otherwise its SCL could count annulled records). Any `StaleEpoch` fences this writer.
+//! 3. **Fetch**: `floor` = the highest VDL any fenced node holds (from Append headers): every
+//!    LSN ≤ floor is complete. Per PG, fetch from the segment with the highest SCL the chain
+//!    above `min(floor, the 4th-highest SCL)` up to that SCL.
+//! 4. **Compute**: LSNs are allocated without gaps, so VCL is the end of the run of LSNs above
+//!    `floor` that the fetched chains account for; VDL is the highest CPL ≤ VCL (or `floor`).
+//!    Each PG's last record ≤ VDL becomes the next record's backlink.
+//! 5. **Copy**: where fewer than `WRITE_QUORUM` fenced segments of a PG hold its last record,
+//!    append the missing records (from the fetched chain) to the best-placed others.
+//! 6. **Truncate**: record `(VDL, VDL + LAL]`, annulling older epochs, on every node; once a
+//!    write quorum of every PG has it, serve, allocating from VDL + 1. (DESIGN.md says new LSNs
+//!    start above the range; allocating right after VDL instead keeps LSNs gap-free, which is
+//!    what lets step 4 tell a lost record from an unallocated LSN without trusting truncation
+//!    ranges that an interrupted recovery may have left on a single node. The range annuls
+//!    only records of older epochs, so the new writer's records in it stay valid.)
+//!
+//! Restarted from scratch (a new writer, a new tag), recovery reaches the same VDL or a
+//! higher one: the VDL is a function of the durable records, and a previous recovery's copies
+//! only add holders.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use bytes::Bytes;
+use wire::{
+    AppendHeader, Epoch, ErrorCode, Fence, FetchRecords, LogRecord, Lsn, Message, PG_SIZE, PgId,
+    READ_QUORUM, Records, SegmentIndex, Truncate, TruncationRange, VolumeState, WRITE_QUORUM,
+};
+
+use super::links::message_name;
+use super::{NodeIndex, Payload, Phase, RecentWrites, RequestKind, Serving, VolumeCore};
+use crate::cache::BufferCache;
+use crate::quorum::Writer;
+
+/// Bytes of records fetched or copied per request.
+const RECOVERY_CHUNK_BYTES: u32 = 1 << 20;
+
+/// What a recovery request was for.
+#[derive(Clone, Debug)]
+pub(crate) enum RecoveryRequest {
+    Query,
+    Fence,
+    /// A truncation forwarded to a fenced node that lacked it.
+    Repair,
+    Fetch {
+        pg: PgId,
+    },
+    Copy {
+        pg: PgId,
+        segment: SegmentIndex,
+    },
+    Truncate,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    Query,
+    Fence,
+    Fetch,
+    Copy,
+    Truncate,
+}
+
+/// One PG during recovery.
+#[derive(Debug, Default)]
+struct PgRecovery {
+    /// Fetch sources, highest SCL first.
+    sources: Vec<SegmentIndex>,
+    source: usize,
+    /// The highest SCL of a fenced segment: fetch up to here.
+    target: Lsn,
+    /// Fetch the chain above this.
+    from: Lsn,
+    /// The fetched chain, increasing.
+    records: Vec<LogRecord>,
+    fetched_through: Lsn,
+    fetch_done: bool,
+    fetch_inflight: bool,
+    /// The PG's last record at or below the recovered VDL.
+    last: Lsn,
+    copy_inflight: [bool; PG_SIZE],
+}
+
+/// The recovery state machine's data (its transitions are `VolumeCore` methods).
+#[derive(Debug)]
+pub(super) struct Recovery {
+    step: Step,
+    epoch_seen: Epoch,
+    epoch_new: Epoch,
+    /// Per node: a request of the current step is in flight.
+    inflight: Vec<bool>,
+    /// Per node: its last VolumeState (Query: any; later: fenced at `epoch_new`).
+    states: Vec<Option<VolumeState>>,
+    /// Per node: it has installed this recovery's truncation.
+    truncated: Vec<bool>,
+    /// Every truncation any fenced node reported.
+    known: BTreeSet<TruncationRange>,
+    next_resend: Instant,
+    floor: Lsn,
+    vdl: Lsn,
+    pgs: Vec<PgRecovery>,
+    started: Instant,
+}
+
+impl Recovery {
+    pub(super) fn new(layout: &super::VolumeLayout, now: Instant) -> Self {
+        let nodes = layout.node_names.len();
+        Self {
+            step: Step::Query,
+            epoch_seen: layout.epoch,
+            epoch_new: layout.epoch,
+            inflight: vec![false; nodes],
+            states: vec![None; nodes],
+            truncated: vec![false; nodes],
+            known: BTreeSet::new(),
+            next_resend: now,
+            floor: Lsn::ZERO,
+            vdl: Lsn::ZERO,
+            pgs: (0..layout.placement.len())
+                .map(|_| PgRecovery::default())
+                .collect(),
+            started: now,
+        }
+    }
+
+    pub(super) fn next_timer(&self) -> Instant {
+        self.next_resend
+    }
+
+    /// Whether `node`'s fenced state has every known truncation (its SCLs count then).
+    fn consistent(&self, node: NodeIndex) -> bool {
+        self.states[node]
+            .as_ref()
+            .is_some_and(|s| self.known.iter().all(|t| s.truncations.contains(t)))
+    }
+}
+
+impl VolumeCore {
+    fn recovery(&mut self) -> &mut Recovery {
+        self.recovery.as_mut().expect("recovering")
+    }
+
+    pub(super) fn recovery_start(&mut self, now: Instant) {
+        assert!(self.serving.is_none());
+        assert!(matches!(self.phase, Phase::Recovering(_)));
+        self.recovery = Some(Recovery::new(&self.layout, now));
+        self.recovery_resend(now);
+    }
+
+    /// Sends the current step's request to every node that has neither answered nor a
+    /// request in flight, and refreshes the status.
+    fn recovery_resend(&mut self, now: Instant) {
+        let interval = self.config.reconnect_interval;
+        let recovery = self.recovery.as_mut().expect("recovering");
+        recovery.next_resend = now + interval;
+        let step = recovery.step;
+        for node in 0..self.links.len() {
+            let recovery = self.recovery.as_mut().expect("recovering");
+            if recovery.inflight[node] {
+                continue;
+            }
+            if step == Step::Query {
+                if recovery.states[node].is_none() {
+                    self.send_query(now, node);
+                }
+            } else if recovery.states[node].is_none() {
+                self.send_fence(now, node);
+            } else if !recovery.consistent(node) {
+                self.send_repair(now, node);
+            } else if step == Step::Truncate && !recovery.truncated[node] {
+                self.send_own_truncate(now, node);
+            }
+        }
+        if self
+            .recovery
+            .as_ref()
+            .is_some_and(|r| r.step == Step::Fetch)
+        {
+            self.recovery_fetch(now);
+        }
+        if self.recovery.as_ref().is_some_and(|r| r.step == Step::Copy) {
+            self.recovery_copy(now);
+        }
+        self.phase = Phase::Recovering(self.recovery_status());
+    }
+
+    pub(super) fn recovery_timeout(&mut self, now: Instant) {
+        if self.recovery.as_ref().is_some_and(|r| r.next_resend <= now) {
+            self.recovery_resend(now);
+        }
+    }
+
+    fn send_query(&mut self, now: Instant, node: NodeIndex) {
+        self.recovery().inflight[node] = true;
+        let message = Message::GetVolumeState(self.layout.volume);
+        let kind = RequestKind::Recovery(RecoveryRequest::Query);
+        self.send(now, node, kind, Payload::Message(message));
+    }
+
+    fn send_fence(&mut self, now: Instant, node: NodeIndex) {
+        let recovery = self.recovery.as_mut().expect("recovering");
+        recovery.inflight[node] = true;
+        let fence = Fence {
+            volume: self.layout.volume,
+            epoch_current: recovery.epoch_seen,
+            epoch_new: recovery.epoch_new,
+        };
+        let kind = RequestKind::Recovery(RecoveryRequest::Fence);
+        self.send(now, node, kind, Payload::Message(Message::Fence(fence)));
+    }
+
+    /// Forwards the oldest truncation `node` lacks.
+    fn send_repair(&mut self, now: Instant, node: NodeIndex) {
+        let recovery = self.recovery.as_mut().expect("recovering");
+        let state = recovery.states[node].as_ref().expect("fenced");
+        let Some(range) = recovery
+            .known
+            .iter()
+            .find(|t| !state.truncations.contains(t))
+        else {
+            return;
+        };
+        let truncate = Truncate {
+            volume: self.layout.volume,
+            epoch: recovery.epoch_new,
+            range: *range,
+        };
+        recovery.inflight[node] = true;
+        let kind = RequestKind::Recovery(RecoveryRequest::Repair);
+        self.send(
+            now,
+            node,
+            kind,
+            Payload::Message(Message::Truncate(truncate)),
+        );
+    }
+
+    fn own_truncation(&self) -> TruncationRange {
+        let recovery = self.recovery.as_ref().expect("recovering");
+        TruncationRange {
+            annul_epoch: recovery.epoch_new,
+            after: recovery.vdl,
+            through: Lsn(recovery.vdl.0.saturating_add(self.config.lal)),
+        }
+    }
+
+    fn send_own_truncate(&mut self, now: Instant, node: NodeIndex) {
+        let range = self.own_truncation();
+        let recovery = self.recovery.as_mut().expect("recovering");
+        recovery.inflight[node] = true;
+        let truncate = Truncate {
+            volume: self.layout.volume,
+            epoch: recovery.epoch_new,
+            range,
+        };
+        let kind = RequestKind::Recovery(RecoveryRequest::Truncate);
+        self.send(
+            now,
+            node,
+            kind,
+            Payload::Message(Message::Truncate(truncate)),
+        );
+    }
+
+    pub(super) fn on_recovery_reply(
+        &mut self,
+        now: Instant,
+        node: NodeIndex,
+        request: RecoveryRequest,
+        reply: Result<Message, String>,
+    ) {
+        if self.recovery.is_none() {
+            return; // Fenced or failed meanwhile.
+        }
+        match request {
+            RecoveryRequest::Fetch { pg } => {
+                self.recovery().pgs[pg.0 as usize].fetch_inflight = false
+            }
+            RecoveryRequest::Copy { pg, segment } => {
+                self.recovery().pgs[pg.0 as usize].copy_inflight[segment.0 as usize] = false;
+            }
+            _ => self.recovery().inflight[node] = false,
+        }
+        let state = match reply {
+            Ok(Message::VolumeState(state)) => Some(state),
+            Ok(Message::Records(records)) => {
+                if let RecoveryRequest::Fetch { pg } = request {
+                    self.on_fetched(now, pg, records);
+                }
+                None
+            }
+            Ok(Message::Ack(ack)) => {
+                if let RecoveryRequest::Copy { pg, segment } = request {
+                    self.on_copied(now, node, pg, segment, ack.scl);
+                }
+                None
+            }
+            Ok(Message::Error(e)) if e.code == ErrorCode::UnknownSegment => {
+                let name = &self.layout.node_names[node];
+                let why = format!(
+                    "node {name} does not host volume {}: {}",
+                    self.layout.volume, e.message
+                );
+                self.fail(why);
+                return;
+            }
+            Ok(Message::Error(e)) => {
+                tracing::warn!(
+                    "recovery: node {} refused {request:?}: {:?} {}",
+                    self.layout.node_names[node],
+                    e.code,
+                    e.message
+                );
+                None
+            }
+            Ok(other) => {
+                tracing::warn!("recovery: node answered {}", message_name(&other));
+                None
+            }
+            Err(_) => None,
+        };
+        if let Some(state) = state {
+            self.on_recovery_state(now, node, &request, state);
+        }
+        if self.recovery.is_some() {
+            self.recovery_advance(now);
+        }
+    }
+
+    /// A VolumeState answering a query, a fence, a repair or the truncation.
+    fn on_recovery_state(
+        &mut self,
+        now: Instant,
+        node: NodeIndex,
+        request: &RecoveryRequest,
+        state: VolumeState,
+    ) {
+        if let Err(why) = self.check_hosting(node, &state) {
+            self.fail(why);
+            return;
+        }
+        let recovery = self.recovery.as_mut().expect("recovering");
+        match request {
+            RecoveryRequest::Query => {
+                recovery.epoch_seen = recovery.epoch_seen.max(state.epoch);
+                recovery.states[node] = Some(state);
+            }
+            RecoveryRequest::Fence | RecoveryRequest::Repair => {
+                if state.epoch != recovery.epoch_new {
+                    return; // Someone else's epoch: the next Fence attempt learns of it.
+                }
+                recovery.known.extend(state.truncations.iter().copied());
+                recovery.states[node] = Some(state);
+                if !recovery.consistent(node) {
+                    self.send_repair(now, node);
+                }
+            }
+            RecoveryRequest::Truncate => {
+                recovery.truncated[node] = true;
+                recovery.states[node] = Some(state);
+                if !recovery.consistent(node) {
+                    self.send_repair(now, node);
+                }
+            }
+            RecoveryRequest::Fetch { .. } | RecoveryRequest::Copy { .. } => {}
+        }
+    }
+
+    /// Fails recovery for good (the volume file does not match the nodes).
+    fn fail(&mut self, why: String) {
+        tracing::error!("recovery failed: {why}");
+        self.fail_everything(&super::VolumeError::Failed(why.clone()));
+        self.phase = Phase::Failed(why);
+    }
+
+    /// Checks that the node hosts every segment the volume file places on it.
+    fn check_hosting(&self, node: NodeIndex, state: &VolumeState) -> Result<(), String> {
+        let name = &self.layout.node_names[node];
+        if state.volume != self.layout.volume {
+            return Err(format!("node {name} answered for volume {}", state.volume));
+        }
+        for (pg, nodes) in self.layout.placement.iter().enumerate() {
+            for (segment, n) in nodes.iter().enumerate() {
+                let (pg, segment) = (PgId(pg as u32), SegmentIndex(segment as u32));
+                if *n == node
+                    && !state
+                        .segments
+                        .iter()
+                        .any(|s| s.pg == pg && s.segment == segment)
+                {
+                    return Err(format!(
+                        "node {name} does not host pg {pg} segment {segment} of volume {} \
+                         (the volume file says it does)",
+                        self.layout.volume
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The nodes whose states count in the current step, per segment of `pg`.
+    fn counted(&self, pg: usize) -> Vec<(SegmentIndex, Lsn)> {
+        let recovery = self.recovery.as_ref().expect("recovering");
+        let mut out = Vec::new();
+        for (segment, node) in self.layout.placement[pg].iter().enumerate() {
+            let counts = match recovery.step {
+                Step::Query => recovery.states[*node].is_some(),
+                Step::Truncate => recovery.truncated[*node] && recovery.consistent(*node),
+                _ => recovery.consistent(*node),
+            };
+            if !counts {
+                continue;
+            }
+            let segment = SegmentIndex(segment as u32);
+            let state = recovery.states[*node]
+                .as_ref()
+                .expect("counted nodes answered");
+            let scl = state
+                .segments
+                .iter()
+                .find(|s| s.pg == PgId(pg as u32) && s.segment == segment)
+                .map_or(Lsn::ZERO, |s| s.scl);
+            out.push((segment, scl));
+        }
+        out
+    }
+
+    /// Moves to the next step when the current one has what it needs.
+    fn recovery_advance(&mut self, now: Instant) {
+        let pg_count = self.layout.placement.len();
+        let step = self.recovery().step;
+        let quorum_everywhere =
+            |core: &Self, quorum: usize| (0..pg_count).all(|pg| core.counted(pg).len() >= quorum);
+        match step {
+            Step::Query if quorum_everywhere(self, READ_QUORUM) => {
+                let recovery = self.recovery.as_mut().expect("recovering");
+                recovery.epoch_new = recovery.epoch_seen.next(self.config.epoch_tag);
+                recovery.step = Step::Fence;
+                recovery.states.iter_mut().for_each(|s| *s = None);
+                self.epoch = self.recovery().epoch_new;
+                self.recovery_resend(now);
+            }
+            Step::Fence if quorum_everywhere(self, READ_QUORUM) => {
+                self.plan_fetch();
+                self.recovery().step = Step::Fetch;
+                self.recovery_resend(now);
+            }
+            Step::Fetch if self.recovery().pgs.iter().all(|p| p.fetch_done) => {
+                self.compute_vdl();
+                self.recovery().step = Step::Copy;
+                self.recovery_resend(now);
+            }
+            Step::Copy if self.copies_done() => {
+                self.recovery().step = Step::Truncate;
+                self.recovery_resend(now);
+            }
+            Step::Truncate if self.truncation_done() => self.finish_recovery(now),
+            _ => self.phase = Phase::Recovering(self.recovery_status()),
+        }
+    }
+
+    /// Picks each PG's fetch source and range from the fenced SCLs.
+    fn plan_fetch(&mut self) {
+        let pg_count = self.layout.placement.len();
+        let recovery = self.recovery.as_ref().expect("recovering");
+        let floor = (0..self.links.len())
+            .filter(|n| recovery.consistent(*n))
+            .filter_map(|n| recovery.states[n].as_ref().map(|s| s.vdl))
+            .max()
+            .unwrap_or(Lsn::ZERO);
+        let plans: Vec<(Vec<SegmentIndex>, Lsn, Lsn)> = (0..pg_count)
+            .map(|pg| {
+                let mut counted = self.counted(pg);
+                counted.sort_by_key(|c| std::cmp::Reverse(c.1));
+                assert!(counted.len() >= READ_QUORUM);
+                let target = counted[0].1;
+                let fourth = counted
+                    .get(WRITE_QUORUM - 1)
+                    .or(counted.last())
+                    .map_or(Lsn::ZERO, |c| c.1);
+                let sources = counted.iter().map(|c| c.0).collect();
+                (sources, target, floor.min(fourth))
+            })
+            .collect();
+        let recovery = self.recovery.as_mut().expect("recovering");
+        recovery.floor = floor;
+        for (pg, (sources, target, from)) in recovery.pgs.iter_mut().zip(plans) {
+            pg.sources = sources;
+            pg.target = target;
+            pg.from = from;
+            pg.fetched_through = from;
+            pg.fetch_done = target <= from;
+        }
+    }
+
+    /// Sends the next fetch of every PG that needs one.
+    fn recovery_fetch(&mut self, now: Instant) {
+        for pg in 0..self.layout.placement.len() {
+            let recovery = self.recovery.as_mut().expect("recovering");
+            let state = &mut recovery.pgs[pg];
+            if state.fetch_done || state.fetch_inflight {
+                continue;
+            }
+            let Some(&segment) = state.sources.get(state.source) else {
+                continue;
+            };
+            state.fetch_inflight = true;
+            let fetch = FetchRecords {
+                volume: self.layout.volume,
+                epoch: recovery.epoch_new,
+                pg: PgId(pg as u32),
+                segment,
+                after: state.fetched_through,
+                through: state.target,
+                bytes_max: RECOVERY_CHUNK_BYTES,
+            };
+            let node = self.layout.placement[pg][segment.0 as usize];
+            let kind = RequestKind::Recovery(RecoveryRequest::Fetch {
+                pg: PgId(pg as u32),
+            });
+            self.send(
+                now,
+                node,
+                kind,
+                Payload::Message(Message::FetchRecords(fetch)),
+            );
+        }
+    }
+
+    /// Appends fetched records after checking that they continue the chain.
+    fn on_fetched(&mut self, now: Instant, pg: PgId, reply: Records) {
+        let state = &mut self.recovery.as_mut().expect("recovering").pgs[pg.0 as usize];
+        let mut previous = state.records.last().map(|r| r.lsn);
+        let mut chain_ok = reply.pg == pg;
+        for record in &reply.records {
+            let links = match previous {
+                Some(lsn) => record.backlink == lsn,
+                None => record.backlink <= state.from,
+            };
+            chain_ok &= links && record.lsn > state.fetched_through && record.lsn <= state.target;
+            previous = Some(record.lsn);
+        }
+        if !chain_ok || reply.records.is_empty() {
+            // This source cannot give the chain up to the target (it lost records, or it
+            // sent something that does not link): try the next-best one, or settle for what
+            // the chain reaches.
+            state.source += 1;
+            let next = state.sources.get(state.source).is_some();
+            if !next {
+                tracing::warn!(
+                    "recovery: pg {pg}: no source reaches SCL {}; the chain ends at {}",
+                    state.target,
+                    state.fetched_through
+                );
+                state.target = state.fetched_through;
+                state.fetch_done = true;
+            }
+            let _ = now;
+            return;
+        }
+        state.fetched_through = reply
+            .records
+            .last()
+            .map_or(state.fetched_through, |r| r.lsn);
+        state.records.extend(reply.records);
+        state.fetch_done = state.fetched_through >= state.target;
+        assert!(state.fetched_through <= state.target);
+    }
+
+    /// VCL: the end of the gap-free run of LSNs above the floor that the chains account for;
+    /// VDL: the highest CPL ≤ VCL; each PG's last record ≤ VDL.
+    fn compute_vdl(&mut self) {
+        let recovery = self.recovery.as_mut().expect("recovering");
+        let floor = recovery.floor;
+        let mut above: BTreeMap<Lsn, bool> = BTreeMap::new();
+        for pg in &recovery.pgs {
+            for record in pg.records.iter().filter(|r| r.lsn > floor) {
+                above.insert(record.lsn, record.cpl);
+            }
+        }
+        let mut vcl = floor;
+        let mut vdl = floor;
+        for (lsn, cpl) in above {
+            if lsn.0 != vcl.0 + 1 {
+                break;
+            }
+            vcl = lsn;
+            if cpl {
+                vdl = lsn;
+            }
+        }
+        assert!(vdl <= vcl);
+        assert!(vdl >= floor);
+        recovery.vdl = vdl;
+        for pg in &mut recovery.pgs {
+            let below: Vec<&LogRecord> = pg.records.iter().filter(|r| r.lsn <= vdl).collect();
+            pg.last = match (below.last(), pg.records.first()) {
+                (Some(record), _) => record.lsn,
+                (None, Some(first)) => first.backlink,
+                (None, None) => pg.target,
+            };
+            assert!(pg.last <= vdl);
+        }
+        tracing::info!("recovery: floor {floor}, VCL {vcl}, VDL {vdl}");
+    }
+
+    /// Copies the missing records to the best-placed segments of every PG lacking a write
+    /// quorum at its last record.
+    fn recovery_copy(&mut self, now: Instant) {
+        for pg in 0..self.layout.placement.len() {
+            let mut counted = self.counted(pg);
+            let last = self.recovery().pgs[pg].last;
+            let holders = counted.iter().filter(|c| c.1 >= last).count();
+            if holders >= WRITE_QUORUM {
+                continue;
+            }
+            counted.retain(|c| c.1 < last);
+            counted.sort_by_key(|c| std::cmp::Reverse(c.1));
+            for (segment, scl) in counted.into_iter().take(WRITE_QUORUM - holders) {
+                self.send_copy(now, PgId(pg as u32), segment, scl);
+            }
+        }
+    }
+
+    fn send_copy(&mut self, now: Instant, pg: PgId, segment: SegmentIndex, scl: Lsn) {
+        let volume = self.layout.volume;
+        let node = self.layout.placement[pg.0 as usize][segment.0 as usize];
+        let recovery = self.recovery.as_mut().expect("recovering");
+        let (epoch, floor) = (recovery.epoch_new, recovery.floor);
+        let state = &mut recovery.pgs[pg.0 as usize];
+        if state.copy_inflight[segment.0 as usize] || scl < state.from {
+            return; // In flight, or below what was fetched: another segment will do.
+        }
+        let mut encoded = Vec::new();
+        let mut count = 0u32;
+        for record in state
+            .records
+            .iter()
+            .filter(|r| r.lsn > scl && r.lsn <= state.last)
+        {
+            record.encode(&mut encoded);
+            count += 1;
+            if encoded.len() >= RECOVERY_CHUNK_BYTES as usize {
+                break;
+            }
+        }
+        if count == 0 {
+            return;
+        }
+        state.copy_inflight[segment.0 as usize] = true;
+        let header = AppendHeader {
+            volume,
+            epoch,
+            pg,
+            segment,
+            record_count: count,
+            vdl: floor,
+        };
+        let payload = Payload::Append {
+            header,
+            records: vec![Bytes::from(encoded)],
+        };
+        let kind = RequestKind::Recovery(RecoveryRequest::Copy { pg, segment });
+        self.send(now, node, kind, payload);
+    }
+
+    fn on_copied(
+        &mut self,
+        now: Instant,
+        node: NodeIndex,
+        pg: PgId,
+        segment: SegmentIndex,
+        scl: Lsn,
+    ) {
+        let recovery = self.recovery.as_mut().expect("recovering");
+        if let Some(state) = recovery.states[node].as_mut()
+            && let Some(s) = state
+                .segments
+                .iter_mut()
+                .find(|s| s.pg == pg && s.segment == segment)
+        {
+            s.scl = s.scl.max(scl);
+        }
+        let last = recovery.pgs[pg.0 as usize].last;
+        if scl < last {
+            self.send_copy(now, pg, segment, scl);
+        }
+    }
+
+    fn copies_done(&self) -> bool {
+        let recovery = self.recovery.as_ref().expect("recovering");
+        (0..self.layout.placement.len()).all(|pg| {
+            let last = recovery.pgs[pg].last;
+            self.counted(pg).iter().filter(|c| c.1 >= last).count() >= WRITE_QUORUM
+        })
+    }
+
+    fn truncation_done(&self) -> bool {
+        self.copies_done()
+    }
+
+    /// Recovery is done: build the writer's state and serve.
+    fn finish_recovery(&mut self, now: Instant) {
+        let range = self.own_truncation();
+        let recovery = self.recovery.take().expect("recovering");
+        let pg_count = self.layout.placement.len();
+        let pg_last: Vec<Lsn> = recovery.pgs.iter().map(|p| p.last).collect();
+        let mut scl = vec![[Lsn::ZERO; PG_SIZE]; pg_count];
+        for (pg, nodes) in self.layout.placement.iter().enumerate() {
+            for (segment, node) in nodes.iter().enumerate() {
+                if !recovery.truncated[*node] {
+                    continue;
+                }
+                let state = recovery.states[*node]
+                    .as_ref()
+                    .expect("truncated nodes answered");
+                scl[pg][segment] = state
+                    .segments
+                    .iter()
+                    .find(|s| s.pg == PgId(pg as u32) && s.segment == SegmentIndex(segment as u32))
+                    .map_or(Lsn::ZERO, |s| s.scl);
+            }
+        }
+        let writer = Writer::recovered(
+            self.layout.geometry,
+            self.config.lal,
+            recovery.vdl,
+            &pg_last,
+            &scl,
+        );
+        let mut truncations: Vec<TruncationRange> = recovery.known.iter().copied().collect();
+        truncations.push(range);
+        self.serving = Some(Serving {
+            writer,
+            retained: vec![BTreeMap::new(); pg_count],
+            retained_bytes: 0,
+            recent_writes: RecentWrites::default(),
+            cache: BufferCache::new(self.config.cache_capacity_bytes),
+            pgmrpl_sent: vec![Lsn::ZERO; pg_count],
+            pg_lsns: pg_last.iter().map(|l| [*l].into_iter().collect()).collect(),
+            truncations,
+        });
+        for (node, link) in self.links.iter_mut().enumerate() {
+            if !recovery.truncated[node] {
+                link.up = false;
+                link.needs_truncate = true;
+            }
+        }
+        let elapsed = now.saturating_duration_since(recovery.started);
+        tracing::info!(
+            "recovered volume {}: VDL {}, epoch {}, in {} ms",
+            self.layout.volume,
+            recovery.vdl,
+            self.epoch,
+            elapsed.as_millis()
+        );
+        self.phase = Phase::Serving;
+        self.next_pgmrpl = now;
+    }
+
+    /// What recovery waits for, naming PGs, segments and nodes.
+    fn recovery_status(&self) -> String {
+        let Some(recovery) = self.recovery.as_ref() else {
+            return String::new();
+        };
+        let (what, quorum) = match recovery.step {
+            Step::Query => ("a read quorum to answer", READ_QUORUM),
+            Step::Fence => ("a read quorum to accept the new epoch", READ_QUORUM),
+            Step::Fetch => ("records to be fetched", READ_QUORUM),
+            Step::Copy => ("a write quorum to hold the recovered VDL", WRITE_QUORUM),
+            Step::Truncate => ("a write quorum to record the truncation", WRITE_QUORUM),
+        };
+        let mut waiting = Vec::new();
+        for pg in 0..self.layout.placement.len() {
+            let counted = self.counted(pg);
+            let short = counted.len() < quorum
+                || (recovery.step == Step::Fetch && !recovery.pgs[pg].fetch_done);
+            if !short {
+                continue;
+            }
+            let missing: Vec<String> = self.layout.placement[pg]
+                .iter()
+                .enumerate()
+                .filter(|(s, _)| !counted.iter().any(|c| c.0 == SegmentIndex(*s as u32)))
+                .map(|(s, n)| format!("segment {s} on {}", self.layout.node_names[*n]))
+                .collect();
+            waiting.push(format!(
+                "pg {pg} ({} of {quorum}; not yet: {})",
+                counted.len(),
+                missing.join(", ")
+            ));
+        }
+        format!("waiting for {what}: {}", waiting.join("; "))
+    }
+}
