@@ -248,6 +248,17 @@ impl Writer {
 
     /// PG complete LSN: the highest LSN that `WRITE_QUORUM` of the PG's segments hold.
     ///
+    /// The highest LSN allocated in `pg` (its next record's backlink).
+    ///
+    /// # Panics
+    /// If `pg` is outside the volume.
+    #[must_use]
+    pub fn pg_lsn_allocated_max(&self, pg: PgId) -> Lsn {
+        let state = self.pg(pg);
+        assert!(state.pgcl <= state.lsn_allocated_max);
+        state.lsn_allocated_max
+    }
+
     /// # Panics
     /// If `pg` is outside the volume.
     #[must_use]

@@ -5,15 +5,17 @@
 //! told the current truncation if it has not installed it, then caught up from the retained
 //! records above its SCL.
 //!
-//! Invariants: a down node is sent nothing but probes and truncations; records dropped from a
-//! down node's queue are still retained (they are above their PG's PGCL), so catch-up can
-//! resend them; a record is retained until its PG's PGCL passes it.
+//! Invariants: a down node is sent nothing but probes and truncations; a record is retained
+//! until all six segments of its PG hold it (so a node that was down or dropped a queue can be
+//! caught up) — except that past `retained_bytes_max` the oldest records that a write quorum
+//! already holds are let go (filling that gap is the peers' job, by gossip); records above
+//! PGCL are never let go, and past the bound writers see back-pressure instead.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
-use wire::{AppendHeader, ErrorCode, Lsn, Message, PgId, SegmentIndex, SetPgmrpl};
+use wire::{AppendHeader, ErrorCode, Lsn, Message, PG_SIZE, PgId, SegmentIndex, SetPgmrpl};
 
 use super::{NodeIndex, Payload, RequestKind, VolumeCore};
 use crate::quorum::PgBatch;
@@ -31,6 +33,17 @@ pub(super) struct QueuedBatch {
     segment: SegmentIndex,
     records: Bytes,
     record_count: u32,
+    /// Backlink of the first record: an ack whose SCL stays below it reveals a hole.
+    first_backlink: Lsn,
+}
+
+/// The backlink of an encoded record (bytes 8..16, see `wire::record`).
+fn backlink_of(record: &[u8]) -> Lsn {
+    let bytes: [u8; 8] = record
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .expect("records are encoded by this writer");
+    Lsn(u64::from_le_bytes(bytes))
 }
 
 /// One node as the writer sees it.
@@ -44,6 +57,8 @@ pub(super) struct Link {
     pub(super) needs_truncate: bool,
     /// A probe or truncation is in flight.
     probing: bool,
+    /// Per segment: the highest LSN a hole fill already queued (see `fill_hole`).
+    filled: BTreeMap<(PgId, SegmentIndex), Lsn>,
     next_probe: Option<Instant>,
 }
 
@@ -56,6 +71,7 @@ impl Link {
             inflight_rounds: 0,
             needs_truncate: false,
             probing: false,
+            filled: BTreeMap::new(),
             next_probe: None,
         }
     }
@@ -111,6 +127,7 @@ impl VolumeCore {
                     segment: SegmentIndex(segment as u32),
                     records: encoded.clone(),
                     record_count,
+                    first_backlink: batch.records[0].backlink,
                 };
                 enqueue(&mut self.links[*node], item);
             }
@@ -136,12 +153,16 @@ impl VolumeCore {
     /// Merges what is queued for `node` (up to a bound) into one Append per segment.
     fn start_round(&mut self, now: Instant, node: NodeIndex) {
         let link = &mut self.links[node];
-        let mut merged: BTreeMap<(PgId, SegmentIndex), (Vec<Bytes>, u32)> = BTreeMap::new();
+        let mut merged: BTreeMap<(PgId, SegmentIndex), (Vec<Bytes>, u32, Lsn)> = BTreeMap::new();
         let mut bytes = 0;
         while let Some(batch) = link.queue.pop_front() {
             link.queued_bytes -= batch.records.len();
             bytes += batch.records.len();
-            let entry = merged.entry((batch.pg, batch.segment)).or_default();
+            let entry = merged.entry((batch.pg, batch.segment)).or_insert((
+                Vec::new(),
+                0,
+                batch.first_backlink,
+            ));
             entry.0.push(batch.records);
             entry.1 += batch.record_count;
             if bytes >= MERGED_APPEND_BYTES_MAX {
@@ -154,7 +175,7 @@ impl VolumeCore {
         self.next_round += 1;
         self.rounds.insert(round, (node, merged.len()));
         let vdl = self.vdl();
-        for ((pg, segment), (records, record_count)) in merged {
+        for ((pg, segment), (records, record_count, first_backlink)) in merged {
             let header = AppendHeader {
                 volume: self.layout.volume,
                 epoch: self.epoch,
@@ -166,7 +187,12 @@ impl VolumeCore {
             let redo_bytes: usize = records.iter().map(Bytes::len).sum();
             self.stats.appends_sent += 1;
             self.stats.redo_bytes_sent += redo_bytes as u64;
-            let kind = RequestKind::Append { pg, segment, round };
+            let kind = RequestKind::Append {
+                pg,
+                segment,
+                round,
+                first_backlink,
+            };
             self.send(now, node, kind, Payload::Append { header, records });
         }
     }
@@ -191,13 +217,15 @@ impl VolumeCore {
         &mut self,
         now: Instant,
         node: NodeIndex,
-        pg: PgId,
-        segment: SegmentIndex,
+        (pg, segment, first_backlink): (PgId, SegmentIndex, Lsn),
         reply: Result<Message, String>,
     ) {
         match reply {
             Ok(Message::Ack(ack)) if ack.pg == pg && ack.segment == segment => {
                 self.on_ack(pg, segment, ack.scl);
+                if ack.scl < first_backlink {
+                    self.fill_hole(node, pg, segment, ack.scl, first_backlink);
+                }
             }
             Ok(Message::Error(e)) if e.code == ErrorCode::EpochNotInstalled => {
                 self.links[node].needs_truncate = true;
@@ -222,17 +250,51 @@ impl VolumeCore {
             .as_mut()
             .expect("acks count only while serving");
         let advanced = serving.writer.on_ack(pg, segment, scl);
-        let pgcl = serving.writer.pgcl(pg);
-        let retained = &mut serving.retained[pg.0 as usize];
-        let mut freed = 0;
-        while let Some(entry) = retained.first_entry().filter(|e| *e.key() <= pgcl) {
-            freed += entry.remove().len();
+        let everywhere = (0..PG_SIZE as u32)
+            .map(|s| serving.writer.segment_scl(pg, SegmentIndex(s)))
+            .min()
+            .expect("PG_SIZE > 0");
+        serving.release_retained(pg, everywhere);
+        if serving.retained_bytes > self.config.retained_bytes_max {
+            // Over the bound: let go of the oldest records a write quorum holds, PG by PG.
+            for pg in 0..serving.retained.len() {
+                let pg = PgId(pg as u32);
+                let pgcl = serving.writer.pgcl(pg);
+                serving.release_retained(pg, pgcl);
+                if serving.retained_bytes <= self.config.retained_bytes_max {
+                    break;
+                }
+            }
         }
-        assert!(freed <= serving.retained_bytes);
-        serving.retained_bytes -= freed;
         if advanced {
             self.on_vdl_advanced();
         }
+    }
+
+    /// The segment acked an SCL below the batch's first backlink: it lost records (a crash
+    /// took its unsynced writes) or missed them. Queue the retained ones in the hole, once.
+    fn fill_hole(
+        &mut self,
+        node: NodeIndex,
+        pg: PgId,
+        segment: SegmentIndex,
+        scl: Lsn,
+        through: Lsn,
+    ) {
+        assert!(scl < through);
+        let link = &mut self.links[node];
+        let filled = link.filled.entry((pg, segment)).or_insert(Lsn::ZERO);
+        let after = scl.max(*filled);
+        if after >= through {
+            return;
+        }
+        *filled = through;
+        let serving = self.serving.as_ref().expect("serving");
+        let missing: Vec<Bytes> = serving.retained[pg.0 as usize]
+            .range(Lsn(after.0 + 1)..=through)
+            .map(|(_, b)| b.clone())
+            .collect();
+        queue_chunks(link, pg, segment, &missing);
     }
 
     /// Treats `node` as down: its queue goes (catch-up resends from the retained records) and
@@ -248,6 +310,7 @@ impl VolumeCore {
         link.up = false;
         link.queue.clear();
         link.queued_bytes = 0;
+        link.filled.clear();
         if link.next_probe.is_none() {
             link.next_probe = Some(now + self.config.reconnect_interval);
         }
@@ -257,6 +320,21 @@ impl VolumeCore {
     pub(super) fn links_timeout(&mut self, now: Instant) {
         for node in 0..self.links.len() {
             let link = &self.links[node];
+            let lagging_idle = link.up
+                && link.inflight_rounds == 0
+                && link.queue.is_empty()
+                && !link.probing
+                && link.next_probe.is_none_or(|t| t <= now)
+                && self.lags(node);
+            if lagging_idle {
+                // Up but behind with nothing on the way (it lost records, and no append is
+                // left to reveal the hole): ask its SCLs and catch it up.
+                self.links[node].next_probe = Some(now + self.config.reconnect_interval * 5);
+                self.links[node].probing = true;
+                let message = Message::GetVolumeState(self.layout.volume);
+                self.send(now, node, RequestKind::Probe, Payload::Message(message));
+                continue;
+            }
             if link.up || link.probing || link.next_probe.is_some_and(|t| t > now) {
                 continue;
             }
@@ -264,6 +342,17 @@ impl VolumeCore {
             let message = Message::GetVolumeState(self.layout.volume);
             self.send(now, node, RequestKind::Probe, Payload::Message(message));
         }
+    }
+
+    /// Whether a segment on `node` is known to be behind its PG's last record.
+    fn lags(&self, node: NodeIndex) -> bool {
+        let writer = &self.serving.as_ref().expect("serving").writer;
+        self.layout.placement.iter().enumerate().any(|(pg, nodes)| {
+            nodes.iter().enumerate().any(|(segment, n)| {
+                let (pg, segment) = (PgId(pg as u32), SegmentIndex(segment as u32));
+                *n == node && writer.segment_scl(pg, segment) < writer.pg_lsn_allocated_max(pg)
+            })
+        })
     }
 
     pub(super) fn on_probe_reply(
@@ -322,12 +411,21 @@ impl VolumeCore {
     fn bring_up(&mut self, now: Instant, node: NodeIndex, state: &wire::VolumeState) {
         let link = &mut self.links[node];
         assert!(!link.needs_truncate);
-        link.up = true;
-        link.next_probe = None;
-        tracing::info!(
-            "node {} is back; catching it up",
-            self.layout.node_names[node]
-        );
+        if !link.up {
+            link.up = true;
+            link.next_probe = None;
+            tracing::info!(
+                "node {} is back; catching it up",
+                self.layout.node_names[node]
+            );
+        }
+        // The SCLs it reports count like acks (an ack lost on the way is not lost for good).
+        for s in &state.segments {
+            let placed = self.layout.placement.get(s.pg.0 as usize);
+            if placed.and_then(|p| p.get(s.segment.0 as usize)) == Some(&node) {
+                self.on_ack(s.pg, s.segment, s.scl);
+            }
+        }
         let serving = self.serving.as_mut().expect("serving");
         for (pg, nodes) in self.layout.placement.iter().enumerate() {
             for (segment, n) in nodes.iter().enumerate() {
@@ -340,20 +438,11 @@ impl VolumeCore {
                     .iter()
                     .find(|s| s.pg == pg && s.segment == segment)
                     .map_or(Lsn::ZERO, |s| s.scl);
-                let retained = &serving.retained[pg.0 as usize];
-                let missing: Vec<Bytes> = retained
+                let missing: Vec<Bytes> = serving.retained[pg.0 as usize]
                     .range(Lsn(scl.0 + 1)..)
                     .map(|(_, b)| b.clone())
                     .collect();
-                for chunk in missing.chunks(256) {
-                    let item = QueuedBatch {
-                        pg,
-                        segment,
-                        records: Bytes::from(chunk.concat()),
-                        record_count: u32::try_from(chunk.len()).expect("small"),
-                    };
-                    enqueue(&mut self.links[node], item);
-                }
+                queue_chunks(&mut self.links[node], pg, segment, &missing);
             }
         }
         self.pump_links(now);
@@ -394,6 +483,20 @@ impl VolumeCore {
                 self.send(now, node, RequestKind::Pgmrpl, Payload::Message(message));
             }
         }
+    }
+}
+
+/// Queues encoded records of one segment in batches of at most 256.
+fn queue_chunks(link: &mut Link, pg: PgId, segment: SegmentIndex, records: &[Bytes]) {
+    for chunk in records.chunks(256) {
+        let item = QueuedBatch {
+            pg,
+            segment,
+            records: Bytes::from(chunk.concat()),
+            record_count: u32::try_from(chunk.len()).expect("small"),
+            first_backlink: backlink_of(&chunk[0]),
+        };
+        enqueue(link, item);
     }
 }
 

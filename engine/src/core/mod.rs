@@ -9,7 +9,8 @@
 //! (`poll_transmit`, `poll_completion`, `poll_timeout`).
 //!
 //! Invariants:
-//! - no clock, no I/O, no randomness: the same inputs give the same outputs (the epoch tag,
+//! - no clock, no I/O, no randomness, no hash-ordered iteration: the same inputs give the
+//!   same outputs in the same order (the epoch tag,
 //!   the only random choice, comes in through [`CoreConfig::epoch_tag`]);
 //! - a commit completes `Ok` only once VDL ≥ its LSN; VDL comes from the writer, which counts
 //!   only acks carrying a segment's durable SCL at this core's epoch;
@@ -250,6 +251,7 @@ enum RequestKind {
         pg: PgId,
         segment: SegmentIndex,
         round: u64,
+        first_backlink: Lsn,
     },
     Read {
         read: ReadId,
@@ -302,7 +304,7 @@ impl RecentWrites {
 #[derive(Debug)]
 struct Serving {
     writer: Writer,
-    /// Per PG, records not yet complete in their PG (LSN > PGCL), encoded, for catch-up.
+    /// Per PG, records not yet on all six segments, encoded, for catch-up (see `links`).
     retained: Vec<BTreeMap<Lsn, Bytes>>,
     retained_bytes: usize,
     recent_writes: RecentWrites,
@@ -316,6 +318,19 @@ struct Serving {
     truncations: Vec<wire::TruncationRange>,
 }
 
+impl Serving {
+    /// Lets go of `pg`'s retained records at or below `through`.
+    fn release_retained(&mut self, pg: PgId, through: Lsn) {
+        let retained = &mut self.retained[pg.0 as usize];
+        let mut freed = 0;
+        while let Some(entry) = retained.first_entry().filter(|e| *e.key() <= through) {
+            freed += entry.remove().len();
+        }
+        assert!(freed <= self.retained_bytes);
+        self.retained_bytes -= freed;
+    }
+}
+
 /// The writer of one volume. See the module docs.
 pub struct VolumeCore {
     layout: VolumeLayout,
@@ -325,14 +340,14 @@ pub struct VolumeCore {
     recovery: Option<Recovery>,
     serving: Option<Serving>,
     links: Vec<Link>,
-    requests: HashMap<u64, Pending>,
+    requests: BTreeMap<u64, Pending>,
     deadlines: BTreeSet<(Instant, u64)>,
     next_request_id: u64,
     next_round: u64,
-    rounds: HashMap<u64, (NodeIndex, usize)>,
+    rounds: BTreeMap<u64, (NodeIndex, usize)>,
     commits: BTreeMap<Lsn, Vec<CommitId>>,
     next_commit: u64,
-    reads: HashMap<ReadId, ReadState>,
+    reads: BTreeMap<ReadId, ReadState>,
     next_read: u64,
     /// Outstanding read points (with multiplicity).
     read_points: BTreeMap<Lsn, usize>,
@@ -368,14 +383,14 @@ impl VolumeCore {
             recovery: None,
             serving: None,
             links: (0..node_count).map(|_| Link::new()).collect(),
-            requests: HashMap::new(),
+            requests: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             next_request_id: 1,
             next_round: 1,
-            rounds: HashMap::new(),
+            rounds: BTreeMap::new(),
             commits: BTreeMap::new(),
             next_commit: 1,
-            reads: HashMap::new(),
+            reads: BTreeMap::new(),
             next_read: 1,
             read_points: BTreeMap::new(),
             read_rotation: 0,
@@ -423,6 +438,39 @@ impl VolumeCore {
         self.serving
             .as_ref()
             .map_or(Lsn::ZERO, |s| s.writer.segment_scl(pg, segment))
+    }
+
+    /// A one-paragraph dump of the writer's state, for simulator traces and debugging.
+    #[must_use]
+    pub fn debug_state(&self) -> String {
+        let mut out = format!("phase {:?}; epoch {:#x}; ", self.phase, self.epoch.0);
+        out += &self.recovery_debug();
+        if let Some(serving) = &self.serving {
+            let w = &serving.writer;
+            out += &format!(
+                "VDL {} VCL {} next LSN {}; ",
+                w.vdl(),
+                w.vcl(),
+                w.next_lsn()
+            );
+            for pg in 0..self.layout.geometry.pg_count {
+                let pg = PgId(pg);
+                let scl: Vec<u64> = (0..PG_SIZE as u32)
+                    .map(|s| w.segment_scl(pg, SegmentIndex(s)).0)
+                    .collect();
+                out += &format!("pg {pg} PGCL {} SCLs {scl:?}; ", w.pgcl(pg));
+            }
+            out += &format!("retained {} bytes; ", serving.retained_bytes);
+        }
+        for (node, link) in self.links.iter().enumerate() {
+            out += &format!("{}: {link:?}; ", self.layout.node_names[node]);
+        }
+        out += &format!(
+            "{} commits waiting, {} requests out",
+            self.commits.values().map(Vec::len).sum::<usize>(),
+            self.requests.len()
+        );
+        out
     }
 
     /// Whether a node answered its last request (links go down on a failure or timeout).
@@ -518,8 +566,13 @@ impl VolumeCore {
             return;
         }
         match pending.kind {
-            RequestKind::Append { pg, segment, round } => {
-                self.on_append_reply(now, node, pg, segment, reply);
+            RequestKind::Append {
+                pg,
+                segment,
+                round,
+                first_backlink,
+            } => {
+                self.on_append_reply(now, node, (pg, segment, first_backlink), reply);
                 self.finish_round(now, round);
             }
             RequestKind::Read { read, segment } => self.on_read_reply(now, read, segment, reply),
@@ -663,7 +716,9 @@ impl VolumeCore {
         }
         assert!(self.commits.keys().next().is_none_or(|k| *k > vdl));
         let serving = self.serving.as_mut().expect("VDL moves only while serving");
-        serving.recent_writes.prune(vdl);
+        // A read in flight may still insert its page: keep the writes after its read point.
+        let oldest_read = self.read_points.keys().next().copied().unwrap_or(vdl);
+        serving.recent_writes.prune(vdl.min(oldest_read));
         serving.cache.evict_to_capacity(vdl);
     }
 }

@@ -186,7 +186,7 @@ impl VolumeCore {
         if self
             .recovery
             .as_ref()
-            .is_some_and(|r| r.step == Step::Fetch)
+            .is_some_and(|r| r.step >= Step::Fetch)
         {
             self.recovery_fetch(now);
         }
@@ -199,6 +199,7 @@ impl VolumeCore {
     pub(super) fn recovery_timeout(&mut self, now: Instant) {
         if self.recovery.as_ref().is_some_and(|r| r.next_resend <= now) {
             self.recovery_resend(now);
+            self.recovery_advance(now);
         }
     }
 
@@ -354,6 +355,9 @@ impl VolumeCore {
         let recovery = self.recovery.as_mut().expect("recovering");
         match request {
             RecoveryRequest::Query => {
+                if recovery.step != Step::Query {
+                    return; // A late answer: the fence step needs fenced states only.
+                }
                 recovery.epoch_seen = recovery.epoch_seen.max(state.epoch);
                 recovery.states[node] = Some(state);
             }
@@ -452,20 +456,24 @@ impl VolumeCore {
                 recovery.states.iter_mut().for_each(|s| *s = None);
                 self.epoch = self.recovery().epoch_new;
                 self.recovery_resend(now);
+                self.recovery_advance(now);
             }
             Step::Fence if quorum_everywhere(self, READ_QUORUM) => {
                 self.plan_fetch();
                 self.recovery().step = Step::Fetch;
                 self.recovery_resend(now);
+                self.recovery_advance(now);
             }
             Step::Fetch if self.recovery().pgs.iter().all(|p| p.fetch_done) => {
                 self.compute_vdl();
                 self.recovery().step = Step::Copy;
                 self.recovery_resend(now);
+                self.recovery_advance(now);
             }
             Step::Copy if self.copies_done() => {
                 self.recovery().step = Step::Truncate;
                 self.recovery_resend(now);
+                self.recovery_advance(now);
             }
             Step::Truncate if self.truncation_done() => self.finish_recovery(now),
             _ => self.phase = Phase::Recovering(self.recovery_status()),
@@ -629,7 +637,22 @@ impl VolumeCore {
             }
             counted.retain(|c| c.1 < last);
             counted.sort_by_key(|c| std::cmp::Reverse(c.1));
-            for (segment, scl) in counted.into_iter().take(WRITE_QUORUM - holders) {
+            counted.truncate(WRITE_QUORUM - holders);
+            let state = &mut self.recovery.as_mut().expect("recovering").pgs[pg];
+            let lowest = counted.last().map_or(state.from, |c| c.1);
+            if lowest < state.from {
+                // A segment that answered late lies below what was fetched: fetch the chain
+                // again from its SCL (the target and the recovered VDL stay as they are).
+                state.from = lowest;
+                state.fetched_through = lowest;
+                state.records.clear();
+                state.source = 0;
+                state.fetch_done = false;
+            }
+            if !state.fetch_done {
+                continue;
+            }
+            for (segment, scl) in counted {
                 self.send_copy(now, PgId(pg as u32), segment, scl);
             }
         }
@@ -741,12 +764,24 @@ impl VolumeCore {
             &pg_last,
             &scl,
         );
+        // The fetched chains seed the retained records, so segments that lag behind can be
+        // caught up once they answer (those below the fetched range wait for gossip).
+        let mut retained = vec![BTreeMap::new(); pg_count];
+        let mut retained_bytes = 0;
+        for (pg, state) in recovery.pgs.iter().enumerate() {
+            for record in state.records.iter().filter(|r| r.lsn <= state.last) {
+                let mut encoded = Vec::with_capacity(record.encoded_len());
+                record.encode(&mut encoded);
+                retained_bytes += encoded.len();
+                retained[pg].insert(record.lsn, Bytes::from(encoded));
+            }
+        }
         let mut truncations: Vec<TruncationRange> = recovery.known.iter().copied().collect();
         truncations.push(range);
         self.serving = Some(Serving {
             writer,
-            retained: vec![BTreeMap::new(); pg_count],
-            retained_bytes: 0,
+            retained,
+            retained_bytes,
             recent_writes: RecentWrites::default(),
             cache: BufferCache::new(self.config.cache_capacity_bytes),
             pgmrpl_sent: vec![Lsn::ZERO; pg_count],
@@ -769,6 +804,30 @@ impl VolumeCore {
         );
         self.phase = Phase::Serving;
         self.next_pgmrpl = now;
+    }
+
+    /// Recovery's per-PG state, for debugging.
+    pub(super) fn recovery_debug(&self) -> String {
+        let Some(recovery) = self.recovery.as_ref() else {
+            return String::new();
+        };
+        let mut out = format!(
+            "step {:?} floor {} VDL {}; ",
+            recovery.step, recovery.floor, recovery.vdl
+        );
+        for (pg, state) in recovery.pgs.iter().enumerate() {
+            out += &format!(
+                "pg {pg}: counted {:?} last {} from {} target {} fetched {} done {} copying {:?}; ",
+                self.counted(pg),
+                state.last,
+                state.from,
+                state.target,
+                state.records.len(),
+                state.fetch_done,
+                state.copy_inflight
+            );
+        }
+        out
     }
 
     /// What recovery waits for, naming PGs, segments and nodes.

@@ -1,0 +1,10 @@
+//! `sixfold-sim`: the deterministic simulator (DESIGN.md "The simulator"). One thread, one
+//! seeded PRNG, a virtual clock; storage nodes in three AZs and the real `VolumeCore` over a
+//! simulated network, under faults kept within AZ+1. A seed replays bit-exactly.
+
+pub mod model;
+pub mod rng;
+pub mod storage;
+pub mod world;
+
+pub use world::{Options, Report, run_seed};

@@ -1,0 +1,68 @@
+//! `sixfold-sim --seeds N` runs seeds 0..N and ends with `seeds=N failures=F`;
+//! `sixfold-sim --seed S` replays one seed.
+
+use clap::Parser;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Sixfold's deterministic simulator.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Run seeds 0..N.
+    #[arg(long, conflicts_with = "seed")]
+    seeds: Option<u64>,
+    /// Replay one seed, printing what it did.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Virtual milliseconds of faults per seed.
+    #[arg(long, default_value_t = 8_000)]
+    fault_ms: u64,
+    /// Print what the cores and the simulator do (with --seed).
+    #[arg(long)]
+    trace: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let seeds: Vec<u64> = match (args.seed, args.seeds) {
+        (Some(seed), _) => vec![seed],
+        (None, Some(n)) => (0..n).collect(),
+        (None, None) => {
+            eprintln!("sixfold-sim: give --seeds N (run seeds 0..N) or --seed S (replay one)");
+            std::process::exit(2);
+        }
+    };
+    if args.trace {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_ansi(false)
+            .without_time()
+            .init();
+    }
+    let mut failures = 0u64;
+    for seed in &seeds {
+        let mut options = sim::Options::seed(*seed);
+        options.fault_ms = args.fault_ms;
+        match sim::run_seed(&options) {
+            Ok(report) => {
+                if args.seed.is_some() {
+                    println!("seed {seed}: ok {report:?}");
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                println!("seed {seed}: FAILED: {e}");
+                println!(
+                    "  replay: sixfold-sim --seed {seed} --fault-ms {}",
+                    args.fault_ms
+                );
+            }
+        }
+    }
+    println!("seeds={} failures={failures}", seeds.len());
+    if failures > 0 {
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,804 @@
+//! One simulated run: six storage nodes in three AZs and one or two writers (the real
+//! `VolumeCore`), in one thread, from one seeded PRNG and a virtual clock, over a simulated
+//! network. Faults stay within AZ+1 at every moment (TigerBeetle's fault atlas): at most the
+//! nodes of one AZ plus one more are crashed or cut off at once. Message loss, duplication,
+//! delay and reordering happen throughout; writers crash and new writers recover the volume,
+//! sometimes while the old one still runs (it must be fenced).
+//!
+//! After the fault phase everything heals; a writer must then commit again (liveness), and
+//! every page must read back equal to the model.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::time::{Duration, Instant};
+
+use engine::core::{
+    CommitId, Completion, CoreConfig, Phase, ReadId, ReadStart, VolumeCore, VolumeLayout,
+};
+use engine::quorum::MtrRecord;
+use wire::{Epoch, Geometry, Lsn, PageId, PgId, RedoOp, SegmentIndex, VolumeId};
+
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::storage::{ModelNode, StorageNode, WriterId};
+
+const NODE_COUNT: usize = 6;
+const PG_COUNT: u32 = 2;
+const PAGES_PER_PG: u64 = 8;
+const PAGE_SIZE: usize = 256;
+/// Most commits one writer keeps waiting.
+const COMMITS_INFLIGHT_MAX: usize = 16;
+
+/// What a run does.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub seed: u64,
+    /// Virtual time with faults.
+    pub fault_ms: u64,
+    /// Virtual time allowed, after healing, for a commit to go through.
+    pub heal_ms: u64,
+}
+
+impl Options {
+    pub fn seed(seed: u64) -> Self {
+        Self {
+            seed,
+            fault_ms: 8_000,
+            heal_ms: 60_000,
+        }
+    }
+}
+
+/// What a passing run did.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub commits_acked: u64,
+    pub reads_checked: u64,
+    pub recoveries: u64,
+    pub node_crashes: u64,
+    pub final_vdl: u64,
+    pub steps: u64,
+}
+
+/// A message in flight.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Envelope {
+    ToNode {
+        writer: WriterId,
+        node: usize,
+        frame: Vec<u8>,
+    },
+    ToWriter {
+        writer: WriterId,
+        node: usize,
+        request_id: u64,
+        reply: Result<Vec<u8>, String>,
+    },
+}
+
+struct SimWriter {
+    core: VolumeCore,
+    alive: bool,
+    commits: BTreeMap<CommitId, Lsn>,
+    /// Read id → (read point, from storage).
+    reads: BTreeMap<ReadId, (Lsn, bool)>,
+    vdl: Lsn,
+    /// A newer writer recovered to this: this one must never pass it.
+    ceiling: Option<Lsn>,
+    recovered: bool,
+}
+
+/// The simulated cluster. See the module docs.
+pub struct World {
+    rng: Rng,
+    start: Instant,
+    now: Instant,
+    nodes: Vec<ModelNode>,
+    down: Vec<bool>,
+    /// Node cut off from every writer (a partition).
+    cut: Vec<bool>,
+    /// When each down or cut node comes back.
+    heal_at: Vec<Option<Instant>>,
+    writers: Vec<SimWriter>,
+    current: WriterId,
+    net: BinaryHeap<Reverse<(Instant, u64, Envelope)>>,
+    net_seq: u64,
+    model: Model,
+    report: Report,
+    next_op: Instant,
+    next_fault: Instant,
+    faults_on: bool,
+    layout: VolumeLayout,
+    /// The first checker failure seen while handling completions.
+    failure: Option<String>,
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+impl World {
+    pub fn new(seed: u64) -> Self {
+        let start = Instant::now();
+        let layout = VolumeLayout {
+            volume: VolumeId(1),
+            epoch: Epoch(1),
+            geometry: Geometry {
+                page_size_bytes: PAGE_SIZE as u32,
+                pages_per_pg: PAGES_PER_PG,
+                pg_count: PG_COUNT,
+            },
+            placement: (0..PG_COUNT).map(|_| std::array::from_fn(|s| s)).collect(),
+            node_names: (1..=NODE_COUNT).map(|i| format!("node{i}")).collect(),
+        };
+        let hosted: Vec<(PgId, SegmentIndex)> = Vec::new();
+        let nodes = (0..NODE_COUNT)
+            .map(|n| {
+                let mut hosted = hosted.clone();
+                for pg in 0..PG_COUNT {
+                    hosted.push((PgId(pg), SegmentIndex(n as u32)));
+                }
+                ModelNode::new(
+                    layout.volume,
+                    layout.epoch,
+                    PAGE_SIZE,
+                    PAGES_PER_PG,
+                    &hosted,
+                )
+            })
+            .collect();
+        let mut world = Self {
+            rng: Rng::new(seed),
+            start,
+            now: start,
+            nodes,
+            down: vec![false; NODE_COUNT],
+            cut: vec![false; NODE_COUNT],
+            heal_at: vec![None; NODE_COUNT],
+            writers: Vec::new(),
+            current: 0,
+            net: BinaryHeap::new(),
+            net_seq: 0,
+            model: Model::default(),
+            report: Report::default(),
+            next_op: start,
+            next_fault: start + ms(300),
+            faults_on: true,
+            layout,
+            failure: None,
+        };
+        world.start_writer();
+        world
+    }
+
+    fn elapsed_ms(&self) -> u128 {
+        (self.now - self.start).as_millis()
+    }
+
+    fn trace(&self, what: &str) {
+        tracing::debug!("sim t={}ms {what}", self.elapsed_ms());
+    }
+
+    fn start_writer(&mut self) {
+        let config = CoreConfig {
+            lal: 64,
+            request_timeout: ms(1000),
+            reconnect_interval: ms(100),
+            pgmrpl_interval: ms(200),
+            epoch_tag: u32::try_from(self.rng.between(1, u64::from(u32::MAX))).expect("bounded"),
+            ..CoreConfig::default()
+        };
+        let core = VolumeCore::new(self.layout.clone(), config, self.now);
+        self.writers.push(SimWriter {
+            core,
+            alive: true,
+            commits: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            vdl: Lsn::ZERO,
+            ceiling: None,
+            recovered: false,
+        });
+        self.pump(self.writers.len() - 1);
+    }
+
+    /// Runs the whole scenario.
+    pub fn run(mut self, options: &Options) -> Result<Report, String> {
+        let fault_end = self.start + ms(options.fault_ms);
+        while self.now < fault_end {
+            self.step()?;
+        }
+        self.heal();
+        let acked_before = self.model.acked_count();
+        let heal_end = self.now + ms(options.heal_ms);
+        while self.model.acked_count() <= acked_before + 2 {
+            if self.now >= heal_end {
+                for w in 0..self.writers.len() {
+                    if self.writers[w].alive {
+                        self.trace(&format!(
+                            "writer {w}: {}",
+                            self.writers[w].core.debug_state()
+                        ));
+                    }
+                }
+                return Err(format!(
+                    "liveness: no commit within {} ms after the faults healed (writer: {:?})",
+                    options.heal_ms,
+                    self.writers[self.current].core.phase()
+                ));
+            }
+            self.ensure_writer();
+            self.step()?;
+        }
+        self.final_check()?;
+        self.report.commits_acked = self.model.acked_count() as u64;
+        self.report.recoveries = self.model.recoveries;
+        self.report.final_vdl = self.writers[self.current].vdl.0;
+        Ok(self.report)
+    }
+
+    /// Advances to the next event and handles everything due.
+    fn step(&mut self) -> Result<(), String> {
+        self.report.steps += 1;
+        let next = self.next_event();
+        assert!(next >= self.now, "time never goes back");
+        self.now = next;
+        let now = self.now;
+        for node in 0..NODE_COUNT {
+            if self.heal_at[node].is_some_and(|t| t <= now) {
+                self.heal_node(node);
+            }
+            if !self.down[node] {
+                self.nodes[node].advance(now);
+                self.collect_replies(node);
+            }
+        }
+        while self.net.peek().is_some_and(|Reverse((t, _, _))| *t <= now) {
+            let Reverse((_, _, envelope)) = self.net.pop().expect("peeked");
+            self.deliver(envelope)?;
+        }
+        for w in 0..self.writers.len() {
+            if self.writers[w].alive
+                && self.writers[w]
+                    .core
+                    .poll_timeout()
+                    .is_some_and(|t| t <= now)
+            {
+                self.writers[w].core.handle_timeout(now);
+                self.pump(w);
+            }
+        }
+        if now >= self.next_op {
+            self.workload()?;
+        }
+        if self.faults_on && now >= self.next_fault {
+            self.fault();
+        }
+        self.check_writers()
+    }
+
+    fn next_event(&self) -> Instant {
+        let mut next = self.next_op;
+        if self.faults_on {
+            next = next.min(self.next_fault);
+        }
+        if let Some(Reverse((t, _, _))) = self.net.peek() {
+            next = next.min(*t);
+        }
+        for node in 0..NODE_COUNT {
+            if let Some(t) = self.heal_at[node] {
+                next = next.min(t);
+            }
+            if !self.down[node]
+                && let Some(t) = self.nodes[node].next_event()
+            {
+                next = next.min(t);
+            }
+        }
+        for w in &self.writers {
+            if w.alive
+                && let Some(t) = w.core.poll_timeout()
+            {
+                next = next.min(t);
+            }
+        }
+        next.max(self.now)
+    }
+
+    /// Sends what writer `w` wants sent and handles its completions.
+    fn pump(&mut self, w: WriterId) {
+        while let Some(t) = self.writers[w].core.poll_transmit() {
+            let frame = t.payload.encode(t.request_id);
+            if self.down[t.node] || self.cut[t.node] {
+                // The real driver learns at once that it cannot connect.
+                let delay = Duration::from_micros(self.rng.between(100, 2000));
+                let reply = Err(format!("node{} unreachable", t.node + 1));
+                self.send_later(
+                    delay,
+                    Envelope::ToWriter {
+                        writer: w,
+                        node: t.node,
+                        request_id: t.request_id,
+                        reply,
+                    },
+                );
+                continue;
+            }
+            self.transmit(Envelope::ToNode {
+                writer: w,
+                node: t.node,
+                frame,
+            });
+        }
+        while let Some(completion) = self.writers[w].core.poll_completion() {
+            if let Err(e) = self.complete(w, completion) {
+                // Checked again (and reported) by the caller through `check_writers`.
+                self.failure = Some(e);
+            }
+        }
+    }
+}
+
+impl World {
+    fn send_later(&mut self, delay: Duration, envelope: Envelope) {
+        self.net_seq += 1;
+        self.net
+            .push(Reverse((self.now + delay, self.net_seq, envelope)));
+    }
+
+    /// Puts a message on the network: lost, duplicated, delayed or reordered now and then.
+    fn transmit(&mut self, envelope: Envelope) {
+        let faulty = self.faults_on;
+        if faulty && self.rng.chance(0.005) {
+            return; // Lost: the sender's deadline notices.
+        }
+        let copies = if faulty && self.rng.chance(0.005) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let micros = if faulty && self.rng.chance(0.02) {
+                self.rng.between(5_000, 200_000)
+            } else {
+                self.rng.between(50, 400)
+            };
+            let envelope = envelope.clone_envelope();
+            self.send_later(Duration::from_micros(micros), envelope);
+        }
+    }
+
+    fn deliver(&mut self, envelope: Envelope) -> Result<(), String> {
+        match envelope {
+            Envelope::ToNode {
+                writer,
+                node,
+                frame,
+            } => {
+                if self.down[node] || self.cut[node] {
+                    return Ok(());
+                }
+                let now = self.now;
+                self.nodes[node].deliver(now, writer, &frame, &mut self.rng);
+                self.collect_replies(node);
+            }
+            Envelope::ToWriter {
+                writer,
+                node,
+                request_id,
+                reply,
+            } => {
+                if !self.writers[writer].alive {
+                    return Ok(());
+                }
+                let reply = match reply {
+                    Ok(frame) => match wire::Frame::decode(&frame) {
+                        Ok(frame) => Ok(frame.message),
+                        Err(e) => Err(format!("undecodable reply: {e}")),
+                    },
+                    Err(e) => Err(e),
+                };
+                let now = self.now;
+                self.writers[writer]
+                    .core
+                    .handle_reply(now, node, request_id, reply);
+                self.pump(writer);
+            }
+        }
+        match self.failure.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn collect_replies(&mut self, node: usize) {
+        for out in self.nodes[node].take_replies() {
+            if self.cut[node] || out.to >= self.writers.len() {
+                continue;
+            }
+            let frame = wire::Frame {
+                request_id: out.request_id,
+                message: out.message,
+            }
+            .to_bytes();
+            self.transmit(Envelope::ToWriter {
+                writer: out.to,
+                node,
+                request_id: out.request_id,
+                reply: Ok(frame),
+            });
+        }
+    }
+
+    fn complete(&mut self, w: WriterId, completion: Completion) -> Result<(), String> {
+        let current = w == self.current;
+        match completion {
+            Completion::Commit { id, result } => {
+                let Some(cpl) = self.writers[w].commits.remove(&id) else {
+                    return Ok(());
+                };
+                if result.is_ok() {
+                    if let Some(ceiling) = self.writers[w].ceiling
+                        && cpl > ceiling
+                    {
+                        return Err(format!(
+                            "an old writer acknowledged commit {cpl} above the newer writer's recovered VDL {ceiling}"
+                        ));
+                    }
+                    self.model.acknowledged(cpl)?;
+                }
+            }
+            Completion::Read { id, result } => {
+                let Some((read_point, exact)) = self.writers[w].reads.remove(&id) else {
+                    return Ok(());
+                };
+                if let Ok(image) = result
+                    && (current || exact)
+                {
+                    self.model
+                        .check_read(&image, read_point, exact, PAGE_SIZE)
+                        .map_err(|e| format!("writer {w} (exact {exact}): {e}"))?;
+                    self.report.reads_checked += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// VDL monotonic per writer; recovery checked against the model once per writer.
+    fn check_writers(&mut self) -> Result<(), String> {
+        for w in 0..self.writers.len() {
+            let writer = &mut self.writers[w];
+            if !writer.alive {
+                continue;
+            }
+            let vdl = writer.core.vdl();
+            if vdl < writer.vdl {
+                return Err(format!(
+                    "writer {w}: VDL went back from {} to {vdl}",
+                    writer.vdl
+                ));
+            }
+            if let Some(ceiling) = writer.ceiling
+                && vdl > ceiling
+            {
+                return Err(format!(
+                    "writer {w}: VDL {vdl} passed a newer writer's recovered VDL {ceiling}"
+                ));
+            }
+            writer.vdl = vdl;
+            if !writer.recovered && *writer.core.phase() == Phase::Serving {
+                writer.recovered = true;
+                let epoch = writer.core.epoch();
+                let current_epoch = self.writers[self.current].core.epoch();
+                if self.writers[self.current].recovered
+                    && current_epoch > epoch
+                    && self.current != w
+                {
+                    // Two recoveries raced and a newer epoch already serves: this writer
+                    // finished on stale information and will be fenced at its first
+                    // request; it may never acknowledge anything it did not recover.
+                    self.trace(&format!(
+                        "writer {w} serving late (epoch {:#x} < {:#x})",
+                        epoch.0, current_epoch.0
+                    ));
+                    self.writers[w].ceiling = Some(vdl);
+                    continue;
+                }
+                self.trace(&format!(
+                    "writer {w} serving: VDL {vdl} epoch {:#x}",
+                    epoch.0
+                ));
+                self.model.recovered(vdl)?;
+                for older in &mut self.writers[..w] {
+                    older.ceiling = Some(older.ceiling.map_or(vdl, |c| c.min(vdl)));
+                }
+                self.current = w;
+            }
+            if w == self.current {
+                self.model.observe_vdl(vdl);
+            }
+        }
+        match self.failure.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The current writer (and a running older one, now and then) writes, commits and reads.
+    fn workload(&mut self) -> Result<(), String> {
+        self.next_op = self.now + Duration::from_micros(self.rng.between(200, 3000));
+        let live: Vec<WriterId> = (0..self.writers.len())
+            .filter(|w| self.writers[*w].alive && *self.writers[*w].core.phase() == Phase::Serving)
+            .collect();
+        let Some(&w) = live.get(self.rng.below(live.len().max(1) as u64) as usize) else {
+            return Ok(());
+        };
+        let roll = self.rng.below(10);
+        if roll < 7 {
+            self.write(w)?;
+        } else if roll < 9 {
+            self.read(w, false);
+        } else {
+            self.read(w, true);
+        }
+        self.pump(w);
+        match self.failure.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn write(&mut self, w: WriterId) -> Result<(), String> {
+        if self.writers[w].commits.len() >= COMMITS_INFLIGHT_MAX {
+            return Ok(());
+        }
+        let count = self.rng.between(1, 3);
+        let pages = PAGES_PER_PG * u64::from(PG_COUNT);
+        let records: Vec<MtrRecord> = (0..count)
+            .map(|_| {
+                let len = self.rng.between(1, 24) as usize;
+                let offset = self.rng.below((PAGE_SIZE - len) as u64) as u32;
+                let byte = self.rng.next_u64() as u8;
+                MtrRecord {
+                    page: PageId(self.rng.below(pages)),
+                    op: RedoOp::Write {
+                        offset,
+                        bytes: vec![byte; len],
+                    },
+                }
+            })
+            .collect();
+        if !self.writers[w].core.can_write(count) {
+            return Ok(());
+        }
+        let now = self.now;
+        match self.writers[w].core.write_mtr(now, records.clone()) {
+            Ok(cpl) => {
+                if w == self.current {
+                    self.model.allocated(cpl, &records);
+                }
+                match self.writers[w].core.commit(cpl) {
+                    Ok(Some(id)) => {
+                        self.writers[w].commits.insert(id, cpl);
+                    }
+                    Ok(None) => self.model.acknowledged(cpl)?,
+                    Err(_) => {}
+                }
+            }
+            Err(e) if e.is_fenced() => {}
+            Err(engine::core::VolumeError::Writer(_)) => {}
+            Err(e) => return Err(format!("write refused unexpectedly: {e}")),
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, w: WriterId, from_storage: bool) {
+        let pages = PAGES_PER_PG * u64::from(PG_COUNT);
+        let page = PageId(self.rng.below(pages));
+        let now = self.now;
+        let read_point = self.writers[w].core.vdl();
+        let started = if from_storage {
+            self.writers[w]
+                .core
+                .read_page_from(now, page, read_point, None)
+        } else {
+            self.writers[w].core.read_page(now, page)
+        };
+        match started {
+            ReadStart::Pending(id) => {
+                self.writers[w].reads.insert(id, (read_point, from_storage));
+            }
+            ReadStart::Done(Ok(image)) if w == self.current => {
+                let result = self
+                    .model
+                    .check_read(&image, read_point, false, PAGE_SIZE)
+                    .map_err(|e| format!("writer {w} (cache hit): {e}"));
+                if let Err(e) = result {
+                    self.failure = Some(e);
+                }
+                self.report.reads_checked += 1;
+            }
+            ReadStart::Done(_) => {}
+        }
+    }
+}
+
+// Faults.
+impl World {
+    fn az(node: usize) -> usize {
+        node / 2
+    }
+
+    fn faulty(&self) -> Vec<usize> {
+        (0..NODE_COUNT)
+            .filter(|n| self.down[*n] || self.cut[*n])
+            .collect()
+    }
+
+    /// Whether `faulty` stays within one AZ plus one more node.
+    fn within_atlas(faulty: &[usize]) -> bool {
+        (0..3).any(|az| faulty.iter().filter(|n| Self::az(**n) != az).count() <= 1)
+    }
+
+    fn fault(&mut self) {
+        self.next_fault = self.now + ms(self.rng.between(100, 800));
+        let roll = self.rng.below(100);
+        let healthy: Vec<usize> = (0..NODE_COUNT)
+            .filter(|n| !self.down[*n] && !self.cut[*n])
+            .collect();
+        if roll < 35 {
+            let node = healthy[self.rng.below(healthy.len() as u64) as usize];
+            let mut faulty = self.faulty();
+            faulty.push(node);
+            if Self::within_atlas(&faulty) {
+                self.trace(&format!("crash node{}", node + 1));
+                self.nodes[node].crash();
+                self.down[node] = true;
+                self.report.node_crashes += 1;
+                self.heal_at[node] = Some(self.now + ms(self.rng.between(50, 3000)));
+            }
+        } else if roll < 50 {
+            let node = healthy[self.rng.below(healthy.len() as u64) as usize];
+            let mut faulty = self.faulty();
+            faulty.push(node);
+            if Self::within_atlas(&faulty) {
+                self.trace(&format!("cut node{}", node + 1));
+                self.cut[node] = true;
+                self.heal_at[node] = Some(self.now + ms(self.rng.between(50, 2000)));
+            }
+        } else if roll < 57 {
+            let az = self.rng.below(3) as usize;
+            let mut faulty = self.faulty();
+            faulty.extend([2 * az, 2 * az + 1]);
+            if Self::within_atlas(&faulty) {
+                self.trace(&format!("AZ {az} down"));
+                for node in [2 * az, 2 * az + 1] {
+                    if !self.down[node] {
+                        self.nodes[node].crash();
+                        self.down[node] = true;
+                        self.report.node_crashes += 1;
+                    }
+                    self.heal_at[node] = Some(self.now + ms(self.rng.between(200, 3000)));
+                }
+            }
+        } else if roll < 63 {
+            // The writer crashes; a new one recovers the volume.
+            let old = self.current;
+            self.trace(&format!(
+                "writer {old} crashes; writer {} starts",
+                self.writers.len()
+            ));
+            self.writers[old].alive = false;
+            self.start_writer();
+        } else if roll < 68 {
+            // A new writer recovers while the old one keeps running: it must be fenced.
+            let alive: Vec<usize> = (0..self.writers.len())
+                .filter(|w| self.writers[*w].alive)
+                .collect();
+            if alive.len() >= 2 {
+                self.writers[alive[0]].alive = false;
+            }
+            self.trace(&format!(
+                "writer {} starts beside the running one",
+                self.writers.len()
+            ));
+            self.start_writer();
+        }
+    }
+
+    fn heal_node(&mut self, node: usize) {
+        self.trace(&format!("node{} back", node + 1));
+        self.heal_at[node] = None;
+        self.down[node] = false;
+        self.cut[node] = false;
+    }
+
+    /// Ends the fault phase: every node back, no more network faults, a serving writer.
+    fn heal(&mut self) {
+        self.faults_on = false;
+        for node in 0..NODE_COUNT {
+            self.heal_node(node);
+        }
+        let writer = &self.writers[self.current];
+        let usable =
+            writer.alive && !matches!(writer.core.phase(), Phase::Fenced(_) | Phase::Failed(_));
+        let newer_running =
+            self.writers.len() > self.current + 1 && self.writers.last().is_some_and(|w| w.alive);
+        if !usable && !newer_running {
+            self.start_writer();
+        }
+    }
+
+    /// After healing: if no live writer serves or recovers, a new one starts (an operator
+    /// restarting the database).
+    fn ensure_writer(&mut self) {
+        let working = self.writers.iter().any(|w| {
+            w.alive && matches!(w.core.phase(), Phase::Recovering(_))
+                || w.alive && *w.core.phase() == Phase::Serving && w.ceiling.is_none()
+        });
+        if !working {
+            self.trace("no writer serves: a new one starts");
+            self.start_writer();
+        }
+    }
+
+    /// Every page, read from storage at the final VDL, equals the model.
+    fn final_check(&mut self) -> Result<(), String> {
+        let w = self.current;
+        let pages = PAGES_PER_PG * u64::from(PG_COUNT);
+        for page in 0..pages {
+            let vdl = self.writers[w].core.vdl();
+            let now = self.now;
+            let started = self.writers[w]
+                .core
+                .read_page_from(now, PageId(page), vdl, None);
+            let id = match started {
+                ReadStart::Pending(id) => id,
+                ReadStart::Done(r) => {
+                    return Err(format!("final read of page {page} failed: {r:?}"));
+                }
+            };
+            self.writers[w].reads.insert(id, (vdl, true));
+            let deadline = self.now + ms(10_000);
+            while self.writers[w].reads.contains_key(&id) {
+                if self.now >= deadline {
+                    return Err(format!("final read of page {page} never completed"));
+                }
+                self.step()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Envelope {
+    fn clone_envelope(&self) -> Self {
+        match self {
+            Envelope::ToNode {
+                writer,
+                node,
+                frame,
+            } => Envelope::ToNode {
+                writer: *writer,
+                node: *node,
+                frame: frame.clone(),
+            },
+            Envelope::ToWriter {
+                writer,
+                node,
+                request_id,
+                reply,
+            } => Envelope::ToWriter {
+                writer: *writer,
+                node: *node,
+                request_id: *request_id,
+                reply: reply.clone(),
+            },
+        }
+    }
+}
+
+/// Runs one seed.
+pub fn run_seed(options: &Options) -> Result<Report, String> {
+    World::new(options.seed).run(options)
+}
