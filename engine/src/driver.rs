@@ -82,6 +82,7 @@ impl VolumeConfig {
             request_timeout: self.request_timeout,
             retained_bytes_max: self.retained_bytes_max,
             epoch_tag: random_tag(),
+            ..CoreConfig::default()
         }
     }
 }

@@ -97,13 +97,13 @@ impl PgState {
     }
 }
 
-/// The `WRITE_QUORUM`-th largest SCL: the highest LSN a write quorum of segments holds.
-fn pgcl_of(scl: &[Lsn; PG_SIZE]) -> Lsn {
+/// The `quorum`-th largest SCL: the highest LSN a write quorum of segments holds.
+fn pgcl_of(scl: &[Lsn; PG_SIZE], quorum: usize) -> Lsn {
     let mut sorted = *scl;
     sorted.sort_unstable_by(|a, b| b.cmp(a));
-    let pgcl = sorted[WRITE_QUORUM - 1];
+    let pgcl = sorted[quorum - 1];
     assert!(pgcl <= sorted[0]);
-    assert!(scl.iter().filter(|&&s| s >= pgcl).count() >= WRITE_QUORUM);
+    assert!(scl.iter().filter(|&&s| s >= pgcl).count() >= quorum);
     pgcl
 }
 
@@ -125,6 +125,8 @@ pub struct Writer {
     heads: BTreeMap<Lsn, PgId>,
     /// CPLs above VDL, increasing.
     cpls_outstanding: VecDeque<Lsn>,
+    /// `WRITE_QUORUM`, except when the simulator plants a bug.
+    write_quorum: usize,
 }
 
 impl Writer {
@@ -146,6 +148,7 @@ impl Writer {
             pgs: vec![PgState::new(); geometry.pg_count as usize],
             heads: BTreeMap::new(),
             cpls_outstanding: VecDeque::new(),
+            write_quorum: WRITE_QUORUM,
         };
         assert_eq!(writer.pgs.len(), geometry.pg_count as usize);
         writer
@@ -177,7 +180,7 @@ impl Writer {
             );
             state.lsn_allocated_max = last;
             state.scl = scl.map(|s| s.min(last));
-            state.pgcl = pgcl_of(&state.scl);
+            state.pgcl = pgcl_of(&state.scl, WRITE_QUORUM);
             assert_eq!(state.pgcl, last, "a recovered PG lacks a write quorum");
         }
         writer.lsn_allocated_max = vdl;
@@ -185,6 +188,13 @@ impl Writer {
         writer.vdl = vdl;
         writer.check_invariants();
         writer
+    }
+
+    /// Planted bug: count a PG complete once `quorum` segments hold a record.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_write_quorum(&mut self, quorum: usize) {
+        assert!((1..=PG_SIZE).contains(&quorum));
+        self.write_quorum = quorum;
     }
 
     #[must_use]
@@ -280,7 +290,7 @@ impl Writer {
             .map(|i| SegmentIndex(u32::try_from(i).expect("PG_SIZE fits in u32")))
             .collect();
         assert!(segments.len() <= PG_SIZE);
-        assert!(read_point > state.pgcl || segments.len() >= WRITE_QUORUM);
+        assert!(read_point > state.pgcl || segments.len() >= self.write_quorum);
         segments
     }
 
@@ -415,6 +425,7 @@ impl Writer {
     /// unknown PG, a segment index ≥ `PG_SIZE`, an SCL no higher than the segment's known one
     /// (a reordered or duplicated ack), or an SCL above the PG's last LSN (a peer bug).
     pub fn on_ack(&mut self, pg: PgId, segment: SegmentIndex, scl: Lsn) -> bool {
+        let quorum = self.write_quorum;
         let Some(state) = self.pgs.get_mut(pg_index(pg)) else {
             return false;
         };
@@ -427,7 +438,7 @@ impl Writer {
         }
         *segment_scl = scl;
         let pgcl_old = state.pgcl;
-        state.pgcl = pgcl_of(&state.scl);
+        state.pgcl = pgcl_of(&state.scl, quorum);
         assert!(state.pgcl >= pgcl_old, "PGCL moved backwards");
         assert!(state.pgcl <= lsn_allocated_max);
         if state.pgcl == pgcl_old {
@@ -494,7 +505,7 @@ impl Writer {
         }
         let mut head_count = 0;
         for (index, state) in self.pgs.iter().enumerate() {
-            assert_eq!(state.pgcl, pgcl_of(&state.scl));
+            assert_eq!(state.pgcl, pgcl_of(&state.scl, self.write_quorum));
             assert!(state.lsn_allocated_max <= self.lsn_allocated_max);
             assert!(state.outstanding.iter().all(|&lsn| lsn > state.pgcl));
             if let Some(head) = state.outstanding.front() {

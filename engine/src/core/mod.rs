@@ -66,6 +66,18 @@ pub struct CoreConfig {
     pub retained_bytes_max: usize,
     /// Non-zero random tag of the epoch this writer proposes (see [`Epoch::next`]).
     pub epoch_tag: u32,
+    /// A bug the simulator plants to prove its checkers catch it.
+    #[cfg(feature = "planted-bugs")]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// Bugs the simulator can plant in the writer (only with the feature `planted-bugs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// A PG counts as complete once 3 segments (not 4) hold a record.
+    WriteQuorumOfThree,
+    /// Recovery serves without recording its truncation on the nodes.
+    RecoverySkipsTruncation,
 }
 
 impl Default for CoreConfig {
@@ -80,6 +92,8 @@ impl Default for CoreConfig {
             request_timeout: Duration::from_secs(5),
             retained_bytes_max: 256 << 20,
             epoch_tag: 1,
+            #[cfg(feature = "planted-bugs")]
+            planted_bug: None,
         }
     }
 }
@@ -679,6 +693,16 @@ impl VolumeCore {
         tracing::error!("writer fenced: {reason}");
         self.fail_everything(&VolumeError::Fenced(reason.clone()));
         self.phase = Phase::Fenced(reason);
+    }
+
+    /// Whether the simulator planted `bug` (always false without the `planted-bugs` feature).
+    #[allow(unused_variables, clippy::unused_self)]
+    fn planted(&self, bug: PlantedBug) -> bool {
+        #[cfg(feature = "planted-bugs")]
+        if self.config.planted_bug == Some(bug) {
+            return true;
+        }
+        false
     }
 
     /// Fails every waiting commit and read with `error` and drops everything queued.

@@ -470,6 +470,16 @@ impl VolumeCore {
                 self.recovery_resend(now);
                 self.recovery_advance(now);
             }
+            Step::Copy
+                if self.copies_done()
+                    && self.planted(super::PlantedBug::RecoverySkipsTruncation) =>
+            {
+                let recovery = self.recovery.as_mut().expect("recovering");
+                for node in 0..recovery.truncated.len() {
+                    recovery.truncated[node] = recovery.consistent(node);
+                }
+                self.finish_recovery(now);
+            }
             Step::Copy if self.copies_done() => {
                 self.recovery().step = Step::Truncate;
                 self.recovery_resend(now);
@@ -757,13 +767,18 @@ impl VolumeCore {
                     .map_or(Lsn::ZERO, |s| s.scl);
             }
         }
-        let writer = Writer::recovered(
+        #[allow(unused_mut)]
+        let mut writer = Writer::recovered(
             self.layout.geometry,
             self.config.lal,
             recovery.vdl,
             &pg_last,
             &scl,
         );
+        #[cfg(feature = "planted-bugs")]
+        if self.planted(super::PlantedBug::WriteQuorumOfThree) {
+            writer.plant_write_quorum(3);
+        }
         // The fetched chains seed the retained records, so segments that lag behind can be
         // caught up once they answer (those below the fetched range wait for gossip).
         let mut retained = vec![BTreeMap::new(); pg_count];

@@ -7,4 +7,4 @@ pub mod rng;
 pub mod storage;
 pub mod world;
 
-pub use world::{Options, Report, run_seed};
+pub use world::{Bug, Options, Report, run_seed};

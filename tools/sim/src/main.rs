@@ -19,9 +19,23 @@ struct Args {
     /// Virtual milliseconds of faults per seed.
     #[arg(long, default_value_t = 8_000)]
     fault_ms: u64,
+    /// Plant a bug to see the checkers catch it: ack-before-durable, write-quorum-3,
+    /// skip-truncation.
+    #[arg(long, value_parser = parse_bug)]
+    plant: Option<sim::Bug>,
     /// Print what the cores and the simulator do (with --seed).
     #[arg(long)]
     trace: bool,
+}
+
+fn parse_bug(name: &str) -> Result<sim::Bug, String> {
+    sim::Bug::ALL
+        .into_iter()
+        .find(|b| b.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = sim::Bug::ALL.iter().map(|b| b.name()).collect();
+            format!("unknown bug {name:?}; choose one of {}", names.join(", "))
+        })
 }
 
 fn main() {
@@ -41,10 +55,15 @@ fn main() {
             .without_time()
             .init();
     }
+    if args.seed.is_none() {
+        // Panics are reported as seed failures; keep the default hook's noise out.
+        std::panic::set_hook(Box::new(|_| {}));
+    }
     let mut failures = 0u64;
     for seed in &seeds {
         let mut options = sim::Options::seed(*seed);
         options.fault_ms = args.fault_ms;
+        options.bug = args.plant;
         match sim::run_seed(&options) {
             Ok(report) => {
                 if args.seed.is_some() {

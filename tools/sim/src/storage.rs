@@ -91,6 +91,10 @@ pub struct ModelNode {
     replies: Vec<Outgoing>,
     /// Mean disk write latency.
     disk_latency: Duration,
+    /// Planted bug: acknowledge a batch when it arrives, before it is durable.
+    pub ack_before_durable: bool,
+    /// Records acknowledged but not yet durable (only with `ack_before_durable`).
+    volatile: Vec<((PgId, SegmentIndex), Lsn)>,
 }
 
 impl ModelNode {
@@ -115,6 +119,8 @@ impl ModelNode {
             pending: VecDeque::new(),
             replies: Vec::new(),
             disk_latency: Duration::from_micros(300),
+            ack_before_durable: false,
+            volatile: Vec::new(),
         }
     }
 
@@ -181,6 +187,9 @@ impl ModelNode {
                 }
                 if !self.segments.contains_key(&(append.pg, append.segment)) {
                     return Some(Self::error(ErrorCode::UnknownSegment, "not hosted".into()));
+                }
+                if self.ack_before_durable {
+                    return Some(self.ack_early(&append));
                 }
                 let after = self.pending.back().map_or(now, |p| p.at.max(now));
                 let jitter = rng.between(0, self.disk_latency.as_micros() as u64 * 2);
@@ -285,6 +294,26 @@ impl ModelNode {
         })
     }
 
+    /// The planted bug: index the records now, remember they are not durable, and ack.
+    fn ack_early(&mut self, append: &Append) -> Message {
+        let key = (append.pg, append.segment);
+        let segment = self.segments.get_mut(&key).expect("checked above");
+        for record in &append.records {
+            if !segment.records.contains_key(&record.lsn) {
+                segment
+                    .records
+                    .insert(record.lsn, (record.clone(), append.epoch));
+                self.volatile.push((key, record.lsn));
+            }
+        }
+        Message::Ack(SegmentAck {
+            volume: self.volume,
+            pg: append.pg,
+            segment: append.segment,
+            scl: segment.scl(),
+        })
+    }
+
     /// A durable batch: index its records (unless annulled) and answer.
     fn persisted(&mut self, p: PendingPersist) {
         let append = p.append;
@@ -356,5 +385,10 @@ impl StorageNode for ModelNode {
     fn crash(&mut self) {
         self.pending.clear();
         self.replies.clear();
+        for (key, lsn) in std::mem::take(&mut self.volatile) {
+            if let Some(segment) = self.segments.get_mut(&key) {
+                segment.records.remove(&lsn);
+            }
+        }
     }
 }

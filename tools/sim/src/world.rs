@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::time::{Duration, Instant};
 
 use engine::core::{
-    CommitId, Completion, CoreConfig, Phase, ReadId, ReadStart, VolumeCore, VolumeLayout,
+    CommitId, Completion, CoreConfig, Phase, PlantedBug, ReadId, ReadStart, VolumeCore,
+    VolumeLayout,
 };
 use engine::quorum::MtrRecord;
 use wire::{Epoch, Geometry, Lsn, PageId, PgId, RedoOp, SegmentIndex, VolumeId};
@@ -29,10 +30,40 @@ const PAGE_SIZE: usize = 256;
 /// Most commits one writer keeps waiting.
 const COMMITS_INFLIGHT_MAX: usize = 16;
 
+/// A bug planted on purpose, to prove the checkers catch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bug {
+    /// Nodes acknowledge a batch before it is durable.
+    NodeAcksBeforeDurable,
+    /// The writer counts a PG complete on 3 segments.
+    WriteQuorumOfThree,
+    /// Recovery serves without recording its truncation.
+    RecoverySkipsTruncation,
+}
+
+impl Bug {
+    pub const ALL: [Bug; 3] = [
+        Bug::NodeAcksBeforeDurable,
+        Bug::WriteQuorumOfThree,
+        Bug::RecoverySkipsTruncation,
+    ];
+
+    /// The name `--plant` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::NodeAcksBeforeDurable => "ack-before-durable",
+            Bug::WriteQuorumOfThree => "write-quorum-3",
+            Bug::RecoverySkipsTruncation => "skip-truncation",
+        }
+    }
+}
+
 /// What a run does.
 #[derive(Clone, Debug)]
 pub struct Options {
     pub seed: u64,
+    /// A bug to plant (None: the real thing).
+    pub bug: Option<Bug>,
     /// Virtual time with faults.
     pub fault_ms: u64,
     /// Virtual time allowed, after healing, for a commit to go through.
@@ -43,6 +74,7 @@ impl Options {
     pub fn seed(seed: u64) -> Self {
         Self {
             seed,
+            bug: None,
             fault_ms: 8_000,
             heal_ms: 60_000,
         }
@@ -109,6 +141,7 @@ pub struct World {
     next_fault: Instant,
     faults_on: bool,
     layout: VolumeLayout,
+    bug: Option<Bug>,
     /// The first checker failure seen while handling completions.
     failure: Option<String>,
 }
@@ -118,7 +151,7 @@ fn ms(n: u64) -> Duration {
 }
 
 impl World {
-    pub fn new(seed: u64) -> Self {
+    pub fn new(seed: u64, bug: Option<Bug>) -> Self {
         let start = Instant::now();
         let layout = VolumeLayout {
             volume: VolumeId(1),
@@ -165,8 +198,12 @@ impl World {
             next_fault: start + ms(300),
             faults_on: true,
             layout,
+            bug,
             failure: None,
         };
+        for node in &mut world.nodes {
+            node.ack_before_durable = bug == Some(Bug::NodeAcksBeforeDurable);
+        }
         world.start_writer();
         world
     }
@@ -186,6 +223,11 @@ impl World {
             reconnect_interval: ms(100),
             pgmrpl_interval: ms(200),
             epoch_tag: u32::try_from(self.rng.between(1, u64::from(u32::MAX))).expect("bounded"),
+            planted_bug: match self.bug {
+                Some(Bug::WriteQuorumOfThree) => Some(PlantedBug::WriteQuorumOfThree),
+                Some(Bug::RecoverySkipsTruncation) => Some(PlantedBug::RecoverySkipsTruncation),
+                _ => None,
+            },
             ..CoreConfig::default()
         };
         let core = VolumeCore::new(self.layout.clone(), config, self.now);
@@ -798,7 +840,15 @@ impl Envelope {
     }
 }
 
-/// Runs one seed.
+/// Runs one seed; a panic (an assertion in a core) is a failure like any other.
 pub fn run_seed(options: &Options) -> Result<Report, String> {
-    World::new(options.seed).run(options)
+    let run = std::panic::catch_unwind(|| World::new(options.seed, options.bug).run(options));
+    run.unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+            .unwrap_or_default();
+        Err(format!("panicked: {message}"))
+    })
 }
