@@ -299,10 +299,10 @@ impl ModelNode {
         let key = (append.pg, append.segment);
         let segment = self.segments.get_mut(&key).expect("checked above");
         for record in &append.records {
-            if !segment.records.contains_key(&record.lsn) {
-                segment
-                    .records
-                    .insert(record.lsn, (record.clone(), append.epoch));
+            if let std::collections::btree_map::Entry::Vacant(slot) =
+                segment.records.entry(record.lsn)
+            {
+                slot.insert((record.clone(), append.epoch));
                 self.volatile.push((key, record.lsn));
             }
         }
