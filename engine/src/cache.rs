@@ -15,6 +15,7 @@
 //!   (at most min(LAL, pinned pages) × page size); it drains as VDL advances.
 //!
 //! Cost: O(log n) per operation, plus O(log n) per page evicted or unpinned.
+#![deny(clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -11,8 +11,6 @@
 //! - every request the core makes has a deadline in the core, so a lost connection or a
 //!   silent node turns into a failure, never a hang; `open` itself gives up after
 //!   `open_timeout`, saying what recovery was waiting for.
-// The driver owns the clock: it is the one place that reads it and hands it to the core.
-#![allow(clippy::disallowed_methods)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

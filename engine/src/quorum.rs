@@ -15,6 +15,7 @@
 //!
 //! Cost: an ack does O(1) work for the SCL and PGCL, O(log `pg_count`) for the volume's oldest
 //! outstanding record, and pops each record and each CPL exactly once (amortised O(1)).
+#![deny(clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, VecDeque};
 

@@ -7,6 +7,7 @@
 //! - decoding untrusted bytes never panics and never allocates more than the frame limit
 //!   ([`frame::FRAME_BYTES_MAX`]); encoding cannot fail.
 #![deny(clippy::indexing_slicing)]
+#![deny(clippy::disallowed_methods)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 /// ALPN protocol of every Sixfold QUIC connection, engine to node and node to node.

@@ -23,6 +23,7 @@
 //! - memory is bounded: retained records by `retained_bytes_max` (writers see back-pressure),
 //!   each node's queue by [`NODE_QUEUE_BYTES_MAX`] (past it the node is treated as down and
 //!   caught up from the retained records once it answers again).
+#![deny(clippy::disallowed_methods)]
 
 mod links;
 mod reads;

@@ -2,6 +2,8 @@
 //! seeded PRNG, a virtual clock; storage nodes in three AZs and the real `VolumeCore` over a
 //! simulated network, under faults kept within AZ+1. A seed replays bit-exactly.
 
+#![deny(clippy::disallowed_methods)]
+
 pub mod model;
 pub mod rng;
 pub mod storage;
