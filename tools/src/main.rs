@@ -152,11 +152,11 @@ fn main() {
             nodes,
             engines,
         } => {
-            let names: Vec<String> = nodes.into_iter().chain(engines).collect();
-            tools::certs::generate(&out, &names).map(|()| {
+            tools::certs::generate(&out, &nodes, &engines).map(|()| {
                 println!(
-                    "wrote CA and {} certificates under {}",
-                    names.len(),
+                    "wrote CA and {} node and {} engine certificates under {}",
+                    nodes.len(),
+                    engines.len(),
                     out.display()
                 )
             })

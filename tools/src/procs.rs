@@ -40,9 +40,8 @@ pub struct NodeSpec {
     pub journal_file_bytes: u64,
     pub journal_file_count: u32,
     pub inflight_groups_max: usize,
-    pub sync: &'static str,
-    /// "thread" or "inline" (see the node's `journal.persister`).
-    pub persister: &'static str,
+    pub sync: node::config::SyncMode,
+    pub persister: node::config::PersisterMode,
     /// (volume, pg, segment) triples.
     pub segments: Vec<(u64, u32, u32)>,
 }
@@ -59,8 +58,8 @@ impl NodeSpec {
             journal_file_bytes: 16 << 20,
             journal_file_count: 4,
             inflight_groups_max: 4,
-            sync: "rwf_dsync",
-            persister: "inline",
+            sync: node::config::SyncMode::RwfDsync,
+            persister: node::config::PersisterMode::Inline,
             segments: vec![(1, 0, 0)],
         }
     }
@@ -82,8 +81,8 @@ impl NodeSpec {
             self.journal_file_bytes,
             self.journal_file_count,
             self.inflight_groups_max,
-            self.sync,
-            self.persister,
+            self.sync.as_str(),
+            self.persister.as_str(),
         );
         for (volume, pg, segment) in &self.segments {
             s.push_str(&format!(

@@ -13,15 +13,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, opcode, types};
 
 use super::aligned::AlignedBuf;
-
-/// How a write is made durable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SyncMode {
-    /// A write SQE linked to an `fdatasync` SQE.
-    LinkedFdatasync,
-    /// One write SQE with `RWF_DSYNC`.
-    RwfDsync,
-}
+pub use crate::config::SyncMode;
 
 /// Opens (creating if needed) a file for O_DIRECT reads and writes.
 pub fn open_direct(path: &Path, create: bool) -> io::Result<File> {
@@ -97,7 +89,7 @@ fn durable_write(
     let len = u32::try_from(buf.len()).expect("block fits u32");
     let write = opcode::Write::new(fd, buf.as_ptr(), len).offset(offset);
     let entries = match mode {
-        SyncMode::LinkedFdatasync => vec![
+        SyncMode::Fdatasync => vec![
             write
                 .build()
                 .flags(io_uring::squeue::Flags::IO_LINK)
