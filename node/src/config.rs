@@ -213,7 +213,11 @@ mod tests {
             let flag = <SyncMode as clap::ValueEnum>::from_str(sync.as_str(), false).unwrap();
             assert_eq!(flag, sync);
         }
-        for mode in [PersisterMode::Inline, PersisterMode::Thread, PersisterMode::StdFs] {
+        for mode in [
+            PersisterMode::Inline,
+            PersisterMode::Thread,
+            PersisterMode::StdFs,
+        ] {
             let text = DEFAULT_CONFIG.replace("\"inline\"", &format!("\"{}\"", mode.as_str()));
             let c = NodeConfig::parse(&text, "node.toml").unwrap();
             assert_eq!(c.journal.persister, mode);

@@ -308,7 +308,11 @@ impl<J: JournalIo> Driver<J> {
 
     fn send_reply(&mut self, conn: ConnId, request_id: u64, message: Message) {
         if let Message::Error(e) = &message {
-            tracing::debug!("error reply to request {request_id}: {:?} {}", e.code, e.message);
+            tracing::debug!(
+                "error reply to request {request_id}: {:?} {}",
+                e.code,
+                e.message
+            );
         }
         // A stream that went away no longer wants its replies.
         let Some((replies, inflight)) = self.streams.get(&conn) else {

@@ -218,7 +218,10 @@ impl Manifest {
 /// touches; returns whether any LSN became covered that was not before. The merged range keeps
 /// the newest epoch.
 pub fn add_truncation(ranges: &mut Vec<Truncation>, range: Truncation) -> bool {
-    assert!(range.after < range.through, "truncation ranges are non-empty");
+    assert!(
+        range.after < range.through,
+        "truncation ranges are non-empty"
+    );
     let covered = ranges
         .iter()
         .any(|r| r.after <= range.after && range.through <= r.through);
@@ -281,7 +284,11 @@ mod tests {
         m.volumes.insert(VolumeId(1), meta);
         let text = m.to_toml();
         assert_eq!(Manifest::from_toml(&text, "m").unwrap(), m);
-        assert!(Manifest::from_toml("bogus = 1", "m").unwrap_err().contains("bogus"));
+        assert!(
+            Manifest::from_toml("bogus = 1", "m")
+                .unwrap_err()
+                .contains("bogus")
+        );
     }
 
     /// Goal: ranges stay sorted and disjoint, a covered range changes nothing, and membership
@@ -294,7 +301,10 @@ mod tests {
         assert!(!add_truncation(&mut ranges, range(10, 20)), "idempotent");
         assert!(!add_truncation(&mut ranges, range(12, 15)), "covered");
         assert!(add_truncation(&mut ranges, range(40, 50)));
-        assert!(add_truncation(&mut ranges, range(20, 25)), "touching merges");
+        assert!(
+            add_truncation(&mut ranges, range(20, 25)),
+            "touching merges"
+        );
         assert_eq!(ranges, vec![range(10, 25), range(40, 50)]);
         assert!(add_truncation(&mut ranges, range(5, 45)));
         assert_eq!(ranges, vec![range(5, 50)]);

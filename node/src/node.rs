@@ -119,7 +119,9 @@ impl Node {
         self.driver.shutdown();
         let task = self.task.lock().expect("task lock").take();
         match task {
-            Some(task) => task.await.unwrap_or_else(|e| Err(format!("driver failed: {e}"))),
+            Some(task) => task
+                .await
+                .unwrap_or_else(|e| Err(format!("driver failed: {e}"))),
             None => Ok(()),
         }
     }

@@ -94,8 +94,14 @@ impl Segment {
 
     /// Notes a durable record (the caller has already dropped records in truncated ranges).
     pub fn observe(&mut self, record: &DurableRecord) -> Observed {
-        assert!(record.location.lsn == record.lsn, "location names its record");
-        assert!(record.backlink < record.lsn, "decoder guarantees backlink < lsn");
+        assert!(
+            record.location.lsn == record.lsn,
+            "location names its record"
+        );
+        assert!(
+            record.backlink < record.lsn,
+            "decoder guarantees backlink < lsn"
+        );
         let before = self.scl;
         if self.records.contains_key(&record.lsn) {
             return Observed::Duplicate;
@@ -387,11 +393,18 @@ mod tests {
         let lsns = |v: Vec<RecordLocation>| v.iter().map(|l| l.lsn.0).collect::<Vec<_>>();
         assert_eq!(lsns(s.records_for_read(PageId(1), Lsn(3)).unwrap()), [1, 3]);
         assert_eq!(lsns(s.records_for_read(PageId(1), Lsn(2)).unwrap()), [1]);
-        assert_eq!(s.records_for_read(PageId(1), Lsn(4)), Err(SclBelowReadPoint { scl: Lsn(3) }));
+        assert_eq!(
+            s.records_for_read(PageId(1), Lsn(4)),
+            Err(SclBelowReadPoint { scl: Lsn(3) })
+        );
         assert_eq!(lsns(s.records_for_fetch(Lsn(0), Lsn(100), 1000)), [1, 2, 3]);
         assert_eq!(lsns(s.records_for_fetch(Lsn(1), Lsn(2), 1000)), [2]);
         assert_eq!(lsns(s.records_for_fetch(Lsn(0), Lsn(100), 150)), [1]);
-        assert_eq!(lsns(s.records_for_fetch(Lsn(0), Lsn(100), 10)), [1], "at least one");
+        assert_eq!(
+            lsns(s.records_for_fetch(Lsn(0), Lsn(100), 10)),
+            [1],
+            "at least one"
+        );
         assert!(s.records_for_fetch(Lsn(3), Lsn(100), 1000).is_empty());
     }
 }

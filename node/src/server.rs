@@ -102,7 +102,11 @@ async fn serve_stream(
 }
 
 /// Reads one frame and hands it on; `None` once the peer finished or reset the stream.
-async fn read_frame(stream: &Stream, recv: &mut quinn::RecvStream, budget: &Arc<Semaphore>) -> Option<()> {
+async fn read_frame(
+    stream: &Stream,
+    recv: &mut quinn::RecvStream,
+    budget: &Arc<Semaphore>,
+) -> Option<()> {
     let mut prefix = [0u8; 4];
     recv.read_exact(&mut prefix).await.ok()?;
     let len = match decode_len(prefix) {

@@ -83,7 +83,12 @@ pub fn generate(out: &Path, nodes: &[String], engines: &[String]) -> anyhow::Res
 }
 
 /// Writes `NAME.pem` and `NAME.key.pem`: a certificate for `name` granting `role`.
-fn issue(out: &Path, issuer: &Issuer<'static, KeyPair>, name: &str, role: Role) -> anyhow::Result<()> {
+fn issue(
+    out: &Path,
+    issuer: &Issuer<'static, KeyPair>,
+    name: &str,
+    role: Role,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         !name.is_empty()
             && name
@@ -126,7 +131,11 @@ mod tests {
             assert_eq!(node::tls::role_of_certificate(&cert), Some(role), "{name}");
         }
         let ca = CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap();
-        assert_eq!(node::tls::role_of_certificate(&ca), None, "the CA grants nothing");
+        assert_eq!(
+            node::tls::role_of_certificate(&ca),
+            None,
+            "the CA grants nothing"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -151,16 +151,14 @@ fn main() {
             out,
             nodes,
             engines,
-        } => {
-            tools::certs::generate(&out, &nodes, &engines).map(|()| {
-                println!(
-                    "wrote CA and {} node and {} engine certificates under {}",
-                    nodes.len(),
-                    engines.len(),
-                    out.display()
-                )
-            })
-        }
+        } => tools::certs::generate(&out, &nodes, &engines).map(|()| {
+            println!(
+                "wrote CA and {} node and {} engine certificates under {}",
+                nodes.len(),
+                engines.len(),
+                out.display()
+            )
+        }),
         Command::Inspect {
             what: Inspect::Journal { dir },
         } => tools::inspect::print_journal(&dir, &mut std::io::stdout().lock()),

@@ -203,8 +203,16 @@ fn a_node_certificate_cannot_write_an_engine_certificate_can() {
         let forbidden = |reply: Message| match reply {
             Message::Error(e) => {
                 assert_eq!(e.code, ErrorCode::Forbidden, "{}", e.message);
-                assert!(e.message.contains("needs an engine certificate"), "{}", e.message);
-                assert!(e.message.contains("presented a node certificate"), "{}", e.message);
+                assert!(
+                    e.message.contains("needs an engine certificate"),
+                    "{}",
+                    e.message
+                );
+                assert!(
+                    e.message.contains("presented a node certificate"),
+                    "{}",
+                    e.message
+                );
             }
             other => panic!("a node certificate must be refused, got {other:?}"),
         };
@@ -248,7 +256,10 @@ fn a_node_certificate_cannot_write_an_engine_certificate_can() {
         }
         // What a peer may do: read a volume's state, fetch records.
         let state = peer.request(Message::GetVolumeState(volume)).await.unwrap();
-        assert!(matches!(&state, Message::VolumeState(s) if s.epoch.0 == 0), "{state:?}");
+        assert!(
+            matches!(&state, Message::VolumeState(s) if s.epoch.0 == 0),
+            "{state:?}"
+        );
         let fetch = wire::FetchRecords {
             volume,
             epoch: wire::Epoch(0),
@@ -259,13 +270,23 @@ fn a_node_certificate_cannot_write_an_engine_certificate_can() {
             bytes_max: 1 << 20,
         };
         let records = peer.request(Message::FetchRecords(fetch)).await.unwrap();
-        assert!(matches!(&records, Message::Records(r) if r.records.is_empty()), "{records:?}");
+        assert!(
+            matches!(&records, Message::Records(r) if r.records.is_empty()),
+            "{records:?}"
+        );
         // The engine's certificate: the same writes go through.
         let engine = connect(&certs, &node).await;
-        let ack = engine.append(append(1, vec![write(1, 0, 1, 8)])).await.unwrap();
+        let ack = engine
+            .append(append(1, vec![write(1, 0, 1, 8)]))
+            .await
+            .unwrap();
         assert_eq!(ack.unwrap().scl, Lsn(1));
     });
-    assert_eq!(durable_lsns(&spec.data_dir), vec![1], "nothing refused was persisted");
+    assert_eq!(
+        durable_lsns(&spec.data_dir),
+        vec![1],
+        "nothing refused was persisted"
+    );
     drop(node);
     cleanup(&dir);
 }

@@ -74,7 +74,11 @@ pub(super) struct Commit {
 
 impl Commit {
     pub(super) fn new(config: &CoreConfig) -> Self {
-        assert!(config.journal_file_bytes.is_multiple_of(DIRECT_IO_ALIGN as u64));
+        assert!(
+            config
+                .journal_file_bytes
+                .is_multiple_of(DIRECT_IO_ALIGN as u64)
+        );
         assert!(config.journal_file_bytes >= GROUP_BYTES_MAX as u64);
         Self {
             inflight_groups_max: config.inflight_groups_max,
@@ -266,6 +270,10 @@ impl NodeCore {
             key: batch.key,
             epoch: batch.epoch,
         };
+        if batch.epoch < self.epoch(batch.key.volume) {
+            // Refused at once: a refusal relies on no durable state.
+            return self.answer(batch.conn, batch.request_id, answer);
+        }
         self.answer_when_durable(batch.conn, batch.request_id, batch.key.volume, answer);
     }
 }

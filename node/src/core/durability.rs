@@ -18,7 +18,10 @@ use crate::manifest::SegmentKey;
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Answer {
     /// Ack a durable batch (or `StaleEpoch` if the epoch moved on meanwhile).
-    Ack { key: SegmentKey, epoch: Epoch },
+    Ack {
+        key: SegmentKey,
+        epoch: Epoch,
+    },
     VolumeState(VolumeId),
     Done,
 }
@@ -85,15 +88,19 @@ impl NodeCore {
             return; // Everyone waiting was answered when the node stopped.
         }
         let d = &mut self.durability;
-        assert!(d.inflight == Some(token.0), "stores are reported as asked for");
+        assert!(
+            d.inflight == Some(token.0),
+            "stores are reported as asked for"
+        );
         assert!(token.0 > d.stored);
         d.stored = token.0;
         d.inflight = None;
         self.store_manifest_if_idle();
         let stored = self.durability.stored;
-        let (ready, waiting): (VecDeque<Held>, VecDeque<Held>) = std::mem::take(&mut self.durability.held)
-            .into_iter()
-            .partition(|h| h.version <= stored);
+        let (ready, waiting): (VecDeque<Held>, VecDeque<Held>) =
+            std::mem::take(&mut self.durability.held)
+                .into_iter()
+                .partition(|h| h.version <= stored);
         self.durability.held = waiting;
         for held in ready {
             self.answer(held.conn, held.request_id, held.answer);
@@ -122,7 +129,7 @@ impl NodeCore {
     }
 
     /// Sends an answer whose state is durable, computed from the state as it is now.
-    fn answer(&mut self, conn: ConnId, request_id: u64, answer: Answer) {
+    pub(super) fn answer(&mut self, conn: ConnId, request_id: u64, answer: Answer) {
         match answer {
             Answer::Ack { key, epoch } => {
                 let current = self.epoch(key.volume);

@@ -56,8 +56,8 @@ use std::ops::RangeInclusive;
 use std::time::{Duration, Instant};
 
 use wire::{
-    Append, AppendView, DecodeError, Epoch, ErrorCode, ErrorReply, LogRecord, Lsn, Message,
-    PageId, PgId, SegmentIndex, SegmentState, VolumeId, VolumeState,
+    Append, AppendView, DecodeError, Epoch, ErrorCode, ErrorReply, LogRecord, Lsn, Message, PageId,
+    PgId, SegmentIndex, SegmentState, VolumeId, VolumeState,
 };
 
 use crate::journal::Position;
@@ -248,7 +248,15 @@ impl NodeCore {
         let mut volumes: BTreeMap<VolumeId, Volume> = manifest
             .volumes
             .into_iter()
-            .map(|(id, meta)| (id, Volume { meta, ..Volume::default() }))
+            .map(|(id, meta)| {
+                (
+                    id,
+                    Volume {
+                        meta,
+                        ..Volume::default()
+                    },
+                )
+            })
             .collect();
         let mut segments = BTreeMap::new();
         for key in manifest.segments {
@@ -272,7 +280,10 @@ impl NodeCore {
     /// truncated range or their segment is not hosted) and its VDL hint is noted. Returns how
     /// many records were indexed.
     pub fn recover_append(&mut self, at: EntryLocation, append: &Append) -> usize {
-        assert!(self.phase == Phase::Recovering, "recovery happens before serving");
+        assert!(
+            self.phase == Phase::Recovering,
+            "recovery happens before serving"
+        );
         let key = SegmentKey {
             volume: append.volume,
             pg: append.pg,
@@ -284,7 +295,10 @@ impl NodeCore {
 
     /// Like [`NodeCore::recover_append`], from the entry's Append body as stored.
     pub fn recover_entry(&mut self, at: EntryLocation, body: &[u8]) -> Result<usize, DecodeError> {
-        assert!(self.phase == Phase::Recovering, "recovery happens before serving");
+        assert!(
+            self.phase == Phase::Recovering,
+            "recovery happens before serving"
+        );
         let view = AppendView::decode(body)?;
         let h = view.header;
         let key = SegmentKey {
@@ -316,7 +330,10 @@ impl NodeCore {
         let Some(segment) = self.segments.get_mut(&key) else {
             return 0; // No longer hosted (or never was): persisted, not indexed.
         };
-        let volume = self.volumes.get_mut(&key.volume).expect("hosted volumes are known");
+        let volume = self
+            .volumes
+            .get_mut(&key.volume)
+            .expect("hosted volumes are known");
         let before = volume.vdl;
         volume.vdl = volume.vdl.max(vdl);
         let mut indexed = 0;
@@ -422,9 +439,7 @@ impl NodeCore {
 
     /// The volume's epoch in force (0 for a volume the node knows nothing of).
     pub fn epoch(&self, volume: VolumeId) -> Epoch {
-        self.volumes
-            .get(&volume)
-            .map_or(Epoch(0), |v| v.meta.epoch)
+        self.volumes.get(&volume).map_or(Epoch(0), |v| v.meta.epoch)
     }
 
     /// What a node holds of a volume, as a VolumeState reply states it.
@@ -493,7 +508,11 @@ impl NodeCore {
     }
 
     /// Reads back of records: the read results as the driver hands them over.
-    pub fn handle_records_read(&mut self, token: ReadToken, result: Result<Vec<LogRecord>, String>) {
+    pub fn handle_records_read(
+        &mut self,
+        token: ReadToken,
+        result: Result<Vec<LogRecord>, String>,
+    ) {
         if self.stopped().is_some() {
             return; // Everyone waiting was answered when the node stopped.
         }

@@ -8,9 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use wire::{
-    ErrorCode, ErrorReply, LogRecord, Lsn, Message, PageId, PageImage, PageReply, Records,
-};
+use wire::{ErrorCode, ErrorReply, LogRecord, Lsn, Message, PageId, PageImage, PageReply, Records};
 
 use super::{ConnId, ReadToken};
 use crate::manifest::SegmentKey;
@@ -53,7 +51,10 @@ impl Reads {
         locations: &[RecordLocation],
         kind: ReadKind,
     ) -> ReadToken {
-        assert!(!locations.is_empty(), "reads without records are answered at once");
+        assert!(
+            !locations.is_empty(),
+            "reads without records are answered at once"
+        );
         self.next_token += 1;
         let token = ReadToken(self.next_token);
         let read = PendingRead {

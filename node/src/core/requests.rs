@@ -10,8 +10,8 @@ use bytes::Bytes;
 use wire::codec::Reader;
 use wire::frame::{FRAME_HEADER_BYTES, FrameHeader, PAGE_BYTES_MAX};
 use wire::{
-    AppendView, Epoch, ErrorCode, ErrorReply, Fence, FetchRecords, Geometry, HostSegments,
-    Message, ReadPage, Records, Role, SetPgmrpl, Truncate, VolumeId,
+    AppendView, Epoch, ErrorCode, ErrorReply, Fence, FetchRecords, Geometry, HostSegments, Message,
+    ReadPage, Records, Role, SetPgmrpl, Truncate, VolumeId,
 };
 
 use super::commit::Batch;
@@ -55,7 +55,10 @@ impl NodeCore {
     /// A request frame (the bytes after its length prefix) from `conn`, whose certificate
     /// carries `role`. `now` stamps appends, for [`NodeCore::oldest_waiting`].
     pub fn handle_frame(&mut self, now: Instant, conn: ConnId, role: Option<Role>, frame: Bytes) {
-        assert!(self.phase != Phase::Recovering, "requests come after recovery");
+        assert!(
+            self.phase != Phase::Recovering,
+            "requests come after recovery"
+        );
         let header = match FrameHeader::decode(&mut Reader::new(&frame)) {
             Ok(header) => header,
             Err(e) => {
@@ -125,7 +128,12 @@ impl NodeCore {
         }
     }
 
-    fn check_role(&self, role: Option<Role>, what: &str, allowed: &[Role]) -> Result<(), ErrorReply> {
+    fn check_role(
+        &self,
+        role: Option<Role>,
+        what: &str,
+        allowed: &[Role],
+    ) -> Result<(), ErrorReply> {
         if role.is_some_and(|r| allowed.contains(&r)) {
             return Ok(());
         }
@@ -162,7 +170,10 @@ impl NodeCore {
         }
         Err(error(
             ErrorCode::UnknownSegment,
-            format!("volume {volume} has no segment on node {}", self.config.name),
+            format!(
+                "volume {volume} has no segment on node {}",
+                self.config.name
+            ),
         ))
     }
 
@@ -241,7 +252,10 @@ impl NodeCore {
             if let Some(r) = outside {
                 return Err(error(
                     ErrorCode::BadRequest,
-                    format!("record {} is for page {}, outside pg {}", r.lsn, r.page.0, h.pg),
+                    format!(
+                        "record {} is for page {}, outside pg {}",
+                        r.lsn, r.page.0, h.pg
+                    ),
                 ));
             }
         }
@@ -329,7 +343,10 @@ impl NodeCore {
         if found == 0 {
             return Err(error(
                 ErrorCode::UnknownSegment,
-                format!("volume {} pg {} is not hosted here", request.volume, request.pg),
+                format!(
+                    "volume {} pg {} is not hosted here",
+                    request.volume, request.pg
+                ),
             ));
         }
         assert!(found <= wire::PG_SIZE);
@@ -382,7 +399,10 @@ impl NodeCore {
             if t.epoch < installed {
                 return Err(error(
                     ErrorCode::StaleEpoch,
-                    format!("epoch {} is older than volume {volume}'s epoch {installed}", t.epoch),
+                    format!(
+                        "epoch {} is older than volume {volume}'s epoch {installed}",
+                        t.epoch
+                    ),
                 ));
             }
             self.check_truncation_room(t)
@@ -471,7 +491,10 @@ impl NodeCore {
                     .map_err(|e| {
                         error(
                             ErrorCode::SclBelowReadPoint,
-                            format!("{key} has SCL {} below read point {}", e.scl, read.read_point),
+                            format!(
+                                "{key} has SCL {} below read point {}",
+                                e.scl, read.read_point
+                            ),
                         )
                     })
             });

@@ -49,7 +49,12 @@ fn write_group(
     let file = files
         .get(group.position.file as usize)
         .expect("the core places groups in existing files");
-    assert!(group.position.offset.is_multiple_of(super::DIRECT_IO_ALIGN as u64));
+    assert!(
+        group
+            .position
+            .offset
+            .is_multiple_of(super::DIRECT_IO_ALIGN as u64)
+    );
     match sync {
         SyncMode::Fdatasync => {
             file.write_all_at(buf.as_slice(), group.position.offset)?;

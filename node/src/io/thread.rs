@@ -79,7 +79,10 @@ pub struct Completions {
 impl Completions {
     /// Reports one outcome and wakes the driver.
     pub fn push(&self, outcome: GroupOutcome) {
-        self.outcomes.lock().expect("completions lock").push(outcome);
+        self.outcomes
+            .lock()
+            .expect("completions lock")
+            .push(outcome);
         self.notify.notify_one();
     }
 }

@@ -89,10 +89,17 @@ impl UringJournal {
     }
 
     /// A writer driven from the calling tokio runtime (call it inside that runtime).
-    pub fn inline(files: Vec<File>, sync: SyncMode, inflight_groups_max: usize) -> io::Result<Self> {
+    pub fn inline(
+        files: Vec<File>,
+        sync: SyncMode,
+        inflight_groups_max: usize,
+    ) -> io::Result<Self> {
         let mut journal = Self::new(files, sync, inflight_groups_max)?;
         let eventfd = new_eventfd(libc::EFD_NONBLOCK)?;
-        journal.ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        journal
+            .ring
+            .submitter()
+            .register_eventfd(eventfd.as_raw_fd())?;
         // SAFETY: the OwnedFd moves into the AsyncFd, stays open and is never replaced while
         // the AsyncFd owns it.
         let completions = unsafe { tokio::io::unix::AsyncFd::register(eventfd) }?;
@@ -107,9 +114,13 @@ impl UringJournal {
         inflight_groups_max: usize,
     ) -> io::Result<ThreadJournal> {
         let journal = Self::new(files, sync, inflight_groups_max)?;
-        ThreadJournal::spawn("journal-uring", Some(new_eventfd(0)?), move |queue, completions| {
-            journal.run_thread(queue, completions);
-        })
+        ThreadJournal::spawn(
+            "journal-uring",
+            Some(new_eventfd(0)?),
+            move |queue, completions| {
+                journal.run_thread(queue, completions);
+            },
+        )
     }
 
     fn in_flight(&self) -> usize {
@@ -187,7 +198,11 @@ impl UringJournal {
                 self.eventfd_armed = false;
                 continue;
             }
-            self.complete(usize::try_from(data >> 2).expect("slot index"), kind, result);
+            self.complete(
+                usize::try_from(data >> 2).expect("slot index"),
+                kind,
+                result,
+            );
         }
     }
 
@@ -242,7 +257,9 @@ impl UringJournal {
     /// Thread mode: take queued groups, submit, sleep in the ring until a completion or a new
     /// group arrives; until the queue is closed and everything has completed.
     fn run_thread(mut self, queue: &WorkQueue, completions: &Completions) {
-        let eventfd = queue.eventfd().expect("thread mode wakes through an eventfd");
+        let eventfd = queue
+            .eventfd()
+            .expect("thread mode wakes through an eventfd");
         loop {
             for group in queue.take() {
                 self.push_group(&group);

@@ -8,9 +8,7 @@ use engine::NodeClient;
 use engine::tls::ClientIdentity;
 pub use node::config::{PersisterMode, SyncMode};
 use tools::procs::{NodeProcess, NodeSpec};
-use wire::{
-    Append, Epoch, LogRecord, Lsn, Message, PageId, PgId, RedoOp, SegmentIndex, VolumeId,
-};
+use wire::{Append, Epoch, LogRecord, Lsn, Message, PageId, PgId, RedoOp, SegmentIndex, VolumeId};
 
 /// A fresh directory under cargo's target tmpdir, which is on the real disk (never tmpfs, so
 /// O_DIRECT is real).
