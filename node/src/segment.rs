@@ -75,21 +75,38 @@ pub struct SclBelowReadPoint {
 
 impl Segment {
     pub fn scl(&self) -> Lsn {
+        assert!(self.scl == Lsn::ZERO || self.records.contains_key(&self.scl));
+        assert!(
+            self.pages.len() <= self.records.len(),
+            "no page without a record"
+        );
         self.scl
     }
 
     pub fn pgmrpl(&self) -> Lsn {
+        assert!(
+            self.pages.len() <= self.records.len(),
+            "no page without a record"
+        );
         self.pgmrpl
     }
 
     /// Records held (on the chain or waiting beyond a gap).
     pub fn record_count(&self) -> usize {
-        self.records.len()
+        let count = self.records.len();
+        assert!(self.pages.len() <= count, "no page without a record");
+        assert!(count > 0 || self.scl == Lsn::ZERO);
+        count
     }
 
     /// Whether the record with `lsn` is held.
     pub fn holds(&self, lsn: Lsn) -> bool {
-        self.records.contains_key(&lsn)
+        let held = self.records.contains_key(&lsn);
+        assert!(
+            held || lsn != self.scl || lsn == Lsn::ZERO,
+            "the SCL's record is held"
+        );
+        held
     }
 
     /// Notes a durable record (the caller has already dropped records in truncated ranges).
@@ -114,6 +131,7 @@ impl Segment {
             page: record.page,
             location: record.location,
         };
+        assert!(record.location.len > 0, "a record has a header");
         self.records.insert(record.lsn, held);
         let lsns = self.pages.entry(record.page).or_default();
         // Journal order is LSN order almost always: push, or place by binary search.
@@ -127,6 +145,7 @@ impl Segment {
             self.advance();
         }
         assert!(self.scl >= before, "SCL moved backwards");
+        assert!(self.records.contains_key(&record.lsn));
         Observed::Indexed
     }
 
@@ -153,6 +172,8 @@ impl Segment {
     /// many records were dropped.
     pub fn truncate(&mut self, after: Lsn, through: Lsn) -> usize {
         assert!(after < through, "truncation ranges are non-empty");
+        let (records_before, scl_before) = (self.records.len(), self.scl);
+
         let doomed: Vec<(Lsn, PageId)> = self
             .records
             .range((Bound::Excluded(after), Bound::Included(through)))
@@ -179,6 +200,12 @@ impl Segment {
                 .is_none()
         );
         self.debug_check();
+        assert!(self.records.len() == records_before - doomed.len());
+        assert!(
+            !(after < self.scl && self.scl <= through),
+            "the SCL is not in the range"
+        );
+        assert!(self.scl <= scl_before || self.scl > through || scl_before <= after);
         doomed.len()
     }
 

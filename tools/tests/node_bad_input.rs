@@ -188,6 +188,45 @@ fn handshake_without_a_ca_signed_certificate_is_refused() {
     cleanup(&dir);
 }
 
+/// One request of each kind only an engine certificate may make.
+fn engine_only_requests() -> Vec<Message> {
+    let volume = wire::VolumeId(1);
+    vec![
+        Message::Append(append(0, vec![write(1, 0, 1, 8)])),
+        Message::Fence(wire::Fence {
+            volume,
+            epoch_current: wire::Epoch(0),
+            epoch_new: wire::Epoch(1),
+        }),
+        Message::Truncate(wire::Truncate {
+            volume,
+            epoch: wire::Epoch(0),
+            after: Lsn(0),
+            through: Lsn(10),
+        }),
+        Message::HostSegments(wire::HostSegments {
+            volume,
+            epoch: wire::Epoch(0),
+            page_size_bytes: 8192,
+            pages_per_pg: 0,
+            segments: vec![(wire::PgId(1), wire::SegmentIndex(0))],
+        }),
+        Message::SetPgmrpl(wire::SetPgmrpl {
+            volume,
+            pg: wire::PgId(0),
+            pgmrpl: Lsn(1),
+        }),
+        Message::ReadPage(wire::ReadPage {
+            volume,
+            epoch: wire::Epoch(0),
+            pg: wire::PgId(0),
+            segment: wire::SegmentIndex(0),
+            page: wire::PageId(1),
+            read_point: Lsn(0),
+        }),
+    ]
+}
+
 /// Goal: the role in a certificate decides what its holder may do: a node certificate cannot
 /// append, fence, truncate, host segments, read pages or set PGMRPL, but may ask for a
 /// volume's state and fetch records; an engine certificate may do all of it; every refusal
@@ -217,41 +256,7 @@ fn a_node_certificate_cannot_write_an_engine_certificate_can() {
             other => panic!("a node certificate must be refused, got {other:?}"),
         };
         let volume = wire::VolumeId(1);
-        let requests = [
-            Message::Append(append(0, vec![write(1, 0, 1, 8)])),
-            Message::Fence(wire::Fence {
-                volume,
-                epoch_current: wire::Epoch(0),
-                epoch_new: wire::Epoch(1),
-            }),
-            Message::Truncate(wire::Truncate {
-                volume,
-                epoch: wire::Epoch(0),
-                after: Lsn(0),
-                through: Lsn(10),
-            }),
-            Message::HostSegments(wire::HostSegments {
-                volume,
-                epoch: wire::Epoch(0),
-                page_size_bytes: 8192,
-                pages_per_pg: 0,
-                segments: vec![(wire::PgId(1), wire::SegmentIndex(0))],
-            }),
-            Message::SetPgmrpl(wire::SetPgmrpl {
-                volume,
-                pg: wire::PgId(0),
-                pgmrpl: Lsn(1),
-            }),
-            Message::ReadPage(wire::ReadPage {
-                volume,
-                epoch: wire::Epoch(0),
-                pg: wire::PgId(0),
-                segment: wire::SegmentIndex(0),
-                page: wire::PageId(1),
-                read_point: Lsn(0),
-            }),
-        ];
-        for request in requests {
+        for request in engine_only_requests() {
             forbidden(peer.request(request).await.unwrap());
         }
         // What a peer may do: read a volume's state, fetch records.

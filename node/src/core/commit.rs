@@ -109,7 +109,8 @@ impl Commit {
     pub(super) fn drain_waiting(&mut self) -> impl Iterator<Item = (ConnId, u64)> + use<> {
         let queued = std::mem::take(&mut self.queue);
         let inflight = std::mem::take(&mut self.inflight);
-        assert!(self.queue.is_empty() && self.inflight.is_empty());
+        assert!(self.queue.is_empty());
+        assert!(self.inflight.is_empty());
         let queued = queued.into_iter().map(|(b, _)| (b.conn, b.request_id));
         let inflight = inflight
             .into_iter()
@@ -119,6 +120,8 @@ impl Commit {
     }
 
     pub(super) fn is_idle(&self) -> bool {
+        assert!(self.inflight.len() <= self.inflight_groups_max);
+        assert!(self.inflight.iter().all(|g| !g.batches.is_empty()));
         self.queue.is_empty() && self.inflight.is_empty()
     }
 
@@ -128,7 +131,10 @@ impl Commit {
             .inflight
             .iter()
             .flat_map(|g| g.batches.iter().map(|(b, _)| b.received));
-        queued.chain(inflight).min()
+        let oldest = queued.chain(inflight).min();
+        assert!(self.inflight.len() <= self.inflight_groups_max);
+        assert!(oldest.is_some() || (self.queue.is_empty() && self.inflight.is_empty()));
+        oldest
     }
 
     /// Where the next group of `len` bytes goes, moving to the next file if it does not fit
@@ -219,6 +225,8 @@ impl NodeCore {
             entries,
             bytes,
         };
+        assert!(position.offset + bytes as u64 <= self.commit.file_bytes);
+        assert!(self.commit.inflight.len() <= self.commit.inflight_groups_max);
         self.outputs.push_back(NodeOutput::Persist(group));
     }
 
@@ -254,18 +262,24 @@ impl NodeCore {
             .expect("a persisted group is one in flight");
         assert!(!inflight.durable, "each group is persisted once");
         inflight.durable = true;
+        let before = self.commit.inflight.len();
         while self.commit.inflight.front().is_some_and(|g| g.durable) {
             let done = self.commit.inflight.pop_front().expect("front checked");
             for (batch, at) in done.batches {
                 self.release(batch, at);
             }
         }
+        assert!(self.commit.inflight.len() <= before);
     }
 
     /// Indexes a durable batch and answers it.
     fn release(&mut self, batch: Batch, at: EntryLocation) {
         let indexed = self.index_entry(batch.key, batch.vdl, at, &batch.records);
         assert!(indexed <= batch.records.len());
+        assert!(
+            self.segments.contains_key(&batch.key),
+            "segments are never unhosted"
+        );
         let answer = Answer::Ack {
             key: batch.key,
             epoch: batch.epoch,

@@ -46,10 +46,23 @@ impl Durability {
     pub(super) fn drain_waiting(&mut self) -> impl Iterator<Item = (ConnId, u64)> + use<> {
         let held = std::mem::take(&mut self.held);
         assert!(self.held.is_empty());
+        assert!(held.iter().all(|h| h.version <= self.version));
         held.into_iter().map(|h| (h.conn, h.request_id))
     }
 
+    /// The newest manifest version issued.
+    pub(super) fn version(&self) -> u64 {
+        assert!(self.stored <= self.version);
+        assert!(
+            self.inflight
+                .is_none_or(|v| self.stored < v && v <= self.version)
+        );
+        self.version
+    }
+
     pub(super) fn is_idle(&self) -> bool {
+        assert!(self.stored <= self.version);
+        assert!(self.inflight.is_none_or(|v| v <= self.version));
         self.held.is_empty() && self.inflight.is_none() && self.stored == self.version
     }
 }
@@ -78,6 +91,10 @@ impl NodeCore {
         let token = ManifestToken(d.version);
         let manifest = self.manifest();
         assert!(token.0 > self.durability.stored);
+        assert!(
+            token.0 == self.durability.version,
+            "a store takes the newest state"
+        );
         self.outputs
             .push_back(NodeOutput::StoreManifest { token, manifest });
     }
@@ -120,6 +137,7 @@ impl NodeCore {
             return self.answer(conn, request_id, answer);
         }
         assert!(version <= self.durability.version);
+        assert!(self.durability.inflight.is_some(), "a store is on its way");
         self.durability.held.push_back(Held {
             version,
             conn,
@@ -130,6 +148,10 @@ impl NodeCore {
 
     /// Sends an answer whose state is durable, computed from the state as it is now.
     pub(super) fn answer(&mut self, conn: ConnId, request_id: u64, answer: Answer) {
+        assert!(
+            self.stopped().is_none(),
+            "a stopped node answers ShuttingDown only"
+        );
         match answer {
             Answer::Ack { key, epoch } => {
                 let current = self.epoch(key.volume);

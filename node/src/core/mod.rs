@@ -155,6 +155,10 @@ impl RecordInBody {
             })
             .collect();
         assert!(out.len() == view.header.record_count as usize);
+        assert!(
+            out.windows(2).all(|w| w[0].lsn < w[1].lsn),
+            "the view checked the order"
+        );
         out
     }
 
@@ -174,11 +178,14 @@ impl RecordInBody {
             offset += len;
         }
         assert!(offset == append.encoded_len());
+        assert!(out.len() == append.records.len());
         out
     }
 
     /// The record as durable at `body_offset` of journal file `file`.
     pub fn durable(&self, file: u32, body_offset: u64) -> DurableRecord {
+        assert!(self.backlink < self.lsn, "the decoder checked the backlink");
+        assert!(self.len as usize >= wire::RECORD_HEADER_BYTES);
         DurableRecord {
             lsn: self.lsn,
             backlink: self.backlink,
@@ -236,6 +243,8 @@ fn volume_keys(volume: VolumeId) -> RangeInclusive<SegmentKey> {
         pg: PgId(u32::MAX),
         segment: SegmentIndex(u32::MAX),
     };
+    assert!(first < last);
+    assert!(first.volume == last.volume);
     first..=last
 }
 
@@ -290,7 +299,9 @@ impl NodeCore {
             segment: append.segment,
         };
         let records = RecordInBody::of_append(append);
-        self.index_entry(key, append.vdl, at, &records)
+        let indexed = self.index_entry(key, append.vdl, at, &records);
+        assert!(indexed <= records.len());
+        indexed
     }
 
     /// Like [`NodeCore::recover_append`], from the entry's Append body as stored.
@@ -307,7 +318,9 @@ impl NodeCore {
             segment: h.segment,
         };
         let records = RecordInBody::of_view(&view);
-        Ok(self.index_entry(key, h.vdl, at, &records))
+        let indexed = self.index_entry(key, h.vdl, at, &records);
+        assert!(indexed <= records.len());
+        Ok(indexed)
     }
 
     /// Ends recovery: new groups go at `end`, numbered from `next_sequence`.
@@ -358,6 +371,7 @@ impl NodeCore {
         }
         let output = self.outputs.pop_front();
         assert!(self.phase != Phase::Recovering || output.is_none());
+        assert!(output.is_some() || self.outputs.is_empty());
         output
     }
 
@@ -376,6 +390,7 @@ impl NodeCore {
         if matches!(self.phase, Phase::Stopped(_)) {
             return;
         }
+        assert!(!reason.is_empty(), "a stop names its reason");
         let message = format!("node {} stopped: {reason}", self.config.name);
         self.phase = Phase::Stopped(reason.clone());
         // Nothing queued for the disk matters any more; replies already decided still go.
@@ -397,49 +412,74 @@ impl NodeCore {
 
     /// Why the node stopped, if it did.
     pub fn stopped(&self) -> Option<&str> {
-        match &self.phase {
-            Phase::Stopped(reason) => Some(reason),
+        let reason = match &self.phase {
+            Phase::Stopped(reason) => Some(reason.as_str()),
             _ => None,
-        }
+        };
+        assert!(
+            reason.is_none_or(|r| !r.is_empty()),
+            "a stop names its reason"
+        );
+        assert!(
+            reason.is_none() || self.commit.is_idle(),
+            "a stopped node waits for nothing"
+        );
+        reason
     }
 
     /// Whether nothing waits on I/O and no output is pending (a shut-down driver may exit). A
     /// stopped node waits for nothing: its outcomes no longer matter.
     pub fn is_idle(&self) -> bool {
         if self.stopped().is_some() {
+            assert!(self.reads.is_idle());
             return self.outputs.is_empty();
         }
-        self.outputs.is_empty()
+        let idle = self.outputs.is_empty()
             && self.commit.is_idle()
             && self.durability.is_idle()
-            && self.reads.is_idle()
+            && self.reads.is_idle();
+        assert!(!idle || self.commit.oldest_received().is_none());
+        idle
     }
 
     /// How long the oldest append still waiting for the journal has waited.
     pub fn oldest_waiting(&self, now: Instant) -> Option<Duration> {
-        self.commit
+        let waited = self
+            .commit
             .oldest_received()
-            .map(|at| now.saturating_duration_since(at))
+            .map(|at| now.saturating_duration_since(at));
+        assert!(waited.is_none() || !self.commit.is_idle());
+        assert!(
+            waited.is_none() || self.stopped().is_none(),
+            "a stopped node waits for nothing"
+        );
+        waited
+    }
+
+    /// A hosted segment (its SCL, the records it holds, its PGMRPL).
+    pub fn segment(&self, key: &SegmentKey) -> Option<&Segment> {
+        let segment = self.segments.get(key);
+        assert!(segment.is_none() || self.volumes.contains_key(&key.volume));
+        assert!(self.segments.len() >= usize::from(segment.is_some()));
+        segment
     }
 
     /// A hosted segment's SCL.
     pub fn scl(&self, key: &SegmentKey) -> Option<Lsn> {
-        self.segments.get(key).map(Segment::scl)
-    }
-
-    /// A hosted segment's PGMRPL.
-    pub fn pgmrpl(&self, key: &SegmentKey) -> Option<Lsn> {
-        self.segments.get(key).map(Segment::pgmrpl)
-    }
-
-    /// Whether a hosted segment holds the record with `lsn`.
-    pub fn holds(&self, key: &SegmentKey, lsn: Lsn) -> bool {
-        self.segments.get(key).is_some_and(|s| s.holds(lsn))
+        self.segment(key).map(Segment::scl)
     }
 
     /// The volume's epoch in force (0 for a volume the node knows nothing of).
     pub fn epoch(&self, volume: VolumeId) -> Epoch {
-        self.volumes.get(&volume).map_or(Epoch(0), |v| v.meta.epoch)
+        let Some(v) = self.volumes.get(&volume) else {
+            return Epoch(0);
+        };
+        assert!(
+            v.version_needed <= self.durability.version(),
+            "versions are issued in order"
+        );
+        assert!(v.meta.truncations.len() <= TRUNCATIONS_PER_VOLUME_MAX);
+        v.meta.epoch
     }
 
     /// What a node holds of a volume, as a VolumeState reply states it.
@@ -454,6 +494,11 @@ impl NodeCore {
             })
             .collect();
         assert!(segments.len() <= wire::frame::HOST_SEGMENTS_MAX);
+        assert!(
+            segments
+                .windows(2)
+                .all(|w| (w[0].pg, w[0].segment) < (w[1].pg, w[1].segment))
+        );
         let vdl = self.volumes.get(&volume).map_or(Lsn::ZERO, |v| v.vdl);
         VolumeState {
             volume,
@@ -475,6 +520,7 @@ impl NodeCore {
                 .collect(),
         };
         assert!(manifest.segments.windows(2).all(|w| w[0] < w[1]));
+        assert!(manifest.segments.len() == self.segments.len());
         manifest
     }
 
@@ -489,6 +535,10 @@ impl NodeCore {
                 | Message::Records(_)
         );
         assert!(is_reply, "a node sends replies, never requests");
+        assert!(
+            self.phase != Phase::Recovering,
+            "replies come after recovery"
+        );
         self.outputs.push_back(NodeOutput::Reply {
             conn,
             request_id,
@@ -499,11 +549,20 @@ impl NodeCore {
     fn reply_error(&mut self, conn: ConnId, request_id: u64, code: ErrorCode, text: String) {
         let reply = ErrorReply::new(code, text);
         assert!(!reply.message.is_empty(), "errors name their problem");
+        assert!(reply.message.len() <= wire::frame::ERROR_MESSAGE_BYTES_MAX);
         self.reply(conn, request_id, Message::Error(reply));
     }
 
     fn reply_result(&mut self, conn: ConnId, request_id: u64, result: Result<Message, ErrorReply>) {
         let message = result.unwrap_or_else(Message::Error);
+        assert!(
+            self.phase != Phase::Recovering,
+            "requests come after recovery"
+        );
+        assert!(
+            self.stopped().is_none(),
+            "a stopped node answers ShuttingDown only"
+        );
         self.reply(conn, request_id, message);
     }
 
@@ -516,6 +575,11 @@ impl NodeCore {
         if self.stopped().is_some() {
             return; // Everyone waiting was answered when the node stopped.
         }
+        assert!(self.phase != Phase::Recovering, "reads come after recovery");
+        assert!(
+            !self.reads.is_idle(),
+            "a read completes after it was asked for"
+        );
         let (conn, request_id, reply) = self.reads.complete(token, result);
         self.reply_result(conn, request_id, reply);
     }

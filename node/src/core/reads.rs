@@ -96,6 +96,7 @@ impl Reads {
                     records,
                 })),
             });
+        assert!(!self.pending.contains_key(&token));
         (read.conn, read.request_id, reply)
     }
 
@@ -103,10 +104,18 @@ impl Reads {
     pub(super) fn drain_waiting(&mut self) -> impl Iterator<Item = (ConnId, u64)> + use<> {
         let pending = std::mem::take(&mut self.pending);
         assert!(self.pending.is_empty());
+        assert!(pending.len() as u64 <= self.next_token);
         pending.into_values().map(|r| (r.conn, r.request_id))
     }
 
     pub(super) fn is_idle(&self) -> bool {
+        assert!(self.pending.len() as u64 <= self.next_token);
+        assert!(
+            self.pending
+                .keys()
+                .next_back()
+                .is_none_or(|t| t.0 <= self.next_token)
+        );
         self.pending.is_empty()
     }
 }
@@ -116,6 +125,10 @@ fn check_identity(
     locations: &[RecordLocation],
     records: Vec<LogRecord>,
 ) -> Result<Vec<LogRecord>, ErrorReply> {
+    assert!(
+        !locations.is_empty(),
+        "reads without records are answered at once"
+    );
     if records.len() != locations.len() {
         return Err(ErrorReply::new(
             ErrorCode::Internal,
@@ -167,6 +180,7 @@ fn apply_page(
         })?;
     }
     assert!(image.lsn <= read_point);
+    assert!(image.bytes.len() == page_size_bytes);
     Ok(Message::Page(PageReply {
         page,
         page_lsn: image.lsn,

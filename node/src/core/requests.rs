@@ -35,21 +35,10 @@ pub const FETCH_BYTES_MAX: usize = wire::FRAME_BYTES_MAX
     - wire::RECORD_HEADER_BYTES
     - wire::record::RECORD_PAYLOAD_BYTES_MAX;
 
+const _: () = assert!(FETCH_BYTES_MAX > 1 << 20);
+
 const ENGINE: &[Role] = &[Role::Engine];
 const ENGINE_OR_NODE: &[Role] = &[Role::Engine, Role::Node];
-
-/// How a refusal names a certificate's role.
-fn presented(role: Option<Role>) -> &'static str {
-    match role {
-        Some(Role::Engine) => "an engine certificate",
-        Some(Role::Node) => "a node certificate",
-        None => "a certificate without a role",
-    }
-}
-
-fn error(code: ErrorCode, text: String) -> ErrorReply {
-    ErrorReply::new(code, text)
-}
 
 impl NodeCore {
     /// A request frame (the bytes after its length prefix) from `conn`, whose certificate
@@ -86,6 +75,11 @@ impl NodeCore {
 
     /// Why a new request is refused, if the node no longer serves.
     fn refusal(&self) -> Option<String> {
+        assert!(
+            self.phase != Phase::Recovering,
+            "requests come after recovery"
+        );
+        assert!(self.commit.is_idle() || self.stopped().is_none());
         match &self.phase {
             Phase::Serving => None,
             Phase::ShuttingDown => Some(format!("node {} is shutting down", self.config.name)),
@@ -111,6 +105,8 @@ impl NodeCore {
         if let Err(e) = self.check_role(role, what, allowed) {
             return self.reply(conn, request_id, Message::Error(e));
         }
+        assert!(role.is_some(), "every request needs a role");
+        assert!(self.stopped().is_none(), "refused by the caller");
         match m {
             Message::GetVolumeState(volume) => {
                 self.answer_when_durable(conn, request_id, volume, Answer::VolumeState(volume));
@@ -137,27 +133,35 @@ impl NodeCore {
         if role.is_some_and(|r| allowed.contains(&r)) {
             return Ok(());
         }
+        let presented = match role {
+            Some(Role::Engine) => "an engine certificate",
+            Some(Role::Node) => "a node certificate",
+            None => "a certificate without a role",
+        };
         let required = match allowed {
             [Role::Engine] => "an engine certificate",
             [Role::Node] => "a node certificate",
             _ => "an engine or node certificate",
         };
         assert!(!allowed.is_empty());
-        Err(error(
+        assert!(role.is_none_or(|r| !allowed.contains(&r)));
+        Err(ErrorReply::new(
             ErrorCode::Forbidden,
-            format!(
-                "{what} needs {required}; this connection presented {}",
-                presented(role)
-            ),
+            format!("{what} needs {required}; this connection presented {presented}"),
         ))
     }
 
     /// The segment must be hosted here.
     fn check_hosted(&self, key: &SegmentKey) -> Result<(), ErrorReply> {
         if self.segments.contains_key(key) {
+            assert!(
+                self.volumes.contains_key(&key.volume),
+                "hosted volumes are known"
+            );
+            assert!(self.volumes[&key.volume].meta.page_size_bytes > 0);
             return Ok(());
         }
-        Err(error(
+        Err(ErrorReply::new(
             ErrorCode::UnknownSegment,
             format!("{key} is not hosted by node {}", self.config.name),
         ))
@@ -166,9 +170,14 @@ impl NodeCore {
     /// The volume must have a segment hosted here.
     fn check_volume_hosted(&self, volume: VolumeId) -> Result<(), ErrorReply> {
         if self.segments.range(volume_keys(volume)).next().is_some() {
+            assert!(
+                self.volumes.contains_key(&volume),
+                "hosted volumes are known"
+            );
+            assert!(self.volumes[&volume].meta.page_size_bytes > 0);
             return Ok(());
         }
-        Err(error(
+        Err(ErrorReply::new(
             ErrorCode::UnknownSegment,
             format!(
                 "volume {volume} has no segment on node {}",
@@ -180,14 +189,15 @@ impl NodeCore {
     /// A request that reads or changes segment state must carry exactly the node's epoch.
     fn check_epoch(&self, volume: VolumeId, epoch: Epoch) -> Result<(), ErrorReply> {
         let installed = self.epoch(volume);
+        assert!(self.volumes.contains_key(&volume) || installed == Epoch(0));
         if epoch < installed {
-            return Err(error(
+            return Err(ErrorReply::new(
                 ErrorCode::StaleEpoch,
                 format!("epoch {epoch} is older than volume {volume}'s epoch {installed}"),
             ));
         }
         if epoch > installed {
-            return Err(error(
+            return Err(ErrorReply::new(
                 ErrorCode::EpochNotInstalled,
                 format!(
                     "epoch {epoch} is newer than volume {volume}'s installed epoch {installed}: \
@@ -195,12 +205,21 @@ impl NodeCore {
                 ),
             ));
         }
+        assert!(epoch == installed);
         Ok(())
     }
 
     /// Pages per PG of `volume`, 0 while unknown.
     fn pages_per_pg(&self, volume: VolumeId) -> u64 {
-        self.volumes.get(&volume).map_or(0, |v| v.meta.pages_per_pg)
+        let Some(v) = self.volumes.get(&volume) else {
+            return 0;
+        };
+        assert!(
+            v.meta.page_size_bytes > 0,
+            "page sizes are checked when hosting"
+        );
+        assert!(v.meta.page_size_bytes as usize <= PAGE_BYTES_MAX);
+        v.meta.pages_per_pg
     }
 
     fn handle_append(
@@ -213,12 +232,19 @@ impl NodeCore {
     ) {
         let checked = self
             .check_role(role, "Append", ENGINE)
-            .and_then(|()| AppendView::decode(&body).map_err(|e| decode_error(&e)))
+            .and_then(|()| {
+                AppendView::decode(&body)
+                    .map_err(|e| ErrorReply::new(ErrorCode::of_decode_error(&e), e.to_string()))
+            })
             .and_then(|view| self.check_append(&view).map(|key| (key, view)));
         let (key, view) = match checked {
             Ok(checked) => checked,
             Err(e) => return self.reply(conn, request_id, Message::Error(e)),
         };
+        assert!(
+            body.len() >= wire::frame::APPEND_HEADER_BYTES,
+            "the view checked it"
+        );
         let batch = Batch {
             conn,
             request_id,
@@ -243,6 +269,8 @@ impl NodeCore {
         };
         self.check_hosted(&key)?;
         self.check_epoch(h.volume, h.epoch)?;
+        assert!(h.record_count as usize == view.records.len());
+        assert!(!view.records.is_empty(), "the view checked the count");
         let pages_per_pg = self.pages_per_pg(h.volume);
         if pages_per_pg > 0 {
             let outside = view
@@ -250,7 +278,7 @@ impl NodeCore {
                 .iter()
                 .find(|r| !Geometry::page_in_pg(pages_per_pg, r.page, h.pg));
             if let Some(r) = outside {
-                return Err(error(
+                return Err(ErrorReply::new(
                     ErrorCode::BadRequest,
                     format!(
                         "record {} is for page {}, outside pg {}",
@@ -263,8 +291,19 @@ impl NodeCore {
     }
 
     fn handle_host(&mut self, conn: ConnId, request_id: u64, host: &HostSegments) {
+        assert!(self.stopped().is_none(), "refused by the caller");
         match self.host_segments(host) {
-            Ok(()) => self.answer_when_durable(conn, request_id, host.volume, Answer::Done),
+            Ok(()) => {
+                assert!(host.segments.iter().all(|(pg, segment)| {
+                    let key = SegmentKey {
+                        volume: host.volume,
+                        pg: *pg,
+                        segment: *segment,
+                    };
+                    self.segments.contains_key(&key)
+                }));
+                self.answer_when_durable(conn, request_id, host.volume, Answer::Done);
+            }
             Err(e) => self.reply(conn, request_id, Message::Error(e)),
         }
     }
@@ -274,14 +313,14 @@ impl NodeCore {
     fn host_segments(&mut self, host: &HostSegments) -> Result<(), ErrorReply> {
         let page_size = host.page_size_bytes as usize;
         if page_size == 0 || page_size > PAGE_BYTES_MAX {
-            return Err(error(
+            return Err(ErrorReply::new(
                 ErrorCode::BadRequest,
                 format!("page size {page_size} must be between 1 and {PAGE_BYTES_MAX}"),
             ));
         }
         let installed = self.epoch(host.volume);
         if host.epoch < installed {
-            return Err(error(
+            return Err(ErrorReply::new(
                 ErrorCode::StaleEpoch,
                 format!(
                     "epoch {} is older than volume {}'s epoch {installed}",
@@ -299,9 +338,10 @@ impl NodeCore {
             })
             .filter(|key| !self.segments.contains_key(key))
             .collect();
+        assert!(keys.len() <= host.segments.len());
         let hosted = self.segments.range(volume_keys(host.volume)).count();
         if hosted + keys.len() > wire::frame::HOST_SEGMENTS_MAX {
-            return Err(error(
+            return Err(ErrorReply::new(
                 ErrorCode::BadRequest,
                 format!(
                     "volume {} would have more than {} segments on one node",
@@ -322,8 +362,10 @@ impl NodeCore {
         volume.meta.page_size_bytes = host.page_size_bytes;
         volume.meta.pages_per_pg = host.pages_per_pg;
         let changed = before != volume.meta || !keys.is_empty();
+        assert!(volume.meta.epoch >= before.epoch, "epochs only grow");
         for key in keys {
-            self.segments.insert(key, Segment::default());
+            let previous = self.segments.insert(key, Segment::default());
+            assert!(previous.is_none(), "only new segments are added");
         }
         if changed {
             self.manifest_changed(host.volume);
@@ -341,7 +383,7 @@ impl NodeCore {
             }
         }
         if found == 0 {
-            return Err(error(
+            return Err(ErrorReply::new(
                 ErrorCode::UnknownSegment,
                 format!(
                     "volume {} pg {} is not hosted here",
@@ -350,6 +392,7 @@ impl NodeCore {
             ));
         }
         assert!(found <= wire::PG_SIZE);
+        assert!(found >= 1);
         Ok(())
     }
 
@@ -358,7 +401,7 @@ impl NodeCore {
         let volume = fence.volume;
         let checked = self.check_volume_hosted(volume).and_then(|()| {
             if fence.epoch_new <= fence.epoch_current {
-                return Err(error(
+                return Err(ErrorReply::new(
                     ErrorCode::BadRequest,
                     format!(
                         "fence to epoch {} does not move past epoch {}",
@@ -384,6 +427,7 @@ impl NodeCore {
             );
             return self.reply_error(conn, request_id, ErrorCode::StaleEpoch, text);
         }
+        assert!(installed < fence.epoch_new && installed <= fence.epoch_current);
         self.volumes.get_mut(&volume).expect("hosted").meta.epoch = fence.epoch_new;
         self.manifest_changed(volume);
         assert!(self.epoch(volume) == fence.epoch_new);
@@ -397,7 +441,7 @@ impl NodeCore {
         let installed = self.epoch(volume);
         let checked = self.check_volume_hosted(volume).and_then(|()| {
             if t.epoch < installed {
-                return Err(error(
+                return Err(ErrorReply::new(
                     ErrorCode::StaleEpoch,
                     format!(
                         "epoch {} is older than volume {volume}'s epoch {installed}",
@@ -428,6 +472,8 @@ impl NodeCore {
             self.manifest_changed(volume);
         }
         assert!(self.epoch(volume) >= t.epoch);
+        let ranges = &self.volumes[&volume].meta.truncations;
+        assert!(t.after >= t.through || crate::manifest::truncated(ranges, t.through));
         self.answer_when_durable(conn, request_id, volume, Answer::VolumeState(volume));
     }
 
@@ -437,10 +483,12 @@ impl NodeCore {
             .volumes
             .get(&t.volume)
             .map_or(0, |v| v.meta.truncations.len());
+        assert!(count <= TRUNCATIONS_PER_VOLUME_MAX);
+        assert!(t.after <= t.through, "the decoder checked the range");
         if count < TRUNCATIONS_PER_VOLUME_MAX {
             return Ok(());
         }
-        Err(error(
+        Err(ErrorReply::new(
             ErrorCode::BadRequest,
             format!(
                 "volume {} already has {count} truncation ranges, the most a node keeps",
@@ -451,9 +499,11 @@ impl NodeCore {
 
     fn apply_truncation(&mut self, volume: VolumeId, t: &Truncate) {
         let mut dropped = 0;
+        assert!(t.after < t.through, "only non-empty ranges are applied");
         for (key, segment) in self.segments.range_mut(volume_keys(volume)) {
             let before = segment.scl();
             dropped += segment.truncate(t.after, t.through);
+            assert!(segment.scl() <= t.after || segment.scl() > t.through);
             tracing::debug!(
                 "{key}: truncated ({}, {}], SCL {before} -> {}",
                 t.after,
@@ -481,7 +531,7 @@ impl NodeCore {
             .and_then(|()| {
                 let pages_per_pg = self.pages_per_pg(read.volume);
                 if pages_per_pg > 0 && !Geometry::page_in_pg(pages_per_pg, read.page, read.pg) {
-                    return Err(error(
+                    return Err(ErrorReply::new(
                         ErrorCode::BadRequest,
                         format!("page {} is not in pg {}", read.page.0, read.pg),
                     ));
@@ -489,7 +539,7 @@ impl NodeCore {
                 self.segments[&key]
                     .records_for_read(read.page, read.read_point)
                     .map_err(|e| {
-                        error(
+                        ErrorReply::new(
                             ErrorCode::SclBelowReadPoint,
                             format!(
                                 "{key} has SCL {} below read point {}",
@@ -503,6 +553,8 @@ impl NodeCore {
             Err(e) => return self.reply(conn, request_id, Message::Error(e)),
         };
         let page_size_bytes = self.volumes[&read.volume].meta.page_size_bytes as usize;
+        assert!(page_size_bytes > 0, "page sizes are checked when hosting");
+        assert!(locations.iter().all(|l| l.lsn <= read.read_point));
         if locations.is_empty() {
             return self.reply(conn, request_id, empty_page(read.page, page_size_bytes));
         }
@@ -532,6 +584,12 @@ impl NodeCore {
         let scl = segment.scl();
         let bytes_max = (fetch.bytes_max as usize).min(FETCH_BYTES_MAX);
         let locations = segment.records_for_fetch(fetch.after, fetch.through, bytes_max);
+        assert!(
+            locations
+                .iter()
+                .all(|l| fetch.after < l.lsn && l.lsn <= scl)
+        );
+        assert!(locations.iter().all(|l| l.lsn <= fetch.through));
         if locations.is_empty() {
             let records = Records {
                 volume: key.volume,
@@ -548,10 +606,6 @@ impl NodeCore {
         self.outputs
             .push_back(NodeOutput::ReadRecords { token, locations });
     }
-}
-
-fn decode_error(e: &wire::DecodeError) -> ErrorReply {
-    ErrorReply::new(ErrorCode::of_decode_error(e), e.to_string())
 }
 
 #[cfg(test)]
@@ -582,6 +636,5 @@ mod tests {
         }
         .to_bytes();
         assert_eq!(bytes[5], KIND_APPEND);
-        assert!(FETCH_BYTES_MAX > 1 << 20);
     }
 }
