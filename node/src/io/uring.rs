@@ -54,6 +54,9 @@ pub struct UringJournal {
     done: Vec<GroupOutcome>,
     /// Inline mode: the ring's registered eventfd, readable once completions are posted.
     completions: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
+    /// Whether entries were pushed since the last `flush` (an empty `io_uring_enter` is a
+    /// system call for nothing).
+    unsubmitted: bool,
     /// Thread mode: whether the wake-up read on the work queue's eventfd is in the ring.
     eventfd_armed: bool,
     eventfd_buf: Box<[u8; 8]>,
@@ -83,6 +86,7 @@ impl UringJournal {
             free_bufs: (0..n).map(|_| AlignedBuf::new(GROUP_BYTES_MAX)).collect(),
             done: Vec::new(),
             completions: None,
+            unsubmitted: false,
             eventfd_armed: false,
             eventfd_buf: Box::new([0; 8]),
         })
@@ -177,6 +181,7 @@ impl UringJournal {
                     .expect("ring sized for every slot");
             }
         }
+        self.unsubmitted = true;
         self.slots[slot] = Some(Slot {
             group: group.id,
             buf,
@@ -322,9 +327,17 @@ impl JournalIo for UringJournal {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self.ring.submit() {
-            Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
-            _ => Ok(()),
+        if !std::mem::take(&mut self.unsubmitted) {
+            return Ok(());
+        }
+        // Interrupted before the kernel took the entries: try again at once, as nothing else
+        // would wake the driver to do it.
+        loop {
+            match self.ring.submit() {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+                Ok(_) => return Ok(()),
+            }
         }
     }
 
