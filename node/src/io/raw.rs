@@ -1,7 +1,7 @@
 //! The disk's own limit: one aligned O_DIRECT write made durable, through io_uring, one at a
 //! time. Benchmarks run this beside the node so every figure comes with its ratio to the
-//! hardware; the persister's choice between a linked `fdatasync` and `RWF_DSYNC` is made on
-//! these numbers.
+//! hardware; the journal writer's choice between a linked `fdatasync` and `RWF_DSYNC` is made
+//! on these numbers.
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -293,10 +293,10 @@ impl UringJournal {
         }
         // The eventfd read may still be pending: wake it so the kernel lets go of its buffer.
         while self.eventfd_armed {
-            // SAFETY: writes 8 bytes from a live stack array to an eventfd we own.
+            // eventfd counters are host-endian by definition (eventfd(2)).
             #[allow(clippy::host_endian_bytes)]
             let one = 1u64.to_ne_bytes();
-            // SAFETY: as above.
+            // SAFETY: writes 8 bytes from a live stack array to an eventfd we own.
             unsafe { libc::write(eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
             let _ = self.ring.submit_and_wait(1);
             self.reap_cqes();
