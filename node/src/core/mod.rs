@@ -16,6 +16,7 @@
 //!   stream, with the role of the peer's certificate. Every frame gets exactly one
 //!   [`NodeOutput::Reply`] on its `conn`, sooner or later (request id 0 if its header could
 //!   not be read); a driver may count on that to bound each stream's requests in flight.
+//!   [`NodeCore::handle_request`] takes the request as a [`Message`] instead (it encodes it).
 //! - [`NodeCore::handle_persisted`]: a [`PersistGroup`] is on stable storage. Groups may be
 //!   reported in any order; the core releases their effects in journal order.
 //! - [`NodeCore::handle_manifest_stored`]: a [`NodeOutput::StoreManifest`] is on stable storage

@@ -73,6 +73,27 @@ impl NodeCore {
         }
     }
 
+    /// A request given as a message: encoded as it would arrive, then handled as
+    /// [`NodeCore::handle_frame`] handles it (for simulators and tests).
+    pub fn handle_request(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        role: Option<Role>,
+        request_id: u64,
+        message: Message,
+    ) {
+        let bytes = wire::Frame {
+            request_id,
+            message,
+        }
+        .to_bytes();
+        assert!(bytes.len() >= wire::frame::LEN_PREFIX_BYTES + FRAME_HEADER_BYTES);
+        let frame = Bytes::from(bytes).slice(wire::frame::LEN_PREFIX_BYTES..);
+        assert!(frame.len() <= wire::FRAME_BYTES_MAX);
+        self.handle_frame(now, conn, role, frame);
+    }
+
     /// Why a new request is refused, if the node no longer serves.
     fn refusal(&self) -> Option<String> {
         assert!(
