@@ -12,49 +12,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use engine::NodeClient;
 use engine::tls::ClientIdentity;
-use node::io::raw::{self, SyncMode};
+use node::config::{PersisterMode, SyncMode};
+use node::io::raw;
 use serde_json::json;
 use tools::procs::{NodeProcess, NodeSpec};
 use wire::{Append, Epoch, LogRecord, Lsn, PageId, PgId, RedoOp, SegmentIndex, VolumeId};
 
 use crate::stats::{self, Summary};
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub(crate) enum SyncArg {
-    Fdatasync,
-    RwfDsync,
-}
-
-impl SyncArg {
-    pub(crate) fn mode(self) -> SyncMode {
-        match self {
-            SyncArg::Fdatasync => SyncMode::LinkedFdatasync,
-            SyncArg::RwfDsync => SyncMode::RwfDsync,
-        }
-    }
-
-    fn as_config(self) -> &'static str {
-        match self {
-            SyncArg::Fdatasync => "fdatasync",
-            SyncArg::RwfDsync => "rwf_dsync",
-        }
-    }
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub(crate) enum PersisterArg {
-    Thread,
-    Inline,
-}
-
-impl PersisterArg {
-    pub(crate) fn as_config(self) -> &'static str {
-        match self {
-            PersisterArg::Thread => "thread",
-            PersisterArg::Inline => "inline",
-        }
-    }
-}
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct AppendArgs {
@@ -71,10 +35,10 @@ pub(crate) struct AppendArgs {
     pub(crate) record_bytes: usize,
     /// Durability mode of the node the bench starts (default: the node's default).
     #[arg(long, value_enum)]
-    pub(crate) sync: Option<SyncArg>,
+    pub(crate) sync: Option<SyncMode>,
     /// Where the node's persister runs (default: the node's default).
     #[arg(long, value_enum)]
-    pub(crate) persister: Option<PersisterArg>,
+    pub(crate) persister: Option<PersisterMode>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -105,7 +69,7 @@ pub(crate) fn run(args: &AppendArgs) -> anyhow::Result<()> {
     };
 
     progress("raw disk: 4 KiB O_DIRECT write + fdatasync (linked), io_uring, 1 in flight …");
-    let raw = raw_summary(dir, duration, SyncMode::LinkedFdatasync)?;
+    let raw = raw_summary(dir, duration, SyncMode::Fdatasync)?;
     progress("raw disk: 4 KiB O_DIRECT write with RWF_DSYNC, io_uring, 1 in flight …");
     let raw_dsync = raw_summary(dir, duration, SyncMode::RwfDsync)?;
 
@@ -174,13 +138,13 @@ pub(crate) fn node_under_test(
         .dir
         .join(format!("bench-{}-{inflight}", std::process::id()));
     let certs = run_dir.join("certs");
-    tools::certs::generate(&certs, &["node1".into(), "engine".into()])?;
+    tools::certs::generate(&certs, &["node1".into()], &["engine".into()])?;
     let mut spec = NodeSpec::local("node1", &run_dir.join("node1"), &certs);
     if let Some(sync) = args.sync {
-        spec.sync = sync.as_config();
+        spec.sync = sync;
     }
     if let Some(persister) = args.persister {
-        spec.persister = persister.as_config();
+        spec.persister = persister;
     }
     // One in flight cannot beat the disk's own rate by much; more in flight is bounded by
     // a generous guess at group commit's best.
@@ -268,6 +232,7 @@ pub(crate) async fn measure_node(
 ) -> anyhow::Result<Summary> {
     let endpoint = engine::tls::client_endpoint(identity)?;
     let (client, _) = NodeClient::connect(&endpoint, node.addr(), "node1").await?;
+    install_epoch(&client).await?;
     let client = Arc::new(client);
     // Warm up connections, allocator and the node's queues; not recorded.
     for _ in 0..100 {
@@ -295,6 +260,20 @@ pub(crate) async fn measure_node(
     let elapsed = began.elapsed();
     client.close();
     Ok(Summary::of(&total, elapsed))
+}
+
+/// Installs the epoch the benchmark appends at (a node learns epochs only from Fence,
+/// Truncate or HostSegments); a node already there answers the same.
+pub(crate) async fn install_epoch(client: &NodeClient) -> anyhow::Result<()> {
+    let fence = wire::Fence {
+        volume: VolumeId(1),
+        epoch_current: Epoch(0),
+        epoch_new: Epoch(1),
+    };
+    match client.request(wire::Message::Fence(fence)).await? {
+        wire::Message::VolumeState(_) => Ok(()),
+        other => anyhow::bail!("the node refused epoch 1: {other:?}"),
+    }
 }
 
 /// The network and processing round trip alone: appends to a segment the node does not host

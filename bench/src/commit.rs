@@ -147,7 +147,7 @@ fn run_in(args: &CommitArgs, levels: &[usize], run_dir: &Path) -> anyhow::Result
     let runtime = engine_runtime(args.engine_threads)?;
 
     progress("raw disk: 4 KiB O_DIRECT write + fdatasync (linked), io_uring, 1 in flight …");
-    let raw = append::raw_summary(run_dir, duration, SyncMode::LinkedFdatasync)?;
+    let raw = append::raw_summary(run_dir, duration, SyncMode::Fdatasync)?;
 
     let options = cluster_options(args, levels, &raw);
     let journal_file_count = options.journal_file_count;

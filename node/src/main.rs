@@ -40,8 +40,14 @@ fn main() {
         None => node::NodeConfig::parse(node::config::DEFAULT_CONFIG, "embedded default config"),
     };
     let config = config.unwrap_or_else(|e| exit_with(&e));
-    if let Err(e) = run(config) {
-        exit_with(&format!("{e:#}"));
+    match run(config) {
+        Ok(None) => {}
+        // Stopped on a fatal disk error: already logged at ERROR; exit 1 (2 is for setup).
+        Ok(Some(reason)) => {
+            eprintln!("sixfold-node: stopped: {reason}");
+            std::process::exit(1);
+        }
+        Err(e) => exit_with(&format!("{e:#}")),
     }
 }
 
@@ -50,12 +56,15 @@ fn exit_with(message: &str) -> ! {
     std::process::exit(2);
 }
 
-fn run(config: node::NodeConfig) -> anyhow::Result<()> {
+/// Serves until SIGTERM or SIGINT (`Ok(None)`) or until a fatal disk error stops the node
+/// (`Ok(Some(reason))`).
+fn run(config: node::NodeConfig) -> anyhow::Result<Option<String>> {
     let server_config =
         node::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let listen = config.listen;
-    // One runtime thread serves the network; the persister runs beside it on its own thread,
-    // or on this one (`journal.persister = "inline"`), which is why the node opens inside it.
+    // One runtime thread serves the network and drives the node's core; the journal writer
+    // runs on it too (`journal.persister = "inline"`) or beside it on its own thread, which is
+    // why the node opens inside it.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -68,13 +77,22 @@ fn run(config: node::NodeConfig) -> anyhow::Result<()> {
         // The readiness line tests and scripts wait for.
         println!("sixfold-node ready on {}", endpoint.local_addr()?);
         let server = tokio::spawn(node::server::serve(Arc::clone(&node), endpoint.clone()));
-        shutdown_signal().await;
-        tracing::info!("shutting down");
+        let fatal = tokio::select! {
+            () = shutdown_signal() => None,
+            reason = node.stopped() => Some(reason),
+        };
+        if fatal.is_some() {
+            // The core has answered everything with ShuttingDown: let those replies leave
+            // before the connections close.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        } else {
+            tracing::info!("shutting down");
+        }
         endpoint.close(0u32.into(), b"shutting down");
         server.abort();
         endpoint.wait_idle().await;
-        node.shutdown().await;
-        anyhow::Ok(())
+        let stopped = node.shutdown().await.err();
+        anyhow::Ok(fatal.or(stopped))
     })
 }
 

@@ -1,33 +1,19 @@
-//! A storage node: recovery at start, then step one of the foreground path (receive, verify,
-//! queue) in front of the persister (step two), and the read path.
+//! A storage node assembled: recovery at start (the manifest, then the journal replayed into a
+//! fresh [`NodeCore`]), then the driver task with the journal writer the configuration names.
 //!
-//! Invariants:
-//! - a batch reaches the persister only if every record decoded with a good CRC, the segment
-//!   is hosted here, its records' pages belong to its PG (when the geometry is known) and the
-//!   batch's epoch is not older than the volume's; an epoch newer than the recorded one is
-//!   stored durably in the manifest first. Nothing from a bad batch is persisted or acknowledged;
-//! - a read at `read_point` is served only if the segment's SCL ≥ `read_point`, and returns
-//!   the page with exactly the records ≤ `read_point` applied, each re-read from the journal and
-//!   CRC-checked.
+//! Invariants: the node serves only after the whole durable journal was replayed and every
+//! stale group header past its end was erased; the core answers every request (see
+//! `core`), and the driver keeps the journal's writes off the core.
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-use wire::codec::Reader;
-use wire::{
-    Append, ErrorCode, ErrorReply, HostSegments, LogRecord, Lsn, PageImage, PageReply, ReadPage,
-    SetPgmrpl, VolumeId,
-};
-
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, PersisterMode};
+use crate::core::{CoreConfig, EntryLocation, NodeCore};
+use crate::driver::{Driver, DriverHandle};
+use crate::io::uring::UringJournal;
+use crate::io::{FileManifestStore, JournalIo, JournalReader, ManifestStore, SystemClock, std_fs};
 use crate::journal::{CorruptRange, JournalFiles};
-use crate::persister::{
-    PersistRequest, PersistResult, Persister, PersisterConfig, RecordInBody, SharedSegments,
-};
-use crate::segment::{RecordLocation, Segment};
-use crate::state::{Manifest, SegmentKey, VolumeMeta};
+use crate::manifest::Manifest;
 
 /// What recovery found, for logs and tests.
 #[derive(Clone, Debug)]
@@ -45,387 +31,134 @@ pub struct RecoveryReport {
     pub corrupt_omitted: u64,
 }
 
+/// A running node: its configuration and its driver.
 pub struct Node {
     pub config: NodeConfig,
-    manifest: Mutex<Manifest>,
-    segments: SharedSegments,
-    persister: Persister,
-    /// Buffered read-only handles on the journal files, for the read path.
-    read_files: Vec<File>,
-}
-
-fn error(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
-    ErrorReply::new(code, message)
+    driver: DriverHandle,
+    task: Mutex<Option<tokio::task::JoinHandle<Result<(), String>>>>,
 }
 
 impl Node {
-    /// Opens the node's data directory, recovers the journal and starts the persister.
+    /// Opens the node's data directory, recovers the journal and starts the driver on the
+    /// current tokio runtime.
     pub fn open(config: NodeConfig) -> anyhow::Result<(Arc<Self>, RecoveryReport)> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display())
         })?;
-        let mut manifest = Manifest::load(&config.data_dir)?;
-        let missing: Vec<_> = config
-            .segments
-            .iter()
-            .filter(|k| !manifest.hosts(k))
-            .copied()
-            .collect();
-        if !missing.is_empty() {
-            manifest.segments.extend(missing);
-            manifest.store(&config.data_dir)?;
-        }
+        let store = FileManifestStore::new(&config.data_dir);
+        let manifest = configured_manifest(&config, &store)?;
         let journal_dir = config.data_dir.join("journal");
         let journal = JournalFiles::open_or_create(
             &journal_dir,
             config.journal.file_bytes,
             config.journal.file_count,
         )?;
+        let core_config = CoreConfig {
+            name: config.name.clone(),
+            inflight_groups_max: config.journal.inflight_groups_max,
+            journal_file_bytes: journal.file_bytes,
+            journal_file_count: u32::try_from(journal.files.len())?,
+        };
+        let mut core = NodeCore::new(core_config, manifest);
         // One group in memory at a time: recovery memory does not grow with the journal.
-        let mut rebuild = Rebuild::new(&manifest);
-        let scan = journal.scan_with(|group| rebuild.group(&group))?;
+        let (mut groups, mut records) = (0, 0);
+        let scan = journal.scan_with(|group| {
+            groups += 1;
+            for entry in &group.entries {
+                let at = EntryLocation {
+                    file: group.position.file,
+                    body_offset: entry.body_offset,
+                };
+                records += core.recover_append(at, &entry.append);
+            }
+        })?;
         let stale_headers_erased = journal.erase_stale_tail(scan.end, scan.next_sequence)?;
+        core.finish_recovery(scan.end, scan.next_sequence);
         let report = RecoveryReport {
-            groups: rebuild.groups,
-            records: rebuild.records,
+            groups,
+            records,
             stop_reason: scan.stop_reason.clone(),
             stale_headers_erased,
             corrupt: scan.corrupt.clone(),
             corrupt_omitted: scan.corrupt_omitted,
         };
-        let read_files = (0..journal.files.len() as u32)
-            .map(|i| File::open(crate::journal::file_path(&journal_dir, i)))
-            .collect::<Result<_, _>>()?;
-        let segments: SharedSegments = Arc::new(Mutex::new(rebuild.segments));
-        let persister_config = PersisterConfig {
-            inflight_groups_max: config.journal.inflight_groups_max,
-            sync_mode: config.journal.sync_mode(),
-            mode: config.journal.persister_mode(),
-        };
-        let persister = Persister::start(
-            journal,
-            scan.end,
-            scan.next_sequence,
-            segments.clone(),
-            persister_config,
-        )?;
-        let manifest = Mutex::new(manifest);
-        let node = Self {
-            config,
-            manifest,
-            segments,
-            persister,
-            read_files,
-        };
+        let reader = JournalReader::open(&journal_dir, journal.files.len())?;
+        let node = Self::start(config, core, journal, store, reader)?;
         Ok((Arc::new(node), report))
     }
 
-    /// Persists and acknowledges everything queued, then stops the persister.
-    pub async fn shutdown(&self) {
-        self.persister.shutdown().await;
-    }
-
-    /// The SCL of a hosted segment.
-    pub fn scl(&self, key: &SegmentKey) -> Option<Lsn> {
-        self.segments
-            .lock()
-            .expect("segments lock")
-            .get(key)
-            .map(Segment::scl)
-    }
-
-    /// Step one of the foreground path for a decoded (CRC-checked) batch: check the segment,
-    /// the pages and the epoch, then queue it. `body` is the Append body as received.
-    pub fn append(
-        &self,
-        append: &Append,
-        body: Vec<u8>,
-        reply: Box<dyn FnOnce(PersistResult) + Send>,
-    ) {
-        let segment = SegmentKey {
-            volume: append.volume,
-            pg: append.pg,
-            segment: append.segment,
-        };
-        let checked = self
-            .check_segment_and_epoch(append.epoch, &segment)
-            .and_then(|meta| check_pages(&meta, append));
-        if let Err(error) = checked {
-            reply(Err(error));
-            return;
-        }
-        let records = RecordInBody::of(append);
-        self.persister.submit(PersistRequest {
-            segment,
-            body,
-            records,
-            reply,
-        });
-    }
-
-    /// Checks that `segment` is hosted and `epoch` is current, recording a newer epoch durably.
-    fn check_segment_and_epoch(
-        &self,
-        epoch: wire::Epoch,
-        segment: &SegmentKey,
-    ) -> Result<VolumeMeta, ErrorReply> {
-        let mut manifest = self.manifest.lock().expect("manifest lock");
-        if !manifest.hosts(segment) {
-            return Err(error(
-                ErrorCode::UnknownSegment,
-                format!("{segment} is not hosted by node {}", self.config.name),
-            ));
-        }
-        self.check_epoch(&mut manifest, segment.volume, epoch)
-    }
-
-    fn check_epoch(
-        &self,
-        manifest: &mut Manifest,
-        volume: VolumeId,
-        epoch: wire::Epoch,
-    ) -> Result<VolumeMeta, ErrorReply> {
-        let mut meta = manifest.volume(volume);
-        if epoch < meta.epoch {
-            return Err(error(
-                ErrorCode::StaleEpoch,
-                format!(
-                    "epoch {epoch} is older than volume {volume}'s epoch {}",
-                    meta.epoch
-                ),
-            ));
-        }
-        if epoch > meta.epoch {
-            // Rare (recovery, membership change): record the epoch durably before anything
-            // carrying it can be acknowledged.
-            meta.epoch = epoch;
-            let mut next = manifest.clone();
-            next.volumes.insert(volume, meta);
-            next.store(&self.config.data_dir).map_err(|e| {
-                error(
-                    ErrorCode::Internal,
-                    format!("cannot record the new epoch: {e}"),
-                )
-            })?;
-            *manifest = next;
-        }
-        Ok(meta)
-    }
-
-    /// Hosts the named segments from now on (idempotent), recording the volume's geometry.
-    pub fn host_segments(&self, request: &HostSegments) -> Result<(), ErrorReply> {
-        let page_size = request.page_size_bytes as usize;
-        if page_size == 0 || page_size > wire::frame::PAGE_BYTES_MAX {
-            return Err(error(
-                ErrorCode::BadRequest,
-                format!(
-                    "page size {page_size} must be between 1 and {}",
-                    wire::frame::PAGE_BYTES_MAX
-                ),
-            ));
-        }
-        let mut manifest = self.manifest.lock().expect("manifest lock");
-        self.check_epoch(&mut manifest, request.volume, request.epoch)?;
-        let mut next = manifest.clone();
-        let meta = VolumeMeta {
-            epoch: request.epoch,
-            page_size_bytes: request.page_size_bytes,
-            pages_per_pg: request.pages_per_pg,
-        };
-        next.volumes.insert(request.volume, meta);
-        for (pg, segment) in &request.segments {
-            let key = SegmentKey {
-                volume: request.volume,
-                pg: *pg,
-                segment: *segment,
-            };
-            if !next.hosts(&key) {
-                next.segments.push(key);
+    fn start(
+        config: NodeConfig,
+        core: NodeCore,
+        journal: JournalFiles,
+        store: FileManifestStore,
+        reader: JournalReader,
+    ) -> anyhow::Result<Self> {
+        let j = &config.journal;
+        let (sync, inflight) = (j.sync, j.inflight_groups_max);
+        let files = journal.files;
+        let io = (Arc::new(store), Arc::new(reader));
+        let (driver, task) = match j.persister {
+            PersisterMode::Inline => spawn(core, UringJournal::inline(files, sync, inflight)?, io),
+            PersisterMode::Thread => {
+                spawn(core, UringJournal::on_thread(files, sync, inflight)?, io)
             }
-        }
-        next.store(&self.config.data_dir).map_err(|e| {
-            error(
-                ErrorCode::Internal,
-                format!("cannot store the manifest: {e}"),
-            )
-        })?;
-        let mut segments = self.segments.lock().expect("segments lock");
-        for key in &next.segments {
-            segments.entry(*key).or_default();
-        }
-        *manifest = next;
-        Ok(())
-    }
-
-    /// Records a PG's minimum read point on every segment of it hosted here.
-    pub fn set_pgmrpl(&self, request: &SetPgmrpl) -> Result<(), ErrorReply> {
-        let mut segments = self.segments.lock().expect("segments lock");
-        let mut found = false;
-        for (key, segment) in segments.iter_mut() {
-            if key.volume == request.volume && key.pg == request.pg {
-                segment.raise_pgmrpl(request.pgmrpl);
-                found = true;
-            }
-        }
-        if !found {
-            return Err(error(
-                ErrorCode::UnknownSegment,
-                format!(
-                    "volume {} pg {} is not hosted here",
-                    request.volume, request.pg
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The PGMRPL a hosted segment holds.
-    pub fn pgmrpl(&self, key: &SegmentKey) -> Option<Lsn> {
-        self.segments
-            .lock()
-            .expect("segments lock")
-            .get(key)
-            .map(Segment::pgmrpl)
-    }
-
-    /// Serves a read (blocking: it reads the journal; call it off the async runtime).
-    pub fn read_page(&self, request: &ReadPage) -> Result<PageReply, ErrorReply> {
-        let key = SegmentKey {
-            volume: request.volume,
-            pg: request.pg,
-            segment: request.segment,
+            PersisterMode::StdFs => spawn(core, std_fs::start(files, sync)?, io),
         };
-        let meta = self.check_segment_and_epoch(request.epoch, &key)?;
-        if meta.pages_per_pg > 0 && request.page.0 / meta.pages_per_pg != u64::from(request.pg.0) {
-            return Err(error(
-                ErrorCode::BadRequest,
-                format!("page {} is not in pg {}", request.page.0, request.pg),
-            ));
-        }
-        let locations = {
-            let segments = self.segments.lock().expect("segments lock");
-            let segment = segments.get(&key).expect("hosted segments have state");
-            segment
-                .records_for_read(request.page, request.read_point)
-                .map_err(|e| {
-                    error(
-                        ErrorCode::SclBelowReadPoint,
-                        format!(
-                            "{key} has SCL {} below read point {}",
-                            e.scl, request.read_point
-                        ),
-                    )
-                })?
-        };
-        let mut image = PageImage::zeroed(request.page, meta.page_size_bytes as usize);
-        for location in &locations {
-            let record = self.read_record(location)?;
-            wire::apply_record(&mut image, &record).map_err(|e| {
-                error(
-                    ErrorCode::Internal,
-                    format!("record {} does not apply: {e}", record.lsn),
-                )
-            })?;
-        }
-        assert!(image.lsn <= request.read_point);
-        Ok(PageReply {
-            page: request.page,
-            page_lsn: image.lsn,
-            bytes: image.bytes,
+        Ok(Self {
+            config,
+            driver,
+            task: Mutex::new(Some(task)),
         })
     }
 
-    /// Reads one record back from the journal and checks that it is the one indexed.
-    fn read_record(&self, location: &RecordLocation) -> Result<LogRecord, ErrorReply> {
-        let file = self
-            .read_files
-            .get(location.file as usize)
-            .expect("indexed files exist");
-        let mut bytes = vec![0u8; location.len as usize];
-        file.read_exact_at(&mut bytes, location.offset)
-            .map_err(|e| error(ErrorCode::Internal, format!("journal read failed: {e}")))?;
-        let record = LogRecord::decode(&mut Reader::new(&bytes)).map_err(|e| {
-            error(
-                ErrorCode::Internal,
-                format!("journal record at {location:?} is damaged: {e}"),
-            )
-        })?;
-        // A record that checks but is not the one indexed was misdirected on disk: an
-        // operating error (scrub and peers will repair it), reported, never served.
-        if record.lsn != location.lsn {
-            return Err(error(
-                ErrorCode::Internal,
-                format!(
-                    "journal holds record {} where {} was indexed",
-                    record.lsn, location.lsn
-                ),
-            ));
+    /// The driver, for the QUIC server and in-process clients.
+    pub fn driver(&self) -> &DriverHandle {
+        &self.driver
+    }
+
+    /// Waits until the node stops on a fatal error; returns why.
+    pub async fn stopped(&self) -> String {
+        self.driver.stopped().await
+    }
+
+    /// Refuses new requests, persists and answers everything waiting, and stops the driver.
+    /// `Err(reason)` if the node had stopped on a fatal error.
+    pub async fn shutdown(&self) -> Result<(), String> {
+        self.driver.shutdown();
+        let task = self.task.lock().expect("task lock").take();
+        match task {
+            Some(task) => task
+                .await
+                .unwrap_or_else(|e| Err(format!("driver failed: {e}"))),
+            None => Ok(()),
         }
-        Ok(record)
     }
 }
 
-/// Rejects records whose page is outside the batch's PG, when the geometry is known.
-fn check_pages(meta: &VolumeMeta, append: &Append) -> Result<VolumeMeta, ErrorReply> {
-    if meta.pages_per_pg == 0 {
-        return Ok(*meta);
-    }
-    let outside = append
-        .records
+type Io = (Arc<FileManifestStore>, Arc<JournalReader>);
+
+fn spawn<J: JournalIo + 'static>(
+    core: NodeCore,
+    journal: J,
+    (store, reader): Io,
+) -> (DriverHandle, tokio::task::JoinHandle<Result<(), String>>) {
+    let (driver, handle) = Driver::new(core, journal, store, reader, Arc::new(SystemClock));
+    (handle, tokio::spawn(driver.run()))
+}
+
+/// The stored manifest plus the segments `node.toml` names, stored again if it grew.
+fn configured_manifest(config: &NodeConfig, store: &FileManifestStore) -> anyhow::Result<Manifest> {
+    let mut manifest = store.load()?;
+    let missing: Vec<_> = config
+        .segments
         .iter()
-        .find(|r| r.page.0 / meta.pages_per_pg != u64::from(append.pg.0));
-    match outside {
-        Some(r) => Err(error(
-            ErrorCode::BadRequest,
-            format!(
-                "record {} is for page {}, outside pg {}",
-                r.lsn, r.page.0, append.pg
-            ),
-        )),
-        None => Ok(*meta),
+        .filter(|k| !manifest.hosts(k))
+        .copied()
+        .collect();
+    if !missing.is_empty() {
+        manifest.segments.extend(missing);
+        store.store(&manifest)?;
     }
-}
-
-/// Each hosted segment's state, rebuilt group by group from the durable journal. Groups after
-/// a corrupt range come like any other: their records are indexed (they are durable and must
-/// be readable once the gap is filled) and, their backlinks pointing into the gap, wait in the
-/// SCL tracker's pending set; the SCL stays below the gap.
-struct Rebuild {
-    segments: HashMap<SegmentKey, Segment>,
-    groups: usize,
-    records: usize,
-}
-
-impl Rebuild {
-    fn new(manifest: &Manifest) -> Self {
-        let segments = manifest
-            .segments
-            .iter()
-            .map(|k| (*k, Segment::default()))
-            .collect();
-        Self {
-            segments,
-            groups: 0,
-            records: 0,
-        }
-    }
-
-    fn group(&mut self, group: &crate::journal::ScannedGroup) {
-        self.groups += 1;
-        for entry in &group.entries {
-            let append = &entry.append;
-            let key = SegmentKey {
-                volume: append.volume,
-                pg: append.pg,
-                segment: append.segment,
-            };
-            let Some(segment) = self.segments.get_mut(&key) else {
-                continue;
-            };
-            for record in RecordInBody::of(append) {
-                segment.observe(&record.durable(group.position.file, entry.body_offset));
-                self.records += 1;
-            }
-        }
-    }
+    Ok(manifest)
 }

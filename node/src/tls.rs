@@ -1,5 +1,12 @@
 //! Mutual TLS for the node's QUIC server: the node presents its certificate, and every client
-//! must present one signed by the cluster CA, or the handshake fails.
+//! must present one signed by the cluster CA, or the handshake fails. The certificate also says
+//! what its holder may do: `sixfold certs` puts exactly one role URI among its subject
+//! alternative names (`urn:sixfold:role:engine` or `urn:sixfold:role:node`), which the CA's
+//! signature covers.
+//!
+//! Invariant: a connection has a role only if its verified leaf certificate names exactly one
+//! known role; no role URI, an unknown one or two different ones all mean no role (and the core
+//! refuses every request that needs one).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,7 +17,47 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// ALPN protocol of every Sixfold connection (defined in `wire`, shared with the engine).
 pub use wire::ALPN;
-use wire::JUMBO_UDP_PAYLOAD_BYTES;
+use wire::{JUMBO_UDP_PAYLOAD_BYTES, Role};
+
+/// What a role URI starts with; the role's name follows.
+pub const ROLE_URI_PREFIX: &str = "urn:sixfold:role:";
+
+/// The subject alternative name URI that grants `role`.
+pub fn role_uri(role: Role) -> String {
+    format!("{ROLE_URI_PREFIX}{}", role.as_str())
+}
+
+/// The role a DER certificate grants, if it names exactly one known role.
+pub fn role_of_certificate(der: &[u8]) -> Option<Role> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut found = None;
+    for name in &san.value.general_names {
+        let x509_parser::extensions::GeneralName::URI(uri) = name else {
+            continue;
+        };
+        let Some(role) = uri.strip_prefix(ROLE_URI_PREFIX) else {
+            continue;
+        };
+        let role = match role {
+            "engine" => Role::Engine,
+            "node" => Role::Node,
+            _ => return None,
+        };
+        if found.is_some_and(|f| f != role) {
+            return None;
+        }
+        found = Some(role);
+    }
+    found
+}
+
+/// The role of a connection's peer: its leaf certificate's (verified at the handshake).
+pub fn peer_role(connection: &quinn::Connection) -> Option<Role> {
+    let identity = connection.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    role_of_certificate(chain.first()?)
+}
 
 pub fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)

@@ -5,13 +5,12 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::mpsc;
 
-use node::journal::format::{GROUP_HEADER_BYTES, encode_header, push_entry};
+use bytes::Bytes;
+use node::core::{GroupId, PersistGroup};
+use node::io::{AlignedBuf, DIRECT_IO_ALIGN, encode_group};
+use node::journal::format::{GROUP_BYTES_MAX, GROUP_HEADER_BYTES, encode_header, push_entry};
 use node::journal::{CorruptRange, JournalFiles, Position, Scan, file_path};
-use node::persister::{PersistRequest, Persister, PersisterConfig, RecordInBody};
-use node::state::SegmentKey;
 use proptest::prelude::*;
 use wire::{Append, Epoch, LogRecord, Lsn, PageId, PgId, RedoOp, SegmentIndex, VolumeId};
 
@@ -26,14 +25,6 @@ fn test_dir(name: &str) -> PathBuf {
         .join(format!("journal-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
-}
-
-fn segment() -> SegmentKey {
-    SegmentKey {
-        volume: VolumeId(1),
-        pg: PgId(0),
-        segment: SegmentIndex(0),
-    }
 }
 
 /// One record per LSN; its size varies with the LSN so that groups take one to three blocks.
@@ -59,31 +50,39 @@ fn append_of(lsn: u64) -> Append {
     }
 }
 
-/// Persists one single-record group per LSN (one at a time, so group sequence follows LSN
-/// order) from `end` on, as a node would after recovery.
+/// Persists one single-record group per LSN (one group each, so group sequence follows LSN
+/// order) from `end` on, laid out as the node's journal writer lays groups out
+/// (`node::io::encode_group`), written O_DIRECT and synced.
 fn write_groups(journal: JournalFiles, end: Position, next_sequence: u64, lsns: &[u64]) {
-    let persister = Persister::start(
-        journal,
-        end,
-        next_sequence,
-        Arc::default(),
-        PersisterConfig::default(),
-    )
-    .unwrap();
-    for &lsn in lsns {
-        let append = append_of(lsn);
+    let mut position = end;
+    let mut buf = AlignedBuf::new(GROUP_BYTES_MAX);
+    for (i, &lsn) in lsns.iter().enumerate() {
         let mut body = Vec::new();
-        append.encode(&mut body);
-        let (tx, rx) = mpsc::channel();
-        let records = RecordInBody::of(&append);
-        let reply = Box::new(move |r| tx.send(r).unwrap());
-        persister.submit(PersistRequest {
-            segment: segment(),
-            body,
-            records,
-            reply,
-        });
-        rx.recv().unwrap().unwrap();
+        append_of(lsn).encode(&mut body);
+        let sequence = next_sequence + i as u64;
+        let bytes =
+            (GROUP_HEADER_BYTES + 4 + body.len()).div_ceil(DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN;
+        if position.offset + bytes as u64 > journal.file_bytes {
+            position = Position {
+                file: position.file + 1,
+                offset: 0,
+            };
+        }
+        let group = PersistGroup {
+            id: GroupId(sequence),
+            sequence,
+            position,
+            entries: vec![Bytes::from(body)],
+            bytes,
+        };
+        encode_group(&group, &mut buf);
+        journal.files[position.file as usize]
+            .write_all_at(buf.as_slice(), position.offset)
+            .unwrap();
+        position.offset += bytes as u64;
+    }
+    for file in &journal.files {
+        file.sync_data().unwrap();
     }
 }
 

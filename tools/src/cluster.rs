@@ -149,9 +149,8 @@ impl LocalCluster {
     pub async fn start(dir: &Path, options: &ClusterOptions) -> anyhow::Result<Self> {
         let dir = absolute_dir(dir)?;
         let certs = dir.join("certs");
-        let mut names: Vec<String> = (0..options.node_count).map(node_name).collect();
-        names.push("engine".into());
-        crate::certs::generate(&certs, &names)?;
+        let names: Vec<String> = (0..options.node_count).map(node_name).collect();
+        crate::certs::generate(&certs, &names, &["engine".into()])?;
         let mut specs = Vec::new();
         let mut configs = Vec::new();
         for i in 0..options.node_count {

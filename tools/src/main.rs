@@ -155,16 +155,14 @@ fn main() {
             out,
             nodes,
             engines,
-        } => {
-            let names: Vec<String> = nodes.into_iter().chain(engines).collect();
-            tools::certs::generate(&out, &names).map(|()| {
-                println!(
-                    "wrote CA and {} certificates under {}",
-                    names.len(),
-                    out.display()
-                )
-            })
-        }
+        } => tools::certs::generate(&out, &nodes, &engines).map(|()| {
+            println!(
+                "wrote CA and {} node and {} engine certificates under {}",
+                nodes.len(),
+                engines.len(),
+                out.display()
+            )
+        }),
         Command::Inspect {
             what: Inspect::Journal { dir },
         } => tools::inspect::print_journal(&dir, &mut std::io::stdout().lock()),

@@ -47,9 +47,8 @@ pub struct NodeSpec {
     pub journal_file_bytes: u64,
     pub journal_file_count: u32,
     pub inflight_groups_max: usize,
-    pub sync: &'static str,
-    /// "thread" or "inline" (see the node's `journal.persister`).
-    pub persister: &'static str,
+    pub sync: node::config::SyncMode,
+    pub persister: node::config::PersisterMode,
     /// (volume, pg, segment) triples.
     pub segments: Vec<(u64, u32, u32)>,
 }
@@ -66,15 +65,14 @@ impl NodeSpec {
             journal_file_bytes: 16 << 20,
             journal_file_count: 4,
             inflight_groups_max: 4,
-            sync: "rwf_dsync",
-            persister: "inline",
+            sync: node::config::SyncMode::RwfDsync,
+            persister: node::config::PersisterMode::Inline,
             segments: vec![(1, 0, 0)],
         }
     }
 
     /// The spec a node config file describes (the inverse of [`to_toml`](Self::to_toml)).
     pub fn from_config(config: &node::NodeConfig) -> Self {
-        use node::config::{PersisterChoice, SyncChoice};
         Self {
             name: config.name.clone(),
             listen: config.listen,
@@ -89,14 +87,8 @@ impl NodeSpec {
             journal_file_bytes: config.journal.file_bytes,
             journal_file_count: config.journal.file_count,
             inflight_groups_max: config.journal.inflight_groups_max,
-            sync: match config.journal.sync {
-                SyncChoice::Fdatasync => "fdatasync",
-                SyncChoice::RwfDsync => "rwf_dsync",
-            },
-            persister: match config.journal.persister {
-                PersisterChoice::Thread => "thread",
-                PersisterChoice::Inline => "inline",
-            },
+            sync: config.journal.sync,
+            persister: config.journal.persister,
             segments: config
                 .segments
                 .iter()
@@ -122,8 +114,8 @@ impl NodeSpec {
             self.journal_file_bytes,
             self.journal_file_count,
             self.inflight_groups_max,
-            self.sync,
-            self.persister,
+            self.sync.as_str(),
+            self.persister.as_str(),
         );
         for (volume, pg, segment) in &self.segments {
             s.push_str(&format!(

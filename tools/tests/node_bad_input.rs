@@ -45,6 +45,7 @@ fn each_bad_input_gets_its_error_and_the_node_keeps_serving() {
     runtime().block_on(async {
         let bad = connect(&certs, &node).await;
         let good = connect(&certs, &node).await;
+        assert!(matches!(fence(&good, 1, 5).await, Message::VolumeState(_)));
         let mut lsn = 0u64;
         let mut good_append = async || {
             lsn += 1;
@@ -75,6 +76,12 @@ fn each_bad_input_gets_its_error_and_the_node_keeps_serving() {
         let old = append(4, vec![write(1002, 1001, 1, 64)]);
         let msg = expect_error(&bad, 102, &frame(102, old), ErrorCode::StaleEpoch).await;
         assert!(msg.contains("epoch 4"), "{msg}");
+        good_append().await;
+
+        // An epoch newer than the node's: never adopted by an append.
+        let new = append(6, vec![write(1002, 1001, 1, 64)]);
+        let msg = expect_error(&bad, 107, &frame(107, new), ErrorCode::EpochNotInstalled).await;
+        assert!(msg.contains("epoch 6") && msg.contains("Fence"), "{msg}");
         good_append().await;
 
         // Unknown message kind, unsupported version, a body cut short.
@@ -128,7 +135,7 @@ fn each_bad_input_gets_its_error_and_the_node_keeps_serving() {
     lsns.sort_unstable();
     assert_eq!(
         lsns,
-        vec![1, 2, 3, 4, 5, 6, 1100],
+        vec![1, 2, 3, 4, 5, 6, 7, 1100],
         "nothing from a bad batch was persisted"
     );
     drop(node);
@@ -176,6 +183,117 @@ fn handshake_without_a_ca_signed_certificate_is_refused() {
         durable_lsns(&spec.data_dir),
         vec![1],
         "nothing from refused clients"
+    );
+    drop(node);
+    cleanup(&dir);
+}
+
+/// One request of each kind only an engine certificate may make.
+fn engine_only_requests() -> Vec<Message> {
+    let volume = wire::VolumeId(1);
+    vec![
+        Message::Append(append(0, vec![write(1, 0, 1, 8)])),
+        Message::Fence(wire::Fence {
+            volume,
+            epoch_current: wire::Epoch(0),
+            epoch_new: wire::Epoch(1),
+        }),
+        Message::Truncate(wire::Truncate {
+            volume,
+            epoch: wire::Epoch(0),
+            range: wire::TruncationRange {
+                annul_epoch: wire::Epoch(0),
+                after: Lsn(0),
+                through: Lsn(10),
+            },
+        }),
+        Message::HostSegments(wire::HostSegments {
+            volume,
+            epoch: wire::Epoch(0),
+            page_size_bytes: 8192,
+            pages_per_pg: 0,
+            segments: vec![(wire::PgId(1), wire::SegmentIndex(0))],
+        }),
+        Message::SetPgmrpl(wire::SetPgmrpl {
+            volume,
+            pg: wire::PgId(0),
+            pgmrpl: Lsn(1),
+        }),
+        Message::ReadPage(wire::ReadPage {
+            volume,
+            epoch: wire::Epoch(0),
+            pg: wire::PgId(0),
+            segment: wire::SegmentIndex(0),
+            page: wire::PageId(1),
+            read_point: Lsn(0),
+        }),
+    ]
+}
+
+/// Goal: the role in a certificate decides what its holder may do: a node certificate cannot
+/// append, fence, truncate, host segments, read pages or set PGMRPL, but may ask for a
+/// volume's state and fetch records; an engine certificate may do all of it; every refusal
+/// names the role required and the role presented, and nothing refused is persisted.
+/// Method: connect with node1's certificate and with the engine's, send each request.
+#[test]
+fn a_node_certificate_cannot_write_an_engine_certificate_can() {
+    let dir = test_dir("roles");
+    let certs = certs(&dir);
+    let (node, spec) = start_node(&dir, &certs);
+    runtime().block_on(async {
+        let peer = connect_as(&certs, &node, "node2").await;
+        let forbidden = |reply: Message| match reply {
+            Message::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Forbidden, "{}", e.message);
+                assert!(
+                    e.message.contains("needs an engine certificate"),
+                    "{}",
+                    e.message
+                );
+                assert!(
+                    e.message.contains("presented a node certificate"),
+                    "{}",
+                    e.message
+                );
+            }
+            other => panic!("a node certificate must be refused, got {other:?}"),
+        };
+        let volume = wire::VolumeId(1);
+        for request in engine_only_requests() {
+            forbidden(peer.request(request).await.unwrap());
+        }
+        // What a peer may do: read a volume's state, fetch records.
+        let state = peer.request(Message::GetVolumeState(volume)).await.unwrap();
+        assert!(
+            matches!(&state, Message::VolumeState(s) if s.epoch.0 == 0),
+            "{state:?}"
+        );
+        let fetch = wire::FetchRecords {
+            volume,
+            epoch: wire::Epoch(0),
+            pg: wire::PgId(0),
+            segment: wire::SegmentIndex(0),
+            after: Lsn(0),
+            through: Lsn(100),
+            bytes_max: 1 << 20,
+        };
+        let records = peer.request(Message::FetchRecords(fetch)).await.unwrap();
+        assert!(
+            matches!(&records, Message::Records(r) if r.records.is_empty()),
+            "{records:?}"
+        );
+        // The engine's certificate: the same writes go through.
+        let engine = connect(&certs, &node).await;
+        let ack = engine
+            .append(append(1, vec![write(1, 0, 1, 8)]))
+            .await
+            .unwrap();
+        assert_eq!(ack.unwrap().scl, Lsn(1));
+    });
+    assert_eq!(
+        durable_lsns(&spec.data_dir),
+        vec![1],
+        "nothing refused was persisted"
     );
     drop(node);
     cleanup(&dir);

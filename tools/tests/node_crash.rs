@@ -20,16 +20,21 @@ use wire::Lsn;
 /// mode and per place the persister runs.
 #[test]
 fn kill9_mid_stream_loses_nothing_acknowledged_rwf_dsync_inline() {
-    kill9_mid_stream("rwf_dsync", "inline");
+    kill9_mid_stream(SyncMode::RwfDsync, PersisterMode::Inline);
 }
 
 #[test]
 fn kill9_mid_stream_loses_nothing_acknowledged_fdatasync_thread() {
-    kill9_mid_stream("fdatasync", "thread");
+    kill9_mid_stream(SyncMode::Fdatasync, PersisterMode::Thread);
 }
 
-fn kill9_mid_stream(sync: &'static str, persister: &'static str) {
-    let dir = test_dir(&format!("kill9-{sync}-{persister}"));
+#[test]
+fn kill9_mid_stream_loses_nothing_acknowledged_fdatasync_std_fs() {
+    kill9_mid_stream(SyncMode::Fdatasync, PersisterMode::StdFs);
+}
+
+fn kill9_mid_stream(sync: SyncMode, persister: PersisterMode) {
+    let dir = test_dir(&format!("kill9-{}-{}", sync.as_str(), persister.as_str()));
     let certs = certs(&dir);
     let (mut node, spec) = start_node_with(&dir, &certs, sync, persister);
     let acked: Arc<Mutex<BTreeSet<u64>>> = Arc::default();

@@ -1,7 +1,7 @@
 //! The disk's own limit: one aligned O_DIRECT write made durable, through io_uring, one at a
 //! time. Benchmarks run this beside the node so every figure comes with its ratio to the
-//! hardware; the persister's choice between a linked `fdatasync` and `RWF_DSYNC` is made on
-//! these numbers.
+//! hardware; the journal writer's choice between a linked `fdatasync` and `RWF_DSYNC` is made
+//! on these numbers.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -13,15 +13,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, opcode, types};
 
 use super::aligned::AlignedBuf;
-
-/// How a write is made durable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SyncMode {
-    /// A write SQE linked to an `fdatasync` SQE.
-    LinkedFdatasync,
-    /// One write SQE with `RWF_DSYNC`.
-    RwfDsync,
-}
+pub use crate::config::SyncMode;
 
 /// Opens (creating if needed) a file for O_DIRECT reads and writes.
 pub fn open_direct(path: &Path, create: bool) -> io::Result<File> {
@@ -97,7 +89,7 @@ fn durable_write(
     let len = u32::try_from(buf.len()).expect("block fits u32");
     let write = opcode::Write::new(fd, buf.as_ptr(), len).offset(offset);
     let entries = match mode {
-        SyncMode::LinkedFdatasync => vec![
+        SyncMode::Fdatasync => vec![
             write
                 .build()
                 .flags(io_uring::squeue::Flags::IO_LINK)

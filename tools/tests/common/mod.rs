@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use engine::NodeClient;
 use engine::tls::ClientIdentity;
+pub use node::config::{PersisterMode, SyncMode};
 use tools::procs::{NodeProcess, NodeSpec};
-use wire::{Append, Epoch, LogRecord, Lsn, PageId, PgId, RedoOp, SegmentIndex, VolumeId};
+use wire::{Append, Epoch, LogRecord, Lsn, Message, PageId, PgId, RedoOp, SegmentIndex, VolumeId};
 
 /// A fresh directory under cargo's target tmpdir, which is on the real disk (never tmpfs, so
 /// O_DIRECT is real).
@@ -23,29 +24,26 @@ pub fn cleanup(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Certificates for node1..node6 and an engine, plus a rogue CA's client under `rogue/`.
+/// Node certificates for node1..node6 and an engine certificate, plus a rogue CA's engine
+/// under `rogue/`.
 pub fn certs(dir: &Path) -> PathBuf {
     let certs = dir.join("certs");
-    let names: Vec<String> = (1..=6)
-        .map(|i| format!("node{i}"))
-        .chain(["engine".to_string()])
-        .collect();
-    tools::certs::generate(&certs, &names).unwrap();
-    tools::certs::generate(&dir.join("rogue"), &["engine".to_string()]).unwrap();
+    let nodes: Vec<String> = (1..=6).map(|i| format!("node{i}")).collect();
+    tools::certs::generate(&certs, &nodes, &["engine".to_string()]).unwrap();
+    tools::certs::generate(&dir.join("rogue"), &[], &["engine".to_string()]).unwrap();
     certs
 }
 
 pub fn start_node(dir: &Path, certs: &Path) -> (NodeProcess, NodeSpec) {
-    start_node_with(dir, certs, "rwf_dsync", "inline")
+    start_node_with(dir, certs, SyncMode::RwfDsync, PersisterMode::Inline)
 }
 
-/// A node whose journal makes writes durable with `sync` ("rwf_dsync" or "fdatasync") from a
-/// persister that runs `persister` ("inline" or "thread").
+/// A node whose journal makes writes durable with `sync`, written by `persister`.
 pub fn start_node_with(
     dir: &Path,
     certs: &Path,
-    sync: &'static str,
-    persister: &'static str,
+    sync: SyncMode,
+    persister: PersisterMode,
 ) -> (NodeProcess, NodeSpec) {
     let mut spec = NodeSpec::local("node1", &dir.join("node1"), certs);
     spec.sync = sync;
@@ -54,12 +52,32 @@ pub fn start_node_with(
     (NodeProcess::start(&config).unwrap(), spec)
 }
 
+/// An engine's connection to `node` (node1), at epoch 1 of volume 1 (installed by a Fence
+/// from epoch 0 if the node is not there yet).
 pub async fn connect(certs: &Path, node: &NodeProcess) -> NodeClient {
-    let endpoint = engine::tls::client_endpoint(&ClientIdentity::in_dir(certs, "engine")).unwrap();
+    let client = connect_as(certs, node, "engine").await;
+    let state = fence(&client, 0, 1).await;
+    assert!(matches!(state, Message::VolumeState(_)), "{state:?}");
+    client
+}
+
+/// A connection to `node` (node1) with the certificate `name` (an engine or a node).
+pub async fn connect_as(certs: &Path, node: &NodeProcess, name: &str) -> NodeClient {
+    let endpoint = engine::tls::client_endpoint(&ClientIdentity::in_dir(certs, name)).unwrap();
     NodeClient::connect(&endpoint, node.addr, "node1")
         .await
         .unwrap()
         .0
+}
+
+/// Fences volume 1 from `epoch_current` to `epoch_new`; the node's reply.
+pub async fn fence(client: &NodeClient, epoch_current: u64, epoch_new: u64) -> Message {
+    let fence = wire::Fence {
+        volume: VolumeId(1),
+        epoch_current: Epoch(epoch_current),
+        epoch_new: Epoch(epoch_new),
+    };
+    client.request(Message::Fence(fence)).await.unwrap()
 }
 
 pub fn write(lsn: u64, backlink: u64, page: u64, payload_bytes: usize) -> LogRecord {

@@ -1,0 +1,603 @@
+//! `NodeCore`: the storage node's protocol as a pure state machine. It owns the hosted
+//! segments (chains, SCLs, page indexes, PGMRPL), each volume's epoch, geometry, truncation
+//! ranges and durable VDL hint, every request waiting on I/O, and the group-commit decisions
+//! (which appends go into which journal block group, where in the journal it goes). It does no
+//! I/O, reads no clock and starts no thread: a driver feeds it events and carries out what it
+//! asks for (`driver.rs` with tokio, quinn and io_uring; a simulator with simulated disks).
+//!
+//! # Contract
+//!
+//! Start: [`NodeCore::new`] with the manifest as stored, then [`NodeCore::recover_append`] (or
+//! [`NodeCore::recover_entry`]) for every entry of every durable journal group in journal
+//! order, then [`NodeCore::finish_recovery`] with where the journal ends.
+//!
+//! Inputs, each returning at once:
+//! - [`NodeCore::handle_frame`]: a request frame (the bytes after its length prefix) from a
+//!   stream, with the role of the peer's certificate. Every frame gets exactly one
+//!   [`NodeOutput::Reply`] on its `conn`, sooner or later (request id 0 if its header could
+//!   not be read); a driver may count on that to bound each stream's requests in flight.
+//!   [`NodeCore::handle_request`] takes the request as a [`Message`] instead (it encodes it).
+//! - [`NodeCore::handle_persisted`]: a [`PersistGroup`] is on stable storage. Groups may be
+//!   reported in any order; the core releases their effects in journal order.
+//! - [`NodeCore::handle_manifest_stored`]: a [`NodeOutput::StoreManifest`] is on stable storage
+//!   (stores are asked for one at a time and are reported in order).
+//! - [`NodeCore::handle_records_read`]: the records of a [`NodeOutput::ReadRecords`], read back
+//!   from the journal and CRC-checked, or why they could not be.
+//! - [`NodeCore::handle_fatal_io`]: a journal write or sync, or a manifest store, failed. The
+//!   node stops: everything waiting and everything after gets `ShuttingDown` with the reason.
+//! - [`NodeCore::begin_shutdown`]: refuse new requests, finish what is waiting.
+//!
+//! Outputs, drained with [`NodeCore::poll_output`] after each input: replies, journal groups to
+//! write ([`NodeOutput::Persist`]), manifests to store, journal records to read, and
+//! [`NodeOutput::Stopped`] once. Group commit happens here: when outputs are polled and fewer
+//! than `inflight_groups_max` groups are being persisted, everything queued goes into the next
+//! group (up to a group's size), so a driver that feeds every input it has before polling gets
+//! the biggest groups.
+//!
+//! # Invariants
+//! - an Ack leaves only after its batch is durable, after every batch before it in the journal
+//!   is durable, and after the manifest holding its volume's epoch and truncations is durable;
+//! - once the volume's epoch has changed (a Fence, Truncate or HostSegments was accepted), no
+//!   Ack at the old epoch leaves: batches in flight are persisted and answered `StaleEpoch`;
+//! - a node learns a new epoch only from Fence, Truncate or HostSegments: a request at an
+//!   epoch newer than the node's is refused with `EpochNotInstalled`, an older one with
+//!   `StaleEpoch`;
+//! - a record whose LSN lies in a truncated range is never indexed, never counted in an SCL and
+//!   never served, whether it was durable before the truncation or arrives after it;
+//! - every reply that states durable metadata (VolumeState, Done for HostSegments) leaves only
+//!   once the manifest holding that state is durable.
+
+mod commit;
+mod durability;
+mod reads;
+mod requests;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use wire::{
+    Append, AppendView, DecodeError, Epoch, ErrorCode, ErrorReply, LogRecord, Lsn, Message, PageId,
+    PgId, SegmentIndex, SegmentState, VolumeId, VolumeState,
+};
+
+use crate::journal::Position;
+use crate::manifest::{Manifest, SegmentKey, VolumeMeta, truncated};
+use crate::segment::{DurableRecord, RecordLocation, Segment};
+
+pub use commit::{GROUP_ENTRY_BYTES_MAX, PersistGroup};
+pub use requests::{FETCH_BYTES_MAX, TRUNCATIONS_PER_VOLUME_MAX};
+
+/// A stream requests arrive on and replies go back to; chosen by the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// A journal block group the core asked to persist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(pub u64);
+
+/// A manifest store the core asked for: the manifest's version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ManifestToken(pub u64);
+
+/// A journal read the core asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReadToken(pub u64);
+
+/// Where a journal entry's Append body starts: its file and its offset in that file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryLocation {
+    pub file: u32,
+    pub body_offset: u64,
+}
+
+/// What the core needs to know of the node's configuration.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// The node's name, for error messages.
+    pub name: String,
+    /// Journal groups being persisted at once (1..=`journal::INFLIGHT_GROUPS_MAX`).
+    pub inflight_groups_max: usize,
+    /// Bytes of each journal file (a multiple of 4 KiB, at least one full group).
+    pub journal_file_bytes: u64,
+    pub journal_file_count: u32,
+}
+
+/// What the core asks its driver to do.
+#[derive(Debug)]
+pub enum NodeOutput {
+    /// Send `message` as the reply to `request_id` on `conn`.
+    Reply {
+        conn: ConnId,
+        request_id: u64,
+        message: Message,
+    },
+    /// Write this block group at its position and make it durable, then call
+    /// [`NodeCore::handle_persisted`] (or [`NodeCore::handle_fatal_io`] if that failed).
+    Persist(PersistGroup),
+    /// Store this manifest atomically, then call [`NodeCore::handle_manifest_stored`].
+    StoreManifest {
+        token: ManifestToken,
+        manifest: Manifest,
+    },
+    /// Read these records back from the journal (CRC-checked), then call
+    /// [`NodeCore::handle_records_read`] with them in this order.
+    ReadRecords {
+        token: ReadToken,
+        locations: Vec<RecordLocation>,
+    },
+    /// The node stopped serving for good; the driver logs the reason and exits non-zero.
+    Stopped { reason: String },
+}
+
+/// A record's place inside an Append body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordInBody {
+    pub lsn: Lsn,
+    pub backlink: Lsn,
+    pub page: PageId,
+    /// Offset of the encoded record from the start of the Append body.
+    pub offset: u32,
+    /// Encoded length, header included.
+    pub len: u32,
+}
+
+impl RecordInBody {
+    /// The records of a checked Append body.
+    pub fn of_view(view: &AppendView<'_>) -> Vec<Self> {
+        let out: Vec<Self> = view
+            .records_with_offsets()
+            .map(|(offset, meta)| Self {
+                lsn: meta.lsn,
+                backlink: meta.backlink,
+                page: meta.page,
+                offset,
+                len: meta.encoded_len,
+            })
+            .collect();
+        assert!(out.len() == view.header.record_count as usize);
+        assert!(
+            out.windows(2).all(|w| w[0].lsn < w[1].lsn),
+            "the view checked the order"
+        );
+        out
+    }
+
+    /// The records of a decoded Append, laid out as `Append::encode` lays them out.
+    pub fn of_append(append: &Append) -> Vec<Self> {
+        let mut offset = wire::frame::APPEND_HEADER_BYTES;
+        let mut out = Vec::with_capacity(append.records.len());
+        for record in &append.records {
+            let len = record.encoded_len();
+            out.push(Self {
+                lsn: record.lsn,
+                backlink: record.backlink,
+                page: record.page,
+                offset: u32::try_from(offset).expect("bounded by the frame limit"),
+                len: u32::try_from(len).expect("bounded by the frame limit"),
+            });
+            offset += len;
+        }
+        assert!(offset == append.encoded_len());
+        assert!(out.len() == append.records.len());
+        out
+    }
+
+    /// The record as durable at `body_offset` of journal file `file`.
+    pub fn durable(&self, epoch: Epoch, file: u32, body_offset: u64) -> DurableRecord {
+        assert!(self.backlink < self.lsn, "the decoder checked the backlink");
+        assert!(self.len as usize >= wire::RECORD_HEADER_BYTES);
+        DurableRecord {
+            lsn: self.lsn,
+            backlink: self.backlink,
+            page: self.page,
+            epoch,
+            location: RecordLocation {
+                lsn: self.lsn,
+                file,
+                offset: body_offset + u64::from(self.offset),
+                len: self.len,
+            },
+        }
+    }
+}
+
+/// What the node knows of one volume beyond its manifest entry.
+#[derive(Clone, Debug, Default)]
+struct Volume {
+    /// Epoch, geometry and truncations in force (stored, or being stored).
+    meta: VolumeMeta,
+    /// Highest `vdl` of a durable Append header of this volume.
+    vdl: Lsn,
+    /// The manifest version that holds `meta` as it is now.
+    version_needed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    Recovering,
+    Serving,
+    ShuttingDown,
+    Stopped(String),
+}
+
+/// The storage node's protocol state. See the module documentation for the contract.
+pub struct NodeCore {
+    config: CoreConfig,
+    phase: Phase,
+    volumes: BTreeMap<VolumeId, Volume>,
+    segments: BTreeMap<SegmentKey, Segment>,
+    commit: commit::Commit,
+    durability: durability::Durability,
+    reads: reads::Reads,
+    outputs: VecDeque<NodeOutput>,
+}
+
+/// Every segment key of `volume`, for range queries over the segment map.
+fn volume_keys(volume: VolumeId) -> RangeInclusive<SegmentKey> {
+    let first = SegmentKey {
+        volume,
+        pg: PgId(0),
+        segment: SegmentIndex(0),
+    };
+    let last = SegmentKey {
+        volume,
+        pg: PgId(u32::MAX),
+        segment: SegmentIndex(u32::MAX),
+    };
+    assert!(first < last);
+    assert!(first.volume == last.volume);
+    first..=last
+}
+
+impl NodeCore {
+    /// A core over the manifest as stored; feed it the journal, then `finish_recovery`.
+    pub fn new(config: CoreConfig, manifest: Manifest) -> Self {
+        assert!(config.inflight_groups_max >= 1);
+        assert!(config.inflight_groups_max <= crate::journal::INFLIGHT_GROUPS_MAX);
+        assert!(config.journal_file_count >= 1);
+        let mut volumes: BTreeMap<VolumeId, Volume> = manifest
+            .volumes
+            .into_iter()
+            .map(|(id, meta)| {
+                (
+                    id,
+                    Volume {
+                        meta,
+                        ..Volume::default()
+                    },
+                )
+            })
+            .collect();
+        let mut segments = BTreeMap::new();
+        for key in manifest.segments {
+            volumes.entry(key.volume).or_default();
+            segments.insert(key, Segment::default());
+        }
+        let commit = commit::Commit::new(&config);
+        Self {
+            config,
+            phase: Phase::Recovering,
+            volumes,
+            segments,
+            commit,
+            durability: durability::Durability::default(),
+            reads: reads::Reads::default(),
+            outputs: VecDeque::new(),
+        }
+    }
+
+    /// Rebuilds from one durable journal entry: its records are indexed (unless they lie in a
+    /// truncated range or their segment is not hosted) and its VDL hint is noted. Returns how
+    /// many records were indexed.
+    pub fn recover_append(&mut self, at: EntryLocation, append: &Append) -> usize {
+        assert!(
+            self.phase == Phase::Recovering,
+            "recovery happens before serving"
+        );
+        let key = SegmentKey {
+            volume: append.volume,
+            pg: append.pg,
+            segment: append.segment,
+        };
+        let records = RecordInBody::of_append(append);
+        let indexed = self.index_entry((key, append.epoch, append.vdl), at, &records);
+        assert!(indexed <= records.len());
+        indexed
+    }
+
+    /// Like [`NodeCore::recover_append`], from the entry's Append body as stored.
+    pub fn recover_entry(&mut self, at: EntryLocation, body: &[u8]) -> Result<usize, DecodeError> {
+        assert!(
+            self.phase == Phase::Recovering,
+            "recovery happens before serving"
+        );
+        let view = AppendView::decode(body)?;
+        let h = view.header;
+        let key = SegmentKey {
+            volume: h.volume,
+            pg: h.pg,
+            segment: h.segment,
+        };
+        let records = RecordInBody::of_view(&view);
+        let indexed = self.index_entry((key, h.epoch, h.vdl), at, &records);
+        assert!(indexed <= records.len());
+        Ok(indexed)
+    }
+
+    /// Ends recovery: new groups go at `end`, numbered from `next_sequence`.
+    pub fn finish_recovery(&mut self, end: Position, next_sequence: u64) {
+        assert!(self.phase == Phase::Recovering, "recovery finishes once");
+        assert!(next_sequence >= 1, "group sequences start at 1");
+        self.commit.start_at(end, next_sequence);
+        self.phase = Phase::Serving;
+    }
+
+    /// Indexes a durable entry's records in its segment, skipping truncated LSNs, and raises
+    /// the volume's VDL hint. Returns how many records were indexed.
+    fn index_entry(
+        &mut self,
+        (key, epoch, vdl): (SegmentKey, Epoch, Lsn),
+        at: EntryLocation,
+        records: &[RecordInBody],
+    ) -> usize {
+        let Some(segment) = self.segments.get_mut(&key) else {
+            return 0; // No longer hosted (or never was): persisted, not indexed.
+        };
+        let volume = self
+            .volumes
+            .get_mut(&key.volume)
+            .expect("hosted volumes are known");
+        let before = volume.vdl;
+        volume.vdl = volume.vdl.max(vdl);
+        let mut indexed = 0;
+        for record in records {
+            if truncated(&volume.meta.truncations, record.lsn, epoch) {
+                continue;
+            }
+            let durable = record.durable(epoch, at.file, at.body_offset);
+            if segment.observe(&durable) == crate::segment::Observed::Indexed {
+                indexed += 1;
+            }
+        }
+        assert!(volume.vdl >= before, "the VDL hint never goes down");
+        assert!(indexed <= records.len());
+        indexed
+    }
+
+    /// The next thing to do, if any. Forms the next journal group when none is waiting.
+    pub fn poll_output(&mut self) -> Option<NodeOutput> {
+        if self.outputs.is_empty() && matches!(self.phase, Phase::Serving | Phase::ShuttingDown) {
+            self.form_groups();
+        }
+        let output = self.outputs.pop_front();
+        assert!(self.phase != Phase::Recovering || output.is_none());
+        assert!(output.is_some() || self.outputs.is_empty());
+        output
+    }
+
+    /// Stops taking requests (each gets `ShuttingDown`); what is waiting is finished.
+    pub fn begin_shutdown(&mut self) {
+        assert!(self.phase != Phase::Recovering, "shutdown after recovery");
+        if self.phase == Phase::Serving {
+            self.phase = Phase::ShuttingDown;
+        }
+        assert!(self.phase != Phase::Serving);
+    }
+
+    /// A journal write or sync, or a manifest store, failed: the node stops serving. Every
+    /// request waiting gets `ShuttingDown` naming `reason`, and so does every later one.
+    pub fn handle_fatal_io(&mut self, reason: String) {
+        if matches!(self.phase, Phase::Stopped(_)) {
+            return;
+        }
+        assert!(!reason.is_empty(), "a stop names its reason");
+        let message = format!("node {} stopped: {reason}", self.config.name);
+        self.phase = Phase::Stopped(reason.clone());
+        // Nothing queued for the disk matters any more; replies already decided still go.
+        self.outputs
+            .retain(|o| matches!(o, NodeOutput::Reply { .. }));
+        let waiting: Vec<(ConnId, u64)> = self
+            .commit
+            .drain_waiting()
+            .chain(self.durability.drain_waiting())
+            .chain(self.reads.drain_waiting())
+            .collect();
+        for (conn, request_id) in waiting {
+            self.reply_error(conn, request_id, ErrorCode::ShuttingDown, message.clone());
+        }
+        self.outputs.push_back(NodeOutput::Stopped { reason });
+        assert!(self.commit.is_idle() && self.reads.is_idle());
+        assert!(self.stopped().is_some());
+    }
+
+    /// Why the node stopped, if it did.
+    pub fn stopped(&self) -> Option<&str> {
+        let reason = match &self.phase {
+            Phase::Stopped(reason) => Some(reason.as_str()),
+            _ => None,
+        };
+        assert!(
+            reason.is_none_or(|r| !r.is_empty()),
+            "a stop names its reason"
+        );
+        assert!(
+            reason.is_none() || self.commit.is_idle(),
+            "a stopped node waits for nothing"
+        );
+        reason
+    }
+
+    /// Whether nothing waits on I/O and no output is pending (a shut-down driver may exit). A
+    /// stopped node waits for nothing: its outcomes no longer matter.
+    pub fn is_idle(&self) -> bool {
+        if self.stopped().is_some() {
+            assert!(self.reads.is_idle());
+            return self.outputs.is_empty();
+        }
+        let idle = self.outputs.is_empty()
+            && self.commit.is_idle()
+            && self.durability.is_idle()
+            && self.reads.is_idle();
+        assert!(!idle || self.commit.oldest_received().is_none());
+        idle
+    }
+
+    /// How long the oldest append still waiting for the journal has waited.
+    pub fn oldest_waiting(&self, now: Instant) -> Option<Duration> {
+        let waited = self
+            .commit
+            .oldest_received()
+            .map(|at| now.saturating_duration_since(at));
+        assert!(waited.is_none() || !self.commit.is_idle());
+        assert!(
+            waited.is_none() || self.stopped().is_none(),
+            "a stopped node waits for nothing"
+        );
+        waited
+    }
+
+    /// A hosted segment (its SCL, the records it holds, its PGMRPL).
+    pub fn segment(&self, key: &SegmentKey) -> Option<&Segment> {
+        let segment = self.segments.get(key);
+        assert!(segment.is_none() || self.volumes.contains_key(&key.volume));
+        assert!(self.segments.len() >= usize::from(segment.is_some()));
+        segment
+    }
+
+    /// A hosted segment's SCL.
+    pub fn scl(&self, key: &SegmentKey) -> Option<Lsn> {
+        self.segment(key).map(Segment::scl)
+    }
+
+    /// The volume's epoch in force (0 for a volume the node knows nothing of).
+    pub fn epoch(&self, volume: VolumeId) -> Epoch {
+        let Some(v) = self.volumes.get(&volume) else {
+            return Epoch(0);
+        };
+        assert!(
+            v.version_needed <= self.durability.version(),
+            "versions are issued in order"
+        );
+        assert!(v.meta.truncations.len() <= TRUNCATIONS_PER_VOLUME_MAX);
+        v.meta.epoch
+    }
+
+    /// What a node holds of a volume, as a VolumeState reply states it.
+    pub fn volume_state(&self, volume: VolumeId) -> VolumeState {
+        let segments: Vec<SegmentState> = self
+            .segments
+            .range(volume_keys(volume))
+            .map(|(key, segment)| SegmentState {
+                pg: key.pg,
+                segment: key.segment,
+                scl: segment.scl(),
+            })
+            .collect();
+        assert!(segments.len() <= wire::frame::HOST_SEGMENTS_MAX);
+        assert!(
+            segments
+                .windows(2)
+                .all(|w| (w[0].pg, w[0].segment) < (w[1].pg, w[1].segment))
+        );
+        let vdl = self.volumes.get(&volume).map_or(Lsn::ZERO, |v| v.vdl);
+        let truncations = self.volumes.get(&volume).map_or(Vec::new(), |v| {
+            let all = &v.meta.truncations;
+            // The newest ones (by the epoch they annul), oldest first, as the wire limits.
+            let mut newest: Vec<wire::TruncationRange> = all
+                .iter()
+                .map(|t| wire::TruncationRange {
+                    annul_epoch: t.epoch,
+                    after: t.after,
+                    through: t.through,
+                })
+                .collect();
+            let skip = newest.len().saturating_sub(wire::frame::TRUNCATIONS_MAX);
+            newest.drain(..skip);
+            newest
+        });
+        VolumeState {
+            volume,
+            epoch: self.epoch(volume),
+            vdl,
+            truncations,
+            segments,
+        }
+    }
+
+    /// The manifest as the core wants it stored: hosted segments, and every volume's epoch,
+    /// geometry and truncations.
+    pub fn manifest(&self) -> Manifest {
+        let manifest = Manifest {
+            segments: self.segments.keys().copied().collect(),
+            volumes: self
+                .volumes
+                .iter()
+                .map(|(id, v)| (*id, v.meta.clone()))
+                .collect(),
+        };
+        assert!(manifest.segments.windows(2).all(|w| w[0] < w[1]));
+        assert!(manifest.segments.len() == self.segments.len());
+        manifest
+    }
+
+    fn reply(&mut self, conn: ConnId, request_id: u64, message: Message) {
+        let is_reply = matches!(
+            message,
+            Message::Ack(_)
+                | Message::Error(_)
+                | Message::Page(_)
+                | Message::Done
+                | Message::VolumeState(_)
+                | Message::Records(_)
+        );
+        assert!(is_reply, "a node sends replies, never requests");
+        assert!(
+            self.phase != Phase::Recovering,
+            "replies come after recovery"
+        );
+        self.outputs.push_back(NodeOutput::Reply {
+            conn,
+            request_id,
+            message,
+        });
+    }
+
+    fn reply_error(&mut self, conn: ConnId, request_id: u64, code: ErrorCode, text: String) {
+        let reply = ErrorReply::new(code, text);
+        assert!(!reply.message.is_empty(), "errors name their problem");
+        assert!(reply.message.len() <= wire::frame::ERROR_MESSAGE_BYTES_MAX);
+        self.reply(conn, request_id, Message::Error(reply));
+    }
+
+    fn reply_result(&mut self, conn: ConnId, request_id: u64, result: Result<Message, ErrorReply>) {
+        let message = result.unwrap_or_else(Message::Error);
+        assert!(
+            self.phase != Phase::Recovering,
+            "requests come after recovery"
+        );
+        assert!(
+            self.stopped().is_none(),
+            "a stopped node answers ShuttingDown only"
+        );
+        self.reply(conn, request_id, message);
+    }
+
+    /// Reads back of records: the read results as the driver hands them over.
+    pub fn handle_records_read(
+        &mut self,
+        token: ReadToken,
+        result: Result<Vec<LogRecord>, String>,
+    ) {
+        if self.stopped().is_some() {
+            return; // Everyone waiting was answered when the node stopped.
+        }
+        assert!(self.phase != Phase::Recovering, "reads come after recovery");
+        assert!(
+            !self.reads.is_idle(),
+            "a read completes after it was asked for"
+        );
+        let (conn, request_id, reply) = self.reads.complete(token, result);
+        self.reply_result(conn, request_id, reply);
+    }
+}

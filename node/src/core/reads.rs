@@ -1,0 +1,201 @@
+//! Reads waiting on the journal: ReadPage (records applied to a zeroed page) and FetchRecords
+//! (records returned as they are).
+//!
+//! Invariants: each token is issued once and completed at most once; a read's reply uses only
+//! records whose LSNs are exactly the ones indexed when the read was issued (a record that
+//! decodes but is not the one indexed was misdirected on disk: an operating error, reported
+//! as `Internal`, never served).
+
+use std::collections::BTreeMap;
+
+use wire::{ErrorCode, ErrorReply, LogRecord, Lsn, Message, PageId, PageImage, PageReply, Records};
+
+use super::{ConnId, ReadToken};
+use crate::manifest::SegmentKey;
+use crate::segment::RecordLocation;
+
+/// What a read makes of its records.
+#[derive(Clone, Debug)]
+pub(super) enum ReadKind {
+    Page {
+        page: PageId,
+        read_point: Lsn,
+        page_size_bytes: usize,
+    },
+    Records {
+        key: SegmentKey,
+        scl: Lsn,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct PendingRead {
+    conn: ConnId,
+    request_id: u64,
+    locations: Vec<RecordLocation>,
+    kind: ReadKind,
+}
+
+#[derive(Default)]
+pub(super) struct Reads {
+    next_token: u64,
+    pending: BTreeMap<ReadToken, PendingRead>,
+}
+
+impl Reads {
+    /// Registers a read; the caller emits `ReadRecords` with the token.
+    pub(super) fn begin(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        locations: &[RecordLocation],
+        kind: ReadKind,
+    ) -> ReadToken {
+        assert!(
+            !locations.is_empty(),
+            "reads without records are answered at once"
+        );
+        self.next_token += 1;
+        let token = ReadToken(self.next_token);
+        let read = PendingRead {
+            conn,
+            request_id,
+            locations: locations.to_vec(),
+            kind,
+        };
+        let previous = self.pending.insert(token, read);
+        assert!(previous.is_none(), "tokens are issued once");
+        token
+    }
+
+    /// Completes a read: its requester and its reply.
+    pub(super) fn complete(
+        &mut self,
+        token: ReadToken,
+        result: Result<Vec<LogRecord>, String>,
+    ) -> (ConnId, u64, Result<Message, ErrorReply>) {
+        let read = self
+            .pending
+            .remove(&token)
+            .expect("a read is completed once, after it was asked for");
+        assert!(!read.locations.is_empty());
+        let reply = result
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, format!("journal read failed: {e}")))
+            .and_then(|records| check_identity(&read.locations, records))
+            .and_then(|records| match read.kind {
+                ReadKind::Page {
+                    page,
+                    read_point,
+                    page_size_bytes,
+                } => apply_page(page, read_point, page_size_bytes, &records),
+                ReadKind::Records { key, scl } => Ok(Message::Records(Records {
+                    volume: key.volume,
+                    pg: key.pg,
+                    segment: key.segment,
+                    scl,
+                    records,
+                })),
+            });
+        assert!(!self.pending.contains_key(&token));
+        (read.conn, read.request_id, reply)
+    }
+
+    /// Every requester still waiting (the node is stopping).
+    pub(super) fn drain_waiting(&mut self) -> impl Iterator<Item = (ConnId, u64)> + use<> {
+        let pending = std::mem::take(&mut self.pending);
+        assert!(self.pending.is_empty());
+        assert!(pending.len() as u64 <= self.next_token);
+        pending.into_values().map(|r| (r.conn, r.request_id))
+    }
+
+    pub(super) fn is_idle(&self) -> bool {
+        assert!(self.pending.len() as u64 <= self.next_token);
+        assert!(
+            self.pending
+                .keys()
+                .next_back()
+                .is_none_or(|t| t.0 <= self.next_token)
+        );
+        self.pending.is_empty()
+    }
+}
+
+/// The records read back must be exactly the ones indexed, in order.
+fn check_identity(
+    locations: &[RecordLocation],
+    records: Vec<LogRecord>,
+) -> Result<Vec<LogRecord>, ErrorReply> {
+    assert!(
+        !locations.is_empty(),
+        "reads without records are answered at once"
+    );
+    if records.len() != locations.len() {
+        return Err(ErrorReply::new(
+            ErrorCode::Internal,
+            format!(
+                "journal read returned {} records for {} locations",
+                records.len(),
+                locations.len()
+            ),
+        ));
+    }
+    let misplaced = locations.iter().zip(&records).find(|(l, r)| l.lsn != r.lsn);
+    if let Some((location, record)) = misplaced {
+        return Err(ErrorReply::new(
+            ErrorCode::Internal,
+            format!(
+                "journal holds record {} where {} was indexed",
+                record.lsn, location.lsn
+            ),
+        ));
+    }
+    assert!(records.windows(2).all(|w| w[0].lsn < w[1].lsn));
+    Ok(records)
+}
+
+/// The page as of exactly `read_point`: its records ≤ `read_point`, applied in LSN order.
+fn apply_page(
+    page: PageId,
+    read_point: Lsn,
+    page_size_bytes: usize,
+    records: &[LogRecord],
+) -> Result<Message, ErrorReply> {
+    let mut image = PageImage::zeroed(page, page_size_bytes);
+    for record in records {
+        // Bytes from the disk: a record of another page at the indexed place is reported.
+        if record.page != page {
+            return Err(ErrorReply::new(
+                ErrorCode::Internal,
+                format!(
+                    "journal record {} is for page {}, indexed for page {}",
+                    record.lsn, record.page.0, page.0
+                ),
+            ));
+        }
+        wire::apply_record(&mut image, record).map_err(|e| {
+            ErrorReply::new(
+                ErrorCode::Internal,
+                format!("record {} does not apply: {e}", record.lsn),
+            )
+        })?;
+    }
+    assert!(image.lsn <= read_point);
+    assert!(image.bytes.len() == page_size_bytes);
+    Ok(Message::Page(PageReply {
+        page,
+        page_lsn: image.lsn,
+        bytes: image.bytes,
+    }))
+}
+
+/// The reply to a read with no record to apply: a zeroed page never written.
+pub(super) fn empty_page(page: PageId, page_size_bytes: usize) -> Message {
+    let image = PageImage::zeroed(page, page_size_bytes);
+    assert!(image.lsn == Lsn::ZERO);
+    assert!(image.bytes.len() == page_size_bytes);
+    Message::Page(PageReply {
+        page,
+        page_lsn: image.lsn,
+        bytes: image.bytes,
+    })
+}

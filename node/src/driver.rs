@@ -1,0 +1,352 @@
+//! The thin driver: one tokio task owns the [`NodeCore`] and its journal writer, feeds the
+//! core every event (frames from streams, journal completions, manifest stores, journal
+//! reads) and carries out what the core asks for. It moves bytes and wakes the core; it makes
+//! no protocol decision.
+//!
+//! Invariants:
+//! - every input available is fed to the core before its outputs are drained, so a group
+//!   takes everything that arrived meanwhile (group commit);
+//! - the manifest is stored and journal records are read off this task (blocking pool), so
+//!   appends at the current epoch keep flowing while a manifest write is in flight;
+//! - each stream has at most [`STREAM_INFLIGHT_MAX`] requests between being handed to the
+//!   core and being answered: a permit is taken per frame and given back with its reply (the
+//!   core answers every frame exactly once);
+//! - a fatal I/O error goes to the core, which stops the node; the driver logs it at ERROR,
+//!   reports it through [`DriverHandle::stopped`] and keeps answering (`ShuttingDown`) until
+//!   it is shut down.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use wire::{ErrorCode, ErrorReply, Frame, LogRecord, Message, Role};
+
+use crate::core::{ConnId, ManifestToken, NodeCore, NodeOutput, ReadToken};
+use crate::io::{Clock, GroupOutcome, JournalIo, ManifestStore, RecordReader};
+use crate::manifest::Manifest;
+use crate::segment::RecordLocation;
+
+/// Requests per stream that may wait for an answer at once.
+pub const STREAM_INFLIGHT_MAX: usize = 256;
+
+enum Input {
+    Open {
+        conn: ConnId,
+        replies: mpsc::UnboundedSender<Vec<u8>>,
+        inflight: Arc<Semaphore>,
+    },
+    Frame {
+        conn: ConnId,
+        role: Option<Role>,
+        frame: Bytes,
+    },
+    Closed(ConnId),
+    ManifestStored {
+        token: ManifestToken,
+        result: std::io::Result<()>,
+    },
+    RecordsRead {
+        token: ReadToken,
+        result: Result<Vec<LogRecord>, String>,
+    },
+    Shutdown,
+}
+
+/// How the rest of the node (the QUIC server, tests) talks to the driver.
+#[derive(Clone)]
+pub struct DriverHandle {
+    inputs: mpsc::UnboundedSender<Input>,
+    next_conn: Arc<AtomicU64>,
+    stopped: watch::Receiver<Option<String>>,
+}
+
+/// One request stream: frames go in, encoded reply frames come out of the receiver that
+/// [`DriverHandle::open_stream`] returned with it.
+pub struct Stream {
+    conn: ConnId,
+    role: Option<Role>,
+    inputs: mpsc::UnboundedSender<Input>,
+    replies: mpsc::UnboundedSender<Vec<u8>>,
+    inflight: Arc<Semaphore>,
+}
+
+/// A stream's slot for one request, taken before its frame is even read.
+pub struct Slot {
+    permit: OwnedSemaphorePermit,
+}
+
+impl DriverHandle {
+    /// A new stream whose requests carry `role` (the peer certificate's).
+    pub fn open_stream(&self, role: Option<Role>) -> (Stream, mpsc::UnboundedReceiver<Vec<u8>>) {
+        let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inflight = Arc::new(Semaphore::new(STREAM_INFLIGHT_MAX));
+        let _ = self.inputs.send(Input::Open {
+            conn,
+            replies: tx.clone(),
+            inflight: inflight.clone(),
+        });
+        let stream = Stream {
+            conn,
+            role,
+            inputs: self.inputs.clone(),
+            replies: tx,
+            inflight,
+        };
+        (stream, rx)
+    }
+
+    /// Refuse new requests, finish what is waiting, then end the driver.
+    pub fn shutdown(&self) {
+        let _ = self.inputs.send(Input::Shutdown);
+    }
+
+    /// Waits until the node stops on a fatal error; returns why.
+    pub async fn stopped(&self) -> String {
+        let mut stopped = self.stopped.clone();
+        match stopped.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await, // The driver ended without stopping.
+        }
+    }
+}
+
+impl Stream {
+    /// Waits for a free slot among the stream's [`STREAM_INFLIGHT_MAX`].
+    pub async fn reserve(&self) -> Slot {
+        let permit = self
+            .inflight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        Slot { permit }
+    }
+
+    /// Hands a request frame (the bytes after its length prefix) to the core.
+    pub fn send(&self, slot: Slot, frame: Bytes) {
+        // Given back by the driver with the frame's reply.
+        slot.permit.forget();
+        let input = Input::Frame {
+            conn: self.conn,
+            role: self.role,
+            frame,
+        };
+        let _ = self.inputs.send(input);
+    }
+
+    /// Answers a frame the core never saw (its length prefix was bad).
+    pub fn reply_now(&self, request_id: u64, reply: ErrorReply) {
+        let frame = Frame {
+            request_id,
+            message: Message::Error(reply),
+        };
+        let _ = self.replies.send(frame.to_bytes());
+    }
+
+    /// The peer sent its last frame: waits until every request has its reply, then lets the
+    /// reply channel close (once the caller drops the receiver's writer, the stream ends).
+    pub async fn finish(self) {
+        let all = u32::try_from(STREAM_INFLIGHT_MAX).expect("small");
+        let _ = self.inflight.acquire_many(all).await;
+        let _ = self.inputs.send(Input::Closed(self.conn));
+    }
+}
+
+/// The driver task's state.
+pub struct Driver<J: JournalIo> {
+    core: NodeCore,
+    journal: J,
+    manifests: Arc<dyn ManifestStore>,
+    reader: Arc<dyn RecordReader>,
+    clock: Arc<dyn Clock>,
+    inputs: mpsc::UnboundedReceiver<Input>,
+    loopback: mpsc::UnboundedSender<Input>,
+    streams: HashMap<ConnId, (mpsc::UnboundedSender<Vec<u8>>, Arc<Semaphore>)>,
+    stopped: watch::Sender<Option<String>>,
+    shutting_down: bool,
+}
+
+impl<J: JournalIo> Driver<J> {
+    /// A driver for a recovered core (`finish_recovery` called) and its I/O.
+    pub fn new(
+        core: NodeCore,
+        journal: J,
+        manifests: Arc<dyn ManifestStore>,
+        reader: Arc<dyn RecordReader>,
+        clock: Arc<dyn Clock>,
+    ) -> (Self, DriverHandle) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (stopped_tx, stopped_rx) = watch::channel(None);
+        let handle = DriverHandle {
+            inputs: tx.clone(),
+            next_conn: Arc::new(AtomicU64::new(1)),
+            stopped: stopped_rx,
+        };
+        let driver = Self {
+            core,
+            journal,
+            manifests,
+            reader,
+            clock,
+            inputs: rx,
+            loopback: tx,
+            streams: HashMap::new(),
+            stopped: stopped_tx,
+            shutting_down: false,
+        };
+        (driver, handle)
+    }
+
+    /// Runs until shut down and idle. `Err(reason)` if the node stopped on a fatal error.
+    pub async fn run(mut self) -> Result<(), String> {
+        let mut outcomes = Vec::new();
+        loop {
+            self.dispatch();
+            if self.shutting_down && self.core.is_idle() {
+                return self.core.stopped().map_or(Ok(()), |r| Err(r.to_string()));
+            }
+            tokio::select! {
+                biased;
+                () = self.journal.ready() => {}
+                input = self.inputs.recv() => {
+                    // Every handle is gone only once the node itself is gone.
+                    let input = input.unwrap_or(Input::Shutdown);
+                    self.handle(input);
+                    while let Ok(input) = self.inputs.try_recv() {
+                        self.handle(input);
+                    }
+                }
+            }
+            self.journal.reap(&mut outcomes);
+            for outcome in outcomes.drain(..) {
+                self.handle_outcome(outcome);
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Open {
+                conn,
+                replies,
+                inflight,
+            } => {
+                self.streams.insert(conn, (replies, inflight));
+            }
+            Input::Frame { conn, role, frame } => {
+                let now = self.clock.now();
+                self.core.handle_frame(now, conn, role, frame);
+            }
+            Input::Closed(conn) => {
+                self.streams.remove(&conn);
+            }
+            Input::ManifestStored { token, result } => match result {
+                Ok(()) => self.core.handle_manifest_stored(token),
+                Err(e) => self
+                    .core
+                    .handle_fatal_io(format!("cannot store the manifest: {e}")),
+            },
+            Input::RecordsRead { token, result } => self.core.handle_records_read(token, result),
+            Input::Shutdown => {
+                self.shutting_down = true;
+                self.core.begin_shutdown();
+            }
+        }
+    }
+
+    fn handle_outcome(&mut self, outcome: GroupOutcome) {
+        match outcome.result {
+            Ok(()) => self.core.handle_persisted(outcome.group),
+            Err(e) => self.core.handle_fatal_io(format!(
+                "journal write of group {} failed: {e}",
+                outcome.group.0
+            )),
+        }
+    }
+
+    /// Carries out every output, then hands the journal writes to the device.
+    fn dispatch(&mut self) {
+        loop {
+            while let Some(output) = self.core.poll_output() {
+                self.carry_out(output);
+            }
+            match self.journal.flush() {
+                Ok(()) => return,
+                Err(e) => self
+                    .core
+                    .handle_fatal_io(format!("cannot submit journal writes: {e}")),
+            }
+        }
+    }
+
+    fn carry_out(&mut self, output: NodeOutput) {
+        match output {
+            NodeOutput::Reply {
+                conn,
+                request_id,
+                message,
+            } => self.send_reply(conn, request_id, message),
+            NodeOutput::Persist(group) => {
+                if let Err(e) = self.journal.submit(group) {
+                    self.core
+                        .handle_fatal_io(format!("cannot submit a journal write: {e}"));
+                }
+            }
+            NodeOutput::StoreManifest { token, manifest } => self.store_manifest(token, manifest),
+            NodeOutput::ReadRecords { token, locations } => self.read_records(token, locations),
+            NodeOutput::Stopped { reason } => {
+                tracing::error!(
+                    "stopping: {reason}; the journal on disk is the truth, restart to recover"
+                );
+                self.stopped.send_replace(Some(reason));
+            }
+        }
+    }
+
+    fn send_reply(&mut self, conn: ConnId, request_id: u64, message: Message) {
+        if let Message::Error(e) = &message {
+            tracing::debug!(
+                "error reply to request {request_id}: {:?} {}",
+                e.code,
+                e.message
+            );
+        }
+        // A stream that went away no longer wants its replies.
+        let Some((replies, inflight)) = self.streams.get(&conn) else {
+            return;
+        };
+        let frame = Frame {
+            request_id,
+            message,
+        };
+        let _ = replies.send(frame.to_bytes());
+        inflight.add_permits(1);
+    }
+
+    fn store_manifest(&self, token: ManifestToken, manifest: Manifest) {
+        let (store, loopback) = (self.manifests.clone(), self.loopback.clone());
+        tokio::spawn(async move {
+            let stored = tokio::task::spawn_blocking(move || store.store(&manifest)).await;
+            let result = stored.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            let _ = loopback.send(Input::ManifestStored { token, result });
+        });
+    }
+
+    /// Reads records off the runtime thread. Even a read that panics gets an answer.
+    fn read_records(&self, token: ReadToken, locations: Vec<RecordLocation>) {
+        let (reader, loopback) = (self.reader.clone(), self.loopback.clone());
+        tokio::spawn(async move {
+            let read = tokio::task::spawn_blocking(move || reader.read(&locations)).await;
+            let result = read.unwrap_or_else(|e| Err(format!("the read failed: {e}")));
+            let _ = loopback.send(Input::RecordsRead { token, result });
+        });
+    }
+}
+
+/// The refusal of a frame whose length prefix is bad, with the code its decode error maps to.
+pub fn framing_error(e: &wire::DecodeError) -> ErrorReply {
+    ErrorReply::new(ErrorCode::of_decode_error(e), e.to_string())
+}

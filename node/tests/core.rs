@@ -1,0 +1,932 @@
+//! `NodeCore` driven directly, as the simulator will drive it: no disk, no network, no clock.
+//! A small harness plays the driver: it keeps the journal groups the core asks for in memory
+//! (as laid out by `io::encode_group`), completes them when a test says so, stores manifests,
+//! serves journal reads from the in-memory journal, and restarts a core from what is
+//! "durable".
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use bytes::Bytes;
+use node::core::{
+    ConnId, CoreConfig, EntryLocation, GroupId, ManifestToken, NodeCore, NodeOutput, PersistGroup,
+};
+use node::io::{AlignedBuf, encode_group};
+use node::journal::Position;
+use node::journal::format::GROUP_BYTES_MAX;
+use node::manifest::{Manifest, SegmentKey};
+use proptest::prelude::*;
+use wire::codec::Reader;
+use wire::{
+    Append, Epoch, ErrorCode, Fence, FetchRecords, Frame, LogRecord, Lsn, Message, PageId, PgId,
+    ReadPage, RedoOp, Role, SegmentIndex, Truncate, VolumeId,
+};
+
+const ENGINE: Option<Role> = Some(Role::Engine);
+const V: VolumeId = VolumeId(1);
+
+fn key(segment: u32) -> SegmentKey {
+    SegmentKey {
+        volume: V,
+        pg: PgId(0),
+        segment: SegmentIndex(segment),
+    }
+}
+
+fn config() -> CoreConfig {
+    CoreConfig {
+        name: "node1".into(),
+        inflight_groups_max: 4,
+        journal_file_bytes: 2 * GROUP_BYTES_MAX as u64,
+        journal_file_count: 2,
+    }
+}
+
+/// A record of page `page` with `lsn` and `backlink`.
+fn record(lsn: u64, backlink: u64, page: u64) -> LogRecord {
+    LogRecord {
+        lsn: Lsn(lsn),
+        backlink: Lsn(backlink),
+        page: PageId(page),
+        cpl: true,
+        op: RedoOp::Write {
+            offset: 0,
+            bytes: vec![(lsn % 251) as u8; 16],
+        },
+    }
+}
+
+fn append(epoch: Epoch, records: Vec<LogRecord>) -> Message {
+    Message::Append(Append {
+        volume: V,
+        epoch,
+        pg: PgId(0),
+        segment: SegmentIndex(0),
+        vdl: Lsn(records.first().map_or(0, |r| r.backlink.0)),
+        records,
+    })
+}
+
+/// A chain link: the record `lsn` whose backlink is `backlink` (page = lsn % 4).
+fn link(epoch: Epoch, lsn: u64, backlink: u64) -> Message {
+    append(epoch, vec![record(lsn, backlink, lsn % 4)])
+}
+
+/// The driver's part, in memory.
+struct Harness {
+    core: NodeCore,
+    now: Instant,
+    next_request: u64,
+    replies: Vec<(ConnId, u64, Message)>,
+    /// Groups asked for and not yet completed.
+    pending: BTreeMap<GroupId, PersistGroup>,
+    /// Durable groups in journal order (sequence), for reads and restarts.
+    durable: BTreeMap<u64, PersistGroup>,
+    /// Journal files' bytes as written.
+    files: HashMap<u32, Vec<u8>>,
+    manifest_pending: Option<(ManifestToken, Manifest)>,
+    manifest_durable: Manifest,
+    stopped: Vec<String>,
+}
+
+impl Harness {
+    /// A node hosting segment 0 of volume 1's PG 0 at epoch 0.
+    fn new() -> Self {
+        let manifest = Manifest {
+            segments: vec![key(0)],
+            ..Manifest::default()
+        };
+        Self::recover(manifest, BTreeMap::new(), HashMap::new())
+    }
+
+    /// A core rebuilt from a durable manifest and durable journal groups.
+    fn recover(
+        manifest: Manifest,
+        durable: BTreeMap<u64, PersistGroup>,
+        files: HashMap<u32, Vec<u8>>,
+    ) -> Self {
+        let mut core = NodeCore::new(config(), manifest.clone());
+        let mut end = Position::default();
+        for group in durable.values() {
+            let mut offset = group.position.offset + 32;
+            for body in &group.entries {
+                let at = EntryLocation {
+                    file: group.position.file,
+                    body_offset: offset + 4,
+                };
+                core.recover_entry(at, body).unwrap();
+                offset += 4 + body.len() as u64;
+            }
+            end = Position {
+                file: group.position.file,
+                offset: group.position.offset + group.bytes as u64,
+            };
+        }
+        let next = durable.keys().next_back().map_or(1, |s| s + 1);
+        core.finish_recovery(end, next);
+        Self {
+            core,
+            now: Instant::now(),
+            next_request: 1,
+            replies: Vec::new(),
+            pending: BTreeMap::new(),
+            durable,
+            files,
+            manifest_pending: None,
+            manifest_durable: manifest,
+            stopped: Vec::new(),
+        }
+    }
+
+    /// What survives a crash now: the durable manifest and journal.
+    fn restart(&self) -> Self {
+        Self::recover(
+            self.manifest_durable.clone(),
+            self.durable.clone(),
+            self.files.clone(),
+        )
+    }
+
+    /// Sends a request as `role` on `conn`; returns its request id.
+    fn send_as(&mut self, conn: u64, role: Option<Role>, message: Message) -> u64 {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        // Half the requests as bytes off the wire, half as messages: both entry points.
+        if request_id.is_multiple_of(2) {
+            let frame = Frame {
+                request_id,
+                message,
+            }
+            .to_bytes();
+            let frame = Bytes::from(frame).slice(4..);
+            self.core.handle_frame(self.now, ConnId(conn), role, frame);
+        } else {
+            self.core
+                .handle_request(self.now, ConnId(conn), role, request_id, message);
+        }
+        self.drain();
+        request_id
+    }
+
+    fn send(&mut self, message: Message) -> u64 {
+        self.send_as(1, ENGINE, message)
+    }
+
+    /// Carries out outputs: replies are kept, groups wait for `persist`, manifests for
+    /// `store`, reads are served at once from the in-memory journal.
+    fn drain(&mut self) {
+        while let Some(output) = self.core.poll_output() {
+            match output {
+                NodeOutput::Reply {
+                    conn,
+                    request_id,
+                    message,
+                } => self.replies.push((conn, request_id, message)),
+                NodeOutput::Persist(group) => {
+                    self.pending.insert(group.id, group);
+                }
+                NodeOutput::StoreManifest { token, manifest } => {
+                    assert!(self.manifest_pending.is_none(), "one store at a time");
+                    self.manifest_pending = Some((token, manifest));
+                }
+                NodeOutput::ReadRecords { token, locations } => {
+                    let records = self.read(&locations);
+                    self.core.handle_records_read(token, Ok(records));
+                }
+                NodeOutput::Stopped { reason } => self.stopped.push(reason),
+            }
+        }
+    }
+
+    fn read(&self, locations: &[node::segment::RecordLocation]) -> Vec<LogRecord> {
+        locations
+            .iter()
+            .map(|l| {
+                let file = &self.files[&l.file];
+                let bytes = &file[l.offset as usize..(l.offset + u64::from(l.len)) as usize];
+                LogRecord::decode(&mut Reader::new(bytes)).unwrap()
+            })
+            .collect()
+    }
+
+    /// Completes the write of the group with `id`.
+    fn persist(&mut self, id: GroupId) {
+        let group = self.pending.remove(&id).expect("a pending group");
+        let mut buf = AlignedBuf::new(GROUP_BYTES_MAX);
+        encode_group(&group, &mut buf);
+        let file = self.files.entry(group.position.file).or_default();
+        let end = group.position.offset as usize + buf.len();
+        if file.len() < end {
+            file.resize(end, 0);
+        }
+        file[group.position.offset as usize..end].copy_from_slice(buf.as_slice());
+        self.durable.insert(group.sequence, group);
+        self.core.handle_persisted(id);
+        self.drain();
+    }
+
+    /// Completes every pending group write, oldest first.
+    fn persist_all(&mut self) {
+        while let Some(id) = self.pending.keys().next().copied() {
+            self.persist(id);
+        }
+    }
+
+    /// Completes the manifest store in flight, if any.
+    fn store(&mut self) -> bool {
+        let Some((token, manifest)) = self.manifest_pending.take() else {
+            return false;
+        };
+        self.manifest_durable = manifest;
+        self.core.handle_manifest_stored(token);
+        self.drain();
+        true
+    }
+
+    /// Completes every write and store until nothing is pending.
+    fn settle(&mut self) {
+        loop {
+            self.persist_all();
+            if !self.store() && self.pending.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// The reply to `request_id`, which must have exactly one.
+    fn reply(&self, request_id: u64) -> &Message {
+        let mut found = self.replies.iter().filter(|(_, id, _)| *id == request_id);
+        let (_, _, message) = found
+            .next()
+            .unwrap_or_else(|| panic!("no reply to {request_id}"));
+        assert!(found.next().is_none(), "two replies to {request_id}");
+        message
+    }
+
+    fn has_reply(&self, request_id: u64) -> bool {
+        self.replies.iter().any(|(_, id, _)| *id == request_id)
+    }
+
+    fn error(&self, request_id: u64) -> (ErrorCode, String) {
+        match self.reply(request_id) {
+            Message::Error(e) => (e.code, e.message.clone()),
+            other => panic!("expected an error to {request_id}, got {other:?}"),
+        }
+    }
+
+    fn ack_scl(&self, request_id: u64) -> Lsn {
+        match self.reply(request_id) {
+            Message::Ack(ack) => ack.scl,
+            other => panic!("expected an ack to {request_id}, got {other:?}"),
+        }
+    }
+
+    fn state(&self, request_id: u64) -> wire::VolumeState {
+        match self.reply(request_id) {
+            Message::VolumeState(state) => state.clone(),
+            other => panic!("expected a volume state to {request_id}, got {other:?}"),
+        }
+    }
+
+    fn scl(&self) -> Lsn {
+        self.core.scl(&key(0)).unwrap()
+    }
+
+    fn fence(&mut self, current: Epoch, new: Epoch) -> u64 {
+        self.send(Message::Fence(Fence {
+            volume: V,
+            epoch_current: current,
+            epoch_new: new,
+        }))
+    }
+
+    fn truncate(&mut self, epoch: Epoch, after: u64, through: u64) -> u64 {
+        self.send(Message::Truncate(Truncate {
+            volume: V,
+            epoch,
+            range: wire::TruncationRange {
+                annul_epoch: epoch,
+                after: Lsn(after),
+                through: Lsn(through),
+            },
+        }))
+    }
+
+    fn fetch(&mut self, role: Option<Role>, epoch: Epoch, after: u64, through: u64) -> u64 {
+        let fetch = FetchRecords {
+            volume: V,
+            epoch,
+            pg: PgId(0),
+            segment: SegmentIndex(0),
+            after: Lsn(after),
+            through: Lsn(through),
+            bytes_max: 1 << 20,
+        };
+        self.send_as(1, role, Message::FetchRecords(fetch))
+    }
+
+    /// Fences epoch 0 to `epoch` and makes it durable.
+    fn install(&mut self, epoch: Epoch) {
+        let id = self.fence(Epoch(0), epoch);
+        self.settle();
+        assert_eq!(self.state(id).epoch, epoch);
+    }
+}
+
+/// Whether segment 0 holds the record `lsn`.
+fn holds(core: &NodeCore, lsn: Lsn) -> bool {
+    core.segment(&key(0)).unwrap().holds(lsn)
+}
+
+fn e(bumps: u64, tag: u32) -> Epoch {
+    Epoch((bumps << 32) | u64::from(tag))
+}
+
+/// Goal: an append is acknowledged only once durable, with the SCL that follows backlinks;
+/// a gap holds the SCL until it fills.
+/// Method: append a chain with one link held back, completing writes step by step.
+#[test]
+fn append_is_acked_once_durable_with_the_scl() {
+    let mut h = Harness::new();
+    let a = h.send(link(Epoch(0), 1, 0));
+    assert!(!h.has_reply(a), "not before the write completes");
+    assert_eq!(h.pending.len(), 1);
+    h.persist_all();
+    assert_eq!(h.ack_scl(a), Lsn(1));
+    let b = h.send(link(Epoch(0), 3, 2));
+    h.persist_all();
+    assert_eq!(h.ack_scl(b), Lsn(1), "3 waits for 2");
+    let c = h.send(link(Epoch(0), 2, 1));
+    h.persist_all();
+    assert_eq!(h.ack_scl(c), Lsn(3));
+    assert!(h.core.is_idle());
+}
+
+/// Goal: group commit takes everything queued into one group, keeps at most
+/// `inflight_groups_max` groups in flight, and acks in journal order even when writes
+/// complete out of order.
+/// Method: queue appends while groups are outstanding, complete the newest group first.
+#[test]
+fn groups_take_everything_queued_and_ack_in_journal_order() {
+    let mut h = Harness::new();
+    let mut ids = Vec::new();
+    for lsn in 1..=4 {
+        ids.push(h.send(link(Epoch(0), lsn, lsn - 1)));
+    }
+    assert_eq!(
+        h.pending.len(),
+        4,
+        "one group per append while slots are free"
+    );
+    // Slots full: these queue, and all go into one group once a slot frees.
+    for lsn in 5..=9 {
+        ids.push(h.send(link(Epoch(0), lsn, lsn - 1)));
+    }
+    assert_eq!(h.pending.len(), 4);
+    let newest = *h.pending.keys().next_back().unwrap();
+    h.persist(newest);
+    assert!(h.replies.is_empty(), "group 4 waits for groups 1 to 3");
+    let oldest = *h.pending.keys().next().unwrap();
+    h.persist(oldest);
+    assert_eq!(h.replies.len(), 1, "group 1 acks alone");
+    // Groups 2 and 3 are pending, group 4 is written but waits: one slot was free.
+    assert_eq!(h.pending.len(), 3, "the queued five formed one group");
+    let five = h.pending.values().next_back().unwrap();
+    assert_eq!(five.entries.len(), 5);
+    h.persist_all();
+    let acked: Vec<u64> = h.replies.iter().map(|(_, id, _)| *id).collect();
+    assert_eq!(acked, ids, "acks leave in journal order");
+    assert_eq!(h.ack_scl(*ids.last().unwrap()), Lsn(9));
+}
+
+/// Goal: a request at an epoch older than the node's is StaleEpoch, a newer one is
+/// EpochNotInstalled and is not adopted; neither is persisted.
+/// Method: install an epoch, send appends, reads and fetches at older and newer epochs.
+#[test]
+fn epochs_older_are_stale_newer_are_not_installed() {
+    let mut h = Harness::new();
+    h.install(e(1, 7));
+    let old = h.send(link(Epoch(0), 1, 0));
+    let new = h.send(link(e(2, 9), 1, 0));
+    assert_eq!(h.error(old).0, ErrorCode::StaleEpoch);
+    let (code, text) = h.error(new);
+    assert_eq!(code, ErrorCode::EpochNotInstalled);
+    assert!(text.contains("Fence or Truncate"), "{text}");
+    assert_eq!(h.core.epoch(V), e(1, 7), "not adopted");
+    assert!(h.pending.is_empty(), "nothing persisted");
+    let read = h.send(Message::ReadPage(ReadPage {
+        volume: V,
+        epoch: e(2, 1),
+        pg: PgId(0),
+        segment: SegmentIndex(0),
+        page: PageId(1),
+        read_point: Lsn(0),
+    }));
+    assert_eq!(h.error(read).0, ErrorCode::EpochNotInstalled);
+    let fetch = h.fetch(ENGINE, Epoch(0), 0, 10);
+    assert_eq!(h.error(fetch).0, ErrorCode::StaleEpoch);
+}
+
+/// Goal: a Fence's reply waits for the manifest; from its acceptance appends at the old epoch
+/// are refused and a batch in flight is persisted but answered StaleEpoch, never acked; a
+/// retry is answered the same; a fence from a stale view is refused naming the node's epoch.
+/// Method: an append in flight, then a fence; complete the write before the manifest store.
+#[test]
+fn fence_refuses_the_old_epoch_at_once_and_answers_once_durable() {
+    let mut h = Harness::new();
+    let (e0, e1) = (Epoch(0), e(1, 5));
+    let inflight = h.send(link(e0, 1, 0));
+    let fence = h.fence(e0, e1);
+    assert!(!h.has_reply(fence), "the reply waits for the manifest");
+    let late = h.send(link(e0, 2, 1));
+    assert_eq!(
+        h.error(late).0,
+        ErrorCode::StaleEpoch,
+        "refused from acceptance on"
+    );
+    h.persist_all();
+    let (code, _) = h.error(inflight);
+    assert_eq!(
+        code,
+        ErrorCode::StaleEpoch,
+        "durable, but never acked at the old epoch"
+    );
+    assert!(holds(&h.core, Lsn(1)), "yet persisted and indexed");
+    assert!(h.store());
+    let state = h.state(fence);
+    assert_eq!((state.epoch, state.segments[0].scl), (e1, Lsn(1)));
+    assert_eq!(h.manifest_durable.epoch(V), e1);
+    let retry = h.fence(e0, e1);
+    assert_eq!(h.state(retry).epoch, e1, "idempotent");
+    let stale = h.fence(e0, e(1, 6));
+    let (code, text) = h.error(stale);
+    assert_eq!(code, ErrorCode::StaleEpoch);
+    assert!(
+        text.contains(&e1.to_string()),
+        "names the node's epoch: {text}"
+    );
+}
+
+/// Goal: an ack at a newly installed epoch waits until the manifest holding the epoch is
+/// durable (a crash before that must not lose the epoch an ack relied on).
+/// Method: fence, append at the new epoch, complete the write before the store.
+#[test]
+fn acks_wait_for_their_epoch_to_be_durable() {
+    let mut h = Harness::new();
+    let e1 = e(1, 3);
+    let fence = h.fence(Epoch(0), e1);
+    let a = h.send(link(e1, 1, 0));
+    h.persist_all();
+    assert!(!h.has_reply(a) && !h.has_reply(fence));
+    h.store();
+    assert_eq!(h.ack_scl(a), Lsn(1));
+    assert_eq!(h.state(fence).epoch, e1);
+}
+
+/// Goal: two writers racing to fence from the same epoch with different tags never both win
+/// on one node, whatever the order; retries by the winner are idempotent, the loser's are
+/// refused.
+/// Method: for each order of the two fences (and their retries) on a fresh node, check that
+/// exactly one got a VolumeState and that the node ends at the winner's epoch.
+#[test]
+fn racing_fences_have_one_winner_per_node() {
+    let (a, b) = (e(1, 11), e(1, 22));
+    for order in [[a, b, a, b], [b, a, b, a], [a, a, b, b], [b, b, a, a]] {
+        let mut h = Harness::new();
+        let mut outcomes: Vec<(Epoch, bool)> = Vec::new();
+        for (i, epoch) in order.iter().enumerate() {
+            let id = h.fence(Epoch(0), *epoch);
+            if i % 2 == 1 {
+                h.settle();
+            }
+            h.settle();
+            let won = matches!(h.reply(id), Message::VolumeState(_));
+            outcomes.push((*epoch, won));
+        }
+        let winner = order[0];
+        for (epoch, won) in outcomes {
+            assert_eq!(won, epoch == winner, "{order:?}");
+        }
+        assert_eq!(h.core.epoch(V), winner);
+    }
+}
+
+proptest! {
+    /// Goal: on six nodes, two writers fencing from the same epoch, each in its own order and
+    /// with any interleaving of manifest stores, never both reach a write quorum (4 of 6).
+    /// Method: random interleavings; count each writer's winning nodes.
+    #[test]
+    fn racing_fences_never_both_reach_a_quorum(order in proptest::collection::vec(any::<bool>(), 12)) {
+        let (a, b) = (e(1, 1), e(1, 2));
+        let mut nodes: Vec<Harness> = (0..6).map(|_| Harness::new()).collect();
+        let mut sent: Vec<(usize, Epoch, u64)> = Vec::new();
+        let (mut next_a, mut next_b) = (0usize, 0usize);
+        for pick_a in order {
+            let (epoch, next) = if pick_a { (a, &mut next_a) } else { (b, &mut next_b) };
+            if *next >= 6 { continue; }
+            let node = if pick_a { *next } else { 5 - *next };
+            *next += 1;
+            let id = nodes[node].fence(Epoch(0), epoch);
+            sent.push((node, epoch, id));
+        }
+        for h in &mut nodes { h.settle(); }
+        let wins = |epoch: Epoch| sent.iter()
+            .filter(|(n, e, id)| *e == epoch && matches!(nodes[*n].reply(*id), Message::VolumeState(_)))
+            .count();
+        prop_assert!(wins(a) + wins(b) <= 6);
+        prop_assert!(!(wins(a) >= wire::WRITE_QUORUM && wins(b) >= wire::WRITE_QUORUM));
+        for h in &nodes {
+            prop_assert!(h.core.epoch(V) == a || h.core.epoch(V) == b || h.core.epoch(V) == Epoch(0));
+        }
+    }
+}
+
+/// Goal: a truncation removes the records in its range from the index, the SCL falls back to
+/// the chain's last record at or below `after`, new records chain on from there, the same
+/// range again changes nothing, and the reply waits for the manifest.
+/// Method: a chain 1..=6 at epoch 1, fence to epoch 2, truncate (3, 100], append 101 → 3.
+#[test]
+fn truncation_then_new_chain() {
+    let mut h = Harness::new();
+    let (e1, e2) = (e(1, 1), e(2, 1));
+    h.install(e1);
+    for lsn in 1..=6 {
+        h.send(link(e1, lsn, lsn - 1));
+    }
+    h.settle();
+    assert_eq!(h.scl(), Lsn(6));
+    let fence = h.fence(e1, e2);
+    h.settle();
+    assert_eq!(h.state(fence).segments[0].scl, Lsn(6));
+    let t = h.truncate(e2, 3, 100);
+    assert!(!h.has_reply(t), "waits for the manifest");
+    assert_eq!(h.scl(), Lsn(3), "applied at once, answered once durable");
+    h.settle();
+    assert_eq!(h.state(t).segments[0].scl, Lsn(3));
+    for lsn in 4..=6 {
+        assert!(!holds(&h.core, Lsn(lsn)), "{lsn} annulled");
+    }
+    let again = h.truncate(e2, 3, 100);
+    assert!(
+        h.manifest_pending.is_none(),
+        "the same range changes nothing"
+    );
+    assert_eq!(h.state(again).segments[0].scl, Lsn(3));
+    let a = h.send(link(e2, 101, 3));
+    h.settle();
+    assert_eq!(h.ack_scl(a), Lsn(101));
+    let stale = h.truncate(e1, 3, 100);
+    assert_eq!(h.error(stale).0, ErrorCode::StaleEpoch);
+}
+
+/// Goal: records in a truncated range are never indexed even when they become durable after
+/// the truncation (an old writer's batch in flight), and a Truncate installs a newer epoch.
+/// Method: an append at epoch 1 in flight; Truncate at epoch 2 covering it; complete both.
+#[test]
+fn records_in_a_truncated_range_arriving_late_are_never_indexed() {
+    let mut h = Harness::new();
+    let (e1, e2) = (e(1, 1), e(2, 2));
+    h.install(e1);
+    h.send(link(e1, 1, 0));
+    h.settle();
+    let late = h.send(link(e1, 2, 1));
+    let t = h.truncate(e2, 1, 50);
+    assert_eq!(h.core.epoch(V), e2, "Truncate installs a newer epoch");
+    h.settle();
+    assert_eq!(h.error(late).0, ErrorCode::StaleEpoch);
+    assert!(!holds(&h.core, Lsn(2)));
+    assert_eq!(h.state(t).segments[0].scl, Lsn(1));
+    let fetch = h.fetch(ENGINE, e2, 0, 100);
+    match h.reply(fetch) {
+        Message::Records(r) => {
+            assert_eq!(r.records.iter().map(|r| r.lsn.0).collect::<Vec<_>>(), [1])
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Goal: a restart rebuilds the same state from the journal and the manifest: truncation
+/// ranges from the manifest are applied while replaying (records in them are skipped), the
+/// epoch and the VDL hint come back.
+/// Method: chain, fence, truncate, new chain; restart; compare SCL, records held and state.
+#[test]
+fn restart_rebuild_applies_truncations() {
+    let mut h = Harness::new();
+    let (e1, e2) = (e(1, 1), e(2, 1));
+    h.install(e1);
+    for lsn in 1..=5 {
+        h.send(link(e1, lsn, lsn - 1));
+    }
+    h.settle();
+    h.fence(e1, e2);
+    h.truncate(e2, 2, 1000);
+    h.settle();
+    for lsn in [1001, 1002] {
+        h.send(link(e2, lsn, if lsn == 1001 { 2 } else { 1001 }));
+    }
+    h.settle();
+    let before = h.core.volume_state(V);
+    assert_eq!(before.segments[0].scl, Lsn(1002));
+    let r = h.restart();
+    assert_eq!(r.core.volume_state(V), before);
+    assert_eq!(r.core.epoch(V), e2);
+    for lsn in 3..=5 {
+        assert!(!holds(&r.core, Lsn(lsn)), "{lsn} stays annulled");
+    }
+    assert!(holds(&r.core, Lsn(1001)));
+    assert_eq!(
+        before.vdl,
+        Lsn(1001),
+        "the VDL hint: highest vdl of a durable header"
+    );
+}
+
+/// Goal: a crash before a Truncate's manifest is durable loses the truncation, but nothing
+/// relied on it: its reply and any ack at that volume were still held.
+/// Method: truncate and append, complete the writes but not the store, restart.
+#[test]
+fn nothing_answered_depends_on_a_manifest_lost_in_a_crash() {
+    let mut h = Harness::new();
+    let e1 = e(1, 1);
+    h.install(e1);
+    for lsn in 1..=3 {
+        h.send(link(e1, lsn, lsn - 1));
+    }
+    h.settle();
+    let t = h.truncate(e1, 1, 10);
+    let a = h.send(link(e1, 11, 1));
+    h.persist_all();
+    assert!(
+        !h.has_reply(t) && !h.has_reply(a),
+        "both wait for the manifest"
+    );
+    let r = h.restart();
+    assert_eq!(
+        r.scl(),
+        Lsn(3),
+        "the truncation was never durable, nor acknowledged"
+    );
+}
+
+/// Goal: FetchRecords returns the chain in LSN order from `after` to min(through, SCL),
+/// re-read from the journal; a node certificate may fetch; a role-less one may not.
+/// Method: a chain with a gap, fetched over several ranges.
+#[test]
+fn fetch_returns_the_chain_up_to_the_scl() {
+    let mut h = Harness::new();
+    for (lsn, backlink) in [(1, 0), (2, 1), (4, 2), (7, 5)] {
+        h.send(link(Epoch(0), lsn, backlink));
+    }
+    h.settle();
+    assert_eq!(h.scl(), Lsn(4));
+    let lsns = |h: &Harness, id| match h.reply(id) {
+        Message::Records(r) => (r.scl, r.records.iter().map(|r| r.lsn.0).collect::<Vec<_>>()),
+        other => panic!("{other:?}"),
+    };
+    let all = h.fetch(Some(Role::Node), Epoch(0), 0, 100);
+    assert_eq!(lsns(&h, all), (Lsn(4), vec![1, 2, 4]), "not beyond the SCL");
+    let middle = h.fetch(ENGINE, Epoch(0), 1, 2);
+    assert_eq!(lsns(&h, middle).1, vec![2]);
+    let none = h.fetch(ENGINE, Epoch(0), 4, 100);
+    assert_eq!(lsns(&h, none).1, Vec::<u64>::new());
+    let anonymous = h.fetch(None, Epoch(0), 0, 100);
+    let (code, text) = h.error(anonymous);
+    assert_eq!(code, ErrorCode::Forbidden);
+    assert!(text.contains("without a role"), "{text}");
+}
+
+/// Goal: a read returns the page at exactly its read point from records re-read from the
+/// journal, and is refused above the SCL.
+/// Method: two writes to one page, read at each point and above the SCL.
+#[test]
+fn read_page_applies_records_up_to_the_read_point() {
+    let mut h = Harness::new();
+    let write = |lsn: u64, backlink: u64, byte: u8| {
+        let mut r = record(lsn, backlink, 1);
+        r.op = RedoOp::Write {
+            offset: 2,
+            bytes: vec![byte; 3],
+        };
+        append(Epoch(0), vec![r])
+    };
+    h.send(write(1, 0, 0xAA));
+    h.send(write(2, 1, 0xBB));
+    h.settle();
+    let read = |h: &mut Harness, read_point| {
+        h.send(Message::ReadPage(ReadPage {
+            volume: V,
+            epoch: Epoch(0),
+            pg: PgId(0),
+            segment: SegmentIndex(0),
+            page: PageId(1),
+            read_point: Lsn(read_point),
+        }))
+    };
+    let one = read(&mut h, 1);
+    match h.reply(one) {
+        Message::Page(p) => assert_eq!(
+            (p.page_lsn, &p.bytes[..6]),
+            (Lsn(1), &[0, 0, 0xAA, 0xAA, 0xAA, 0][..])
+        ),
+        other => panic!("{other:?}"),
+    }
+    let two = read(&mut h, 2);
+    assert!(matches!(h.reply(two), Message::Page(p) if p.page_lsn == Lsn(2) && p.bytes[2] == 0xBB));
+    let above = read(&mut h, 3);
+    assert_eq!(h.error(above).0, ErrorCode::SclBelowReadPoint);
+}
+
+/// Goal: a fatal I/O error stops the node: every request waiting (queued, in flight, held for
+/// the manifest) and every later one gets ShuttingDown with the reason; Stopped comes once.
+/// Method: fill every kind of wait, then report a failed write.
+#[test]
+fn a_fatal_io_error_answers_everyone_and_stops() {
+    let mut h = Harness::new();
+    let e1 = e(1, 1);
+    let fence = h.fence(Epoch(0), e1); // held for the manifest
+    let mut waiting = vec![fence];
+    for lsn in 1..=6 {
+        waiting.push(h.send(link(e1, lsn, lsn - 1))); // in flight, then queued
+    }
+    h.core.handle_fatal_io("journal write failed: EIO".into());
+    h.drain();
+    h.core.handle_fatal_io("a second failure".into());
+    h.drain();
+    assert_eq!(h.stopped, vec!["journal write failed: EIO".to_string()]);
+    let later = h.send(link(e1, 7, 6));
+    waiting.push(later);
+    for id in waiting {
+        let (code, text) = h.error(id);
+        assert_eq!(code, ErrorCode::ShuttingDown);
+        assert!(text.contains("EIO"), "names the reason: {text}");
+    }
+    // Completions of what was in flight no longer matter.
+    let ids: Vec<GroupId> = h.pending.keys().copied().collect();
+    for id in ids {
+        h.core.handle_persisted(id);
+    }
+    h.drain();
+    assert!(h.core.is_idle());
+}
+
+/// Goal: every role gets exactly what it may do; refusals name the role needed and the one
+/// presented.
+/// Method: each request kind from a node certificate and from none.
+#[test]
+fn roles_decide_what_a_peer_may_do() {
+    let mut h = Harness::new();
+    let fence = Message::Fence(Fence {
+        volume: V,
+        epoch_current: Epoch(0),
+        epoch_new: e(1, 1),
+    });
+    for role in [Some(Role::Node), None] {
+        for message in [link(Epoch(0), 1, 0), fence.clone()] {
+            let id = h.send_as(2, role, message);
+            let (code, text) = h.error(id);
+            assert_eq!(code, ErrorCode::Forbidden);
+            assert!(text.contains("needs an engine certificate"), "{text}");
+        }
+        let state = h.send_as(2, role, Message::GetVolumeState(V));
+        assert_eq!(
+            matches!(h.reply(state), Message::VolumeState(_)),
+            role.is_some()
+        );
+    }
+    assert!(
+        h.pending.is_empty() && h.manifest_pending.is_none(),
+        "nothing refused acted"
+    );
+}
+
+/// One step of the random workload.
+#[derive(Clone, Debug)]
+enum Step {
+    Append { lsn_delta: u64, stale: bool },
+    Fence,
+    Truncate { back: u64 },
+    Persist(prop::sample::Index),
+    Store,
+    Get,
+    Fetch,
+    Restart,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (1u64..4, prop::bool::weighted(0.1)).prop_map(|(lsn_delta, stale)| Step::Append { lsn_delta, stale }),
+        1 => Just(Step::Fence),
+        1 => (0u64..6).prop_map(|back| Step::Truncate { back }),
+        5 => any::<prop::sample::Index>().prop_map(Step::Persist),
+        2 => Just(Step::Store),
+        1 => Just(Step::Get),
+        1 => Just(Step::Fetch),
+        1 => Just(Step::Restart),
+    ]
+}
+
+/// The writer of the random workload: its epoch and the chain it has sent.
+struct Writer {
+    epoch: Epoch,
+    chain: Vec<u64>,
+    /// Request id → epoch of each append sent.
+    appends: HashMap<u64, Epoch>,
+    sent: Vec<u64>,
+}
+
+impl Writer {
+    fn tip(&self) -> u64 {
+        self.chain.last().copied().unwrap_or(0)
+    }
+
+    fn append(&mut self, h: &mut Harness, lsn: u64, epoch: Epoch) {
+        let id = h.send(link(epoch, lsn, self.tip()));
+        self.appends.insert(id, epoch);
+        self.sent.push(id);
+    }
+
+    /// Recovery: a new epoch, then a truncation above `after`, then a new record linking to
+    /// the chain's last record at or below `after`.
+    fn recover(&mut self, h: &mut Harness, back: u64) {
+        let next = self.epoch.next(1);
+        self.sent.push(h.fence(self.epoch, next));
+        self.epoch = next;
+        let after = self.tip().saturating_sub(back);
+        let through = self.tip() + 10;
+        if after < through {
+            self.sent.push(h.truncate(next, after, through));
+        }
+        self.chain.retain(|l| *l <= after);
+        self.append(h, through + 1, next);
+        self.chain.push(through + 1);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Goal: under any interleaving of appends, fences, truncations, completions in any order
+    /// and crashes: every request gets exactly one reply; an ack leaves only at the epoch in
+    /// force when it leaves; no record in a truncated range the node knows is ever held; no
+    /// read of the journal fails.
+    /// Method: a random workload by one writer that recovers now and then (fence, truncate,
+    /// new chain), driven by the harness with random completion order; checks after each step.
+    #[test]
+    fn random_workload_keeps_the_invariants(steps in proptest::collection::vec(step(), 1..80)) {
+        let mut h = Harness::new();
+        let mut w = Writer { epoch: Epoch(0), chain: Vec::new(), appends: HashMap::new(), sent: Vec::new() };
+        for step in steps {
+            let replies_before = h.replies.len();
+            match step {
+                Step::Append { lsn_delta, stale } if stale && w.epoch > Epoch(0) => {
+                    // An old writer's append: refused, never persisted.
+                    w.append(&mut h, w.tip() + lsn_delta, Epoch(0));
+                }
+                Step::Append { lsn_delta, .. } => {
+                    let lsn = w.tip() + lsn_delta;
+                    w.append(&mut h, lsn, w.epoch);
+                    w.chain.push(lsn);
+                }
+                Step::Fence => {
+                    let next = w.epoch.next(1);
+                    w.sent.push(h.fence(w.epoch, next));
+                    w.epoch = next;
+                }
+                Step::Truncate { back } => w.recover(&mut h, back),
+                Step::Persist(pick) => {
+                    let ids: Vec<GroupId> = h.pending.keys().copied().collect();
+                    if !ids.is_empty() {
+                        h.persist(ids[pick.index(ids.len())]);
+                    }
+                }
+                Step::Store => { h.store(); }
+                Step::Get => w.sent.push(h.send(Message::GetVolumeState(V))),
+                Step::Fetch => w.sent.push(h.fetch(ENGINE, w.epoch, 0, u64::MAX)),
+                Step::Restart => {
+                    // Whatever waited is lost with the process: no reply is due any more.
+                    w.sent.retain(|id| h.has_reply(*id));
+                    let replies = std::mem::take(&mut h.replies);
+                    h = Harness { next_request: h.next_request, replies, ..h.restart() };
+                    w.epoch = h.core.epoch(V);
+                }
+            }
+            for (_, id, m) in &h.replies[replies_before..] {
+                if let Message::Error(e) = m {
+                    prop_assert!(e.code != ErrorCode::Internal, "{}", e.message);
+                }
+                if let (Message::Ack(_), Some(epoch)) = (m, w.appends.get(id)) {
+                    prop_assert_eq!(*epoch, h.core.epoch(V), "ack at an epoch not in force");
+                }
+            }
+            for t in h.core.manifest().volume(V).truncations {
+                for lsn in [t.after.0 + 1, t.through.0] {
+                    prop_assert!(!holds(&h.core, Lsn(lsn)));
+                }
+            }
+        }
+        h.settle();
+        for id in &w.sent {
+            let _ = h.reply(*id); // Exactly one each.
+        }
+    }
+}
