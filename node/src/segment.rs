@@ -114,6 +114,13 @@ impl Segment {
         held
     }
 
+    /// The epoch a held record arrived with (the newest, if it arrived again).
+    pub fn epoch_of(&self, lsn: Lsn) -> Option<Epoch> {
+        let epoch = self.records.get(&lsn).map(|held| held.epoch);
+        assert!(epoch.is_some() || lsn != self.scl || lsn == Lsn::ZERO);
+        epoch
+    }
+
     /// Notes a durable record (the caller has already dropped records in truncated ranges).
     pub fn observe(&mut self, record: &DurableRecord) -> Observed {
         assert!(
