@@ -361,8 +361,11 @@ impl VolumeCore {
         node: NodeIndex,
         reply: Result<Message, String>,
     ) {
-        self.links[node].probing = false;
-        self.links[node].next_probe = Some(now + self.config.reconnect_interval);
+        let link = &mut self.links[node];
+        link.probing = false;
+        // A lagging-but-up node's probe keeps its longer back-off.
+        let next = now + self.config.reconnect_interval;
+        link.next_probe = Some(link.next_probe.map_or(next, |t| t.max(next)));
         if let Ok(Message::VolumeState(state)) = reply {
             self.reconcile(now, node, &state);
         }
@@ -371,6 +374,15 @@ impl VolumeCore {
     /// Forwards the oldest truncation the node lacks (this writer's own included, which also
     /// installs its epoch there), or brings the node up once it has them all.
     fn reconcile(&mut self, now: Instant, node: NodeIndex, state: &wire::VolumeState) {
+        if state.epoch > self.epoch {
+            // Another writer recovered the volume meanwhile: never count its SCLs as acks.
+            let name = &self.layout.node_names[node];
+            self.fence(format!(
+                "node {name} holds epoch {} (this writer's is {})",
+                state.epoch, self.epoch
+            ));
+            return;
+        }
         let serving = self.serving.as_ref().expect("serving");
         let missing = serving
             .truncations
@@ -378,6 +390,11 @@ impl VolumeCore {
             .find(|t| !state.truncations.contains(t))
             .copied();
         let Some(range) = missing else {
+            if state.epoch < self.epoch {
+                // Cannot happen: this writer's own truncation installs its epoch.
+                tracing::warn!("node {node} lacks this writer's epoch after its truncation");
+                return;
+            }
             self.links[node].needs_truncate = false;
             self.bring_up(now, node, state);
             return;

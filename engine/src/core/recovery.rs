@@ -44,6 +44,11 @@ use super::{NodeIndex, Payload, Phase, RecentWrites, RequestKind, Serving, Volum
 use crate::cache::BufferCache;
 use crate::quorum::Writer;
 
+/// How many of the newest truncations a node must hold before its SCLs count (well within
+/// the `TRUNCATIONS_MAX` a node reports).
+const TRUNCATIONS_CHECKED: usize = 32;
+const _: () = assert!(TRUNCATIONS_CHECKED < wire::frame::TRUNCATIONS_MAX);
+
 /// Bytes of records fetched or copied per request.
 const RECOVERY_CHUNK_BYTES: u32 = 1 << 20;
 
@@ -60,6 +65,8 @@ pub(crate) enum RecoveryRequest {
     Copy {
         pg: PgId,
         segment: SegmentIndex,
+        /// The last record of the chunk sent.
+        through: Lsn,
     },
     Truncate,
 }
@@ -71,6 +78,23 @@ enum Step {
     Fetch,
     Copy,
     Truncate,
+}
+
+/// The fetched chains seed the retained records, so segments that lag behind can be caught
+/// up once they answer (those below the fetched range wait for gossip).
+fn seed_retained(recovery: &Recovery) -> (Vec<BTreeMap<Lsn, Bytes>>, usize) {
+    let mut retained = vec![BTreeMap::new(); recovery.pgs.len()];
+    let mut retained_bytes = 0;
+    for (pg, state) in recovery.pgs.iter().enumerate() {
+        for record in state.records.iter().filter(|r| r.lsn <= state.last) {
+            let mut encoded = Vec::with_capacity(record.encoded_len());
+            record.encode(&mut encoded);
+            retained_bytes += encoded.len();
+            retained[pg].insert(record.lsn, Bytes::from(encoded));
+        }
+    }
+    assert!(retained.len() == recovery.pgs.len());
+    (retained, retained_bytes)
 }
 
 /// One PG during recovery.
@@ -91,6 +115,34 @@ struct PgRecovery {
     /// The PG's last record at or below the recovered VDL.
     last: Lsn,
     copy_inflight: [bool; PG_SIZE],
+    /// Per segment: the highest LSN re-sent at the new epoch and acknowledged.
+    copied_through: [Lsn; PG_SIZE],
+    /// The chain below `from`, being fetched for copy targets that lie below it.
+    prefix: Option<Prefix>,
+    /// A prefix fetch failed: do not try again.
+    prefix_failed: bool,
+}
+
+/// The chain in `(from, through]`, fetched to go in front of a PG's fetched records.
+#[derive(Debug)]
+struct Prefix {
+    from: Lsn,
+    through: Lsn,
+    records: Vec<LogRecord>,
+    source: usize,
+}
+
+impl PgRecovery {
+    /// Whether a segment whose SCL is `scl` holds the PG's last record with everything above
+    /// `floor` re-sent at the new epoch (or had nothing above the floor to re-send).
+    fn copy_done(&self, segment: SegmentIndex, scl: Lsn, floor: Lsn) -> bool {
+        let nothing_to_send = !self
+            .records
+            .iter()
+            .any(|r| r.lsn > scl.min(floor) && r.lsn <= self.last);
+        let retagged = self.copied_through[segment.0 as usize] >= self.last;
+        scl >= self.last && (retagged || nothing_to_send)
+    }
 }
 
 /// The recovery state machine's data (its transitions are `VolumeCore` methods).
@@ -139,11 +191,18 @@ impl Recovery {
         self.next_resend
     }
 
-    /// Whether `node`'s fenced state has every known truncation (its SCLs count then).
+    /// The newest known truncations (a node reports at most `TRUNCATIONS_MAX`; older ones lie
+    /// below every floor that matters), oldest first.
+    fn recent_truncations(&self) -> impl Iterator<Item = &TruncationRange> {
+        let skip = self.known.len().saturating_sub(TRUNCATIONS_CHECKED);
+        self.known.iter().skip(skip)
+    }
+
+    /// Whether `node`'s fenced state has the recent known truncations (its SCLs count then).
     fn consistent(&self, node: NodeIndex) -> bool {
         self.states[node]
             .as_ref()
-            .is_some_and(|s| self.known.iter().all(|t| s.truncations.contains(t)))
+            .is_some_and(|s| self.recent_truncations().all(|t| s.truncations.contains(t)))
     }
 }
 
@@ -227,16 +286,16 @@ impl VolumeCore {
         let recovery = self.recovery.as_mut().expect("recovering");
         let state = recovery.states[node].as_ref().expect("fenced");
         let Some(range) = recovery
-            .known
-            .iter()
+            .recent_truncations()
             .find(|t| !state.truncations.contains(t))
+            .copied()
         else {
             return;
         };
         let truncate = Truncate {
             volume: self.layout.volume,
             epoch: recovery.epoch_new,
-            range: *range,
+            range,
         };
         recovery.inflight[node] = true;
         let kind = RequestKind::Recovery(RecoveryRequest::Repair);
@@ -253,7 +312,9 @@ impl VolumeCore {
         TruncationRange {
             annul_epoch: recovery.epoch_new,
             after: recovery.vdl,
-            through: Lsn(recovery.vdl.0.saturating_add(self.config.lal)),
+            // Through the end of the LSN space rather than VDL + LAL: an older writer may have
+            // run with a larger LAL, and annulment is by epoch, so the bound protects nothing.
+            through: Lsn(u64::MAX),
         }
     }
 
@@ -289,7 +350,7 @@ impl VolumeCore {
             RecoveryRequest::Fetch { pg } => {
                 self.recovery().pgs[pg.0 as usize].fetch_inflight = false
             }
-            RecoveryRequest::Copy { pg, segment } => {
+            RecoveryRequest::Copy { pg, segment, .. } => {
                 self.recovery().pgs[pg.0 as usize].copy_inflight[segment.0 as usize] = false;
             }
             _ => self.recovery().inflight[node] = false,
@@ -303,8 +364,15 @@ impl VolumeCore {
                 None
             }
             Ok(Message::Ack(ack)) => {
-                if let RecoveryRequest::Copy { pg, segment } = request {
-                    self.on_copied(now, node, pg, segment, ack.scl);
+                if let RecoveryRequest::Copy {
+                    pg,
+                    segment,
+                    through,
+                } = request
+                    && ack.pg == pg
+                    && ack.segment == segment
+                {
+                    self.on_copied(now, node, (pg, segment, through), ack.scl);
                 }
                 None
             }
@@ -505,10 +573,9 @@ impl VolumeCore {
                 counted.sort_by_key(|c| std::cmp::Reverse(c.1));
                 assert!(counted.len() >= READ_QUORUM);
                 let target = counted[0].1;
-                let fourth = counted
-                    .get(WRITE_QUORUM - 1)
-                    .or(counted.last())
-                    .map_or(Lsn::ZERO, |c| c.1);
+                // With fewer than a write quorum fenced, start at the floor; the copy step
+                // fetches further back only if a segment it must fill lies below.
+                let fourth = counted.get(WRITE_QUORUM - 1).map_or(floor, |c| c.1);
                 let sources = counted.iter().map(|c| c.0).collect();
                 (sources, target, floor.min(fourth))
             })
@@ -524,25 +591,35 @@ impl VolumeCore {
         }
     }
 
-    /// Sends the next fetch of every PG that needs one.
+    /// Sends the next fetch of every PG that needs one (its chain, or the prefix below it).
     fn recovery_fetch(&mut self, now: Instant) {
         for pg in 0..self.layout.placement.len() {
             let recovery = self.recovery.as_mut().expect("recovering");
+            let epoch = recovery.epoch_new;
             let state = &mut recovery.pgs[pg];
-            if state.fetch_done || state.fetch_inflight {
+            if state.fetch_inflight {
                 continue;
             }
-            let Some(&segment) = state.sources.get(state.source) else {
+            let (source, after, through) = match &state.prefix {
+                Some(p) => (
+                    p.source,
+                    p.records.last().map_or(p.from, |r| r.lsn),
+                    p.through,
+                ),
+                None if !state.fetch_done => (state.source, state.fetched_through, state.target),
+                None => continue,
+            };
+            let Some(&segment) = state.sources.get(source) else {
                 continue;
             };
             state.fetch_inflight = true;
             let fetch = FetchRecords {
                 volume: self.layout.volume,
-                epoch: recovery.epoch_new,
+                epoch,
                 pg: PgId(pg as u32),
                 segment,
-                after: state.fetched_through,
-                through: state.target,
+                after,
+                through,
                 bytes_max: RECOVERY_CHUNK_BYTES,
             };
             let node = self.layout.placement[pg][segment.0 as usize];
@@ -558,9 +635,50 @@ impl VolumeCore {
         }
     }
 
+    /// Prefix records fetched: extend, or (on an empty answer) splice them in front of the
+    /// PG's records if they link up, else try the next source or give up the prefix.
+    fn on_prefix_fetched(state: &mut PgRecovery, reply: Records) {
+        let prefix = state.prefix.as_mut().expect("a prefix fetch");
+        let mut previous = prefix.records.last().map(|r| r.lsn);
+        let mut ok = true;
+        for record in &reply.records {
+            ok &= match previous {
+                Some(lsn) => record.backlink == lsn,
+                None => record.backlink <= prefix.from,
+            } && record.lsn <= prefix.through;
+            previous = Some(record.lsn);
+        }
+        if ok && !reply.records.is_empty() {
+            prefix.records.extend(reply.records);
+            return;
+        }
+        let links = state.records.first().is_none_or(|first| match previous {
+            Some(lsn) => first.backlink == lsn,
+            None => first.backlink <= prefix.from,
+        });
+        if ok && links {
+            let prefix = state.prefix.take().expect("checked");
+            state.from = prefix.from;
+            let mut records = prefix.records;
+            records.append(&mut state.records);
+            state.records = records;
+            return;
+        }
+        prefix.records.clear();
+        prefix.source += 1;
+        if prefix.source >= state.sources.len() {
+            state.prefix = None;
+            state.prefix_failed = true;
+        }
+    }
+
     /// Appends fetched records after checking that they continue the chain.
     fn on_fetched(&mut self, now: Instant, pg: PgId, reply: Records) {
         let state = &mut self.recovery.as_mut().expect("recovering").pgs[pg.0 as usize];
+        if state.prefix.is_some() {
+            Self::on_prefix_fetched(state, reply);
+            return;
+        }
         let mut previous = state.records.last().map(|r| r.lsn);
         let mut chain_ok = reply.pg == pg;
         for record in &reply.records {
@@ -635,31 +753,33 @@ impl VolumeCore {
         tracing::info!("recovery: floor {floor}, VCL {vcl}, VDL {vdl}");
     }
 
-    /// Copies the missing records to the best-placed segments of every PG lacking a write
-    /// quorum at its last record.
+    /// Sends every fenced segment of every PG the records it must hold at the new epoch:
+    /// those it misses up to the PG's last record, and every record above the floor that it
+    /// holds already (re-tagged: an adopted record that stayed tagged with an old epoch could
+    /// be annulled by a truncation an interrupted recovery left somewhere, forwarded later).
     fn recovery_copy(&mut self, now: Instant) {
         for pg in 0..self.layout.placement.len() {
-            let mut counted = self.counted(pg);
-            let last = self.recovery().pgs[pg].last;
-            let holders = counted.iter().filter(|c| c.1 >= last).count();
-            if holders >= WRITE_QUORUM {
-                continue;
-            }
-            counted.retain(|c| c.1 < last);
-            counted.sort_by_key(|c| std::cmp::Reverse(c.1));
-            counted.truncate(WRITE_QUORUM - holders);
+            let counted = self.counted(pg);
             let state = &mut self.recovery.as_mut().expect("recovering").pgs[pg];
-            let lowest = counted.last().map_or(state.from, |c| c.1);
-            if lowest < state.from {
-                // A segment that answered late lies below what was fetched: fetch the chain
-                // again from its SCL (the target and the recovered VDL stay as they are).
-                state.from = lowest;
-                state.fetched_through = lowest;
-                state.records.clear();
-                state.source = 0;
-                state.fetch_done = false;
+            let lowest = counted.iter().map(|c| c.1).min().unwrap_or(state.from);
+            let floor = self.recovery.as_ref().expect("recovering").floor;
+            let lowest = lowest.min(floor);
+            let state = &mut self.recovery.as_mut().expect("recovering").pgs[pg];
+            let done = counted
+                .iter()
+                .filter(|c| state.copy_done(c.0, c.1, floor))
+                .count();
+            let short = done < WRITE_QUORUM && counted.len() >= WRITE_QUORUM;
+            if short && lowest < state.from && state.prefix.is_none() && !state.prefix_failed {
+                // Segments lie below what was fetched: fetch the chain below it too.
+                state.prefix = Some(Prefix {
+                    from: lowest,
+                    through: state.from,
+                    records: Vec::new(),
+                    source: 0,
+                });
             }
-            if !state.fetch_done {
+            if !state.fetch_done || state.prefix.is_some() {
                 continue;
             }
             for (segment, scl) in counted {
@@ -674,26 +794,31 @@ impl VolumeCore {
         let recovery = self.recovery.as_mut().expect("recovering");
         let (epoch, floor) = (recovery.epoch_new, recovery.floor);
         let state = &mut recovery.pgs[pg.0 as usize];
-        if state.copy_inflight[segment.0 as usize] || scl < state.from {
-            return; // In flight, or below what was fetched: another segment will do.
+        let index = segment.0 as usize;
+        let start = scl.min(floor).max(state.copied_through[index]);
+        if state.copy_inflight[index] || scl.min(floor) < state.from {
+            return; // In flight, or below what was fetched: other segments will do.
         }
         let mut encoded = Vec::new();
         let mut count = 0u32;
+        let mut through = start;
         for record in state
             .records
             .iter()
-            .filter(|r| r.lsn > scl && r.lsn <= state.last)
+            .filter(|r| r.lsn > start && r.lsn <= state.last)
         {
             record.encode(&mut encoded);
             count += 1;
+            through = record.lsn;
             if encoded.len() >= RECOVERY_CHUNK_BYTES as usize {
                 break;
             }
         }
         if count == 0 {
+            state.copied_through[index] = state.copied_through[index].max(state.last);
             return;
         }
-        state.copy_inflight[segment.0 as usize] = true;
+        state.copy_inflight[index] = true;
         let header = AppendHeader {
             volume,
             epoch,
@@ -706,7 +831,11 @@ impl VolumeCore {
             header,
             records: vec![Bytes::from(encoded)],
         };
-        let kind = RequestKind::Recovery(RecoveryRequest::Copy { pg, segment });
+        let kind = RequestKind::Recovery(RecoveryRequest::Copy {
+            pg,
+            segment,
+            through,
+        });
         self.send(now, node, kind, payload);
     }
 
@@ -714,11 +843,11 @@ impl VolumeCore {
         &mut self,
         now: Instant,
         node: NodeIndex,
-        pg: PgId,
-        segment: SegmentIndex,
+        (pg, segment, through): (PgId, SegmentIndex, Lsn),
         scl: Lsn,
     ) {
         let recovery = self.recovery.as_mut().expect("recovering");
+        let mut known_scl = scl;
         if let Some(state) = recovery.states[node].as_mut()
             && let Some(s) = state
                 .segments
@@ -726,18 +855,30 @@ impl VolumeCore {
                 .find(|s| s.pg == pg && s.segment == segment)
         {
             s.scl = s.scl.max(scl);
+            known_scl = s.scl;
         }
-        let last = recovery.pgs[pg.0 as usize].last;
-        if scl < last {
-            self.send_copy(now, pg, segment, scl);
+        let state = &mut recovery.pgs[pg.0 as usize];
+        let index = segment.0 as usize;
+        if scl >= through {
+            state.copied_through[index] = state.copied_through[index].max(through);
+        }
+        if state.copied_through[index] < state.last {
+            self.send_copy(now, pg, segment, known_scl);
         }
     }
 
+    /// Whether every PG has a write quorum of segments holding its last record, re-tagged at
+    /// the new epoch.
     fn copies_done(&self) -> bool {
         let recovery = self.recovery.as_ref().expect("recovering");
         (0..self.layout.placement.len()).all(|pg| {
-            let last = recovery.pgs[pg].last;
-            self.counted(pg).iter().filter(|c| c.1 >= last).count() >= WRITE_QUORUM
+            let state = &recovery.pgs[pg];
+            let counted = self.counted(pg);
+            let done = counted
+                .iter()
+                .filter(|c| state.copy_done(c.0, c.1, recovery.floor))
+                .count();
+            done >= WRITE_QUORUM
         })
     }
 
@@ -779,19 +920,9 @@ impl VolumeCore {
         if self.planted(super::PlantedBug::WriteQuorumOfThree) {
             writer.plant_write_quorum(3);
         }
-        // The fetched chains seed the retained records, so segments that lag behind can be
-        // caught up once they answer (those below the fetched range wait for gossip).
-        let mut retained = vec![BTreeMap::new(); pg_count];
-        let mut retained_bytes = 0;
-        for (pg, state) in recovery.pgs.iter().enumerate() {
-            for record in state.records.iter().filter(|r| r.lsn <= state.last) {
-                let mut encoded = Vec::with_capacity(record.encoded_len());
-                record.encode(&mut encoded);
-                retained_bytes += encoded.len();
-                retained[pg].insert(record.lsn, Bytes::from(encoded));
-            }
-        }
-        let mut truncations: Vec<TruncationRange> = recovery.known.iter().copied().collect();
+        let (retained, retained_bytes) = seed_retained(&recovery);
+        let mut truncations: Vec<TruncationRange> =
+            recovery.recent_truncations().copied().collect();
         truncations.push(range);
         self.serving = Some(Serving {
             writer,

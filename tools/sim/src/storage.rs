@@ -137,11 +137,15 @@ impl ModelNode {
     }
 
     fn state(&self) -> VolumeState {
+        let skip = self
+            .truncations
+            .len()
+            .saturating_sub(wire::frame::TRUNCATIONS_MAX);
         VolumeState {
             volume: self.volume,
             epoch: self.epoch,
             vdl: self.vdl,
-            truncations: self.truncations.clone(),
+            truncations: self.truncations[skip..].to_vec(),
             segments: self
                 .segments
                 .iter()

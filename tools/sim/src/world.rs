@@ -571,6 +571,9 @@ impl World {
     /// The current writer (and a running older one, now and then) writes, commits and reads.
     fn workload(&mut self) -> Result<(), String> {
         self.next_op = self.now + Duration::from_micros(self.rng.between(200, 3000));
+        // A writer that just finished recovering becomes the model's current one before it
+        // writes anything.
+        self.check_writers()?;
         let live: Vec<WriterId> = (0..self.writers.len())
             .filter(|w| self.writers[*w].alive && *self.writers[*w].core.phase() == Phase::Serving)
             .collect();
