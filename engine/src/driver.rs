@@ -145,6 +145,10 @@ impl Shared {
         {
             let _ = self.links[node].send((request_id, payload.encode(request_id)));
         }
+        // VDL is published before the commits it completes, so a waiter that wakes sees it.
+        let vdl = locked.core.vdl();
+        self.vdl
+            .send_if_modified(|v| std::mem::replace(v, vdl) != vdl);
         while let Some(completion) = locked.core.poll_completion() {
             match completion {
                 Completion::Commit { id, result } => {
@@ -159,9 +163,6 @@ impl Shared {
                 }
             }
         }
-        let vdl = locked.core.vdl();
-        self.vdl
-            .send_if_modified(|v| std::mem::replace(v, vdl) != vdl);
         let phase = locked.core.phase();
         if *self.phase.borrow() != *phase {
             self.phase.send_replace(phase.clone());
@@ -330,6 +331,11 @@ impl VolumeClient {
     /// The epoch this writer holds.
     pub fn epoch(&self) -> wire::Epoch {
         self.shared.lock().core.epoch()
+    }
+
+    /// A dump of the writer's state (phase, VDL, SCLs, links), for stall reports.
+    pub fn debug_state(&self) -> String {
+        self.shared.lock().core.debug_state()
     }
 
     /// The SCL the writer knows for a segment (from acks).

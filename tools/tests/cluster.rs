@@ -28,6 +28,7 @@ fn worker_page(worker: u64, i: u64) -> PageId {
 }
 
 struct Workload {
+    volume: Arc<VolumeClient>,
     stop: Arc<AtomicBool>,
     commits: Arc<AtomicU64>,
     model: Model,
@@ -85,6 +86,7 @@ fn start_workload(volume: &Arc<VolumeClient>) -> Workload {
         })
         .collect();
     Workload {
+        volume: volume.clone(),
         stop,
         commits,
         model,
@@ -98,8 +100,9 @@ impl Workload {
         while self.commits.load(Ordering::Acquire) < count {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{what}: commits stopped at {}",
-                self.commits.load(Ordering::Acquire)
+                "{what}: commits stopped at {}; writer: {}",
+                self.commits.load(Ordering::Acquire),
+                self.volume.debug_state()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -113,6 +116,29 @@ impl Workload {
         }
         let model = self.model.lock().unwrap().clone();
         (cpls, model)
+    }
+}
+
+/// Waits (60 s at most) until, in every PG, every segment's SCL equals the highest one.
+async fn wait_all_caught_up(volume: &VolumeClient) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let pgs = volume.file().pgs.len() as u32;
+        let caught_up = (0..pgs).all(|pg| {
+            let scls: Vec<Lsn> = (0..6)
+                .map(|s| volume.segment_scl(wire::PgId(pg), wire::SegmentIndex(s)))
+                .collect();
+            scls.iter().all(|s| s == scls.iter().max().unwrap())
+        });
+        if caught_up {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "segments never caught up: {}",
+            volume.debug_state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -286,17 +312,23 @@ fn delayed_acks_never_let_a_commit_be_reported_early_and_reads_hedge() {
 
 /// Goal: a segment that missed records refuses a read above its SCL, and the engine's read
 /// still succeeds on another segment.
-/// Method: kill one node, commit more MTRs on its PG, restart it (it now has a gap it cannot
-/// fill without gossip), ask it directly for a page at the final VDL, then read through the
-/// engine aiming at it first.
+/// Method: with a small budget of retained records (past it the writer lets go of what a write
+/// quorum holds, so it cannot catch a node up), wait until every segment holds everything,
+/// kill one node, commit more MTRs on its PG than the budget holds, restart it (it now has a
+/// gap only gossip could fill), ask it directly for a page at the final VDL, then read through
+/// the engine aiming at it first.
 #[test]
 fn a_lagging_segment_refuses_and_the_engine_reads_elsewhere() {
     cluster_test(
         "cluster-refuse",
-        VolumeConfig::default(),
+        VolumeConfig {
+            retained_bytes_max: 4096,
+            ..VolumeConfig::default()
+        },
         async |cluster, volume| {
             let workload = start_workload(&volume);
             workload.wait_for_commits(30, "all up").await;
+            wait_all_caught_up(&volume).await;
             cluster.kill9(0);
             let before = workload.commits.load(Ordering::Acquire);
             workload.wait_for_commits(before + 60, "node1 down").await;
@@ -324,7 +356,7 @@ fn a_lagging_segment_refuses_and_the_engine_reads_elsewhere() {
                 .unwrap();
             let request = wire::ReadPage {
                 volume: volume.file().id(),
-                epoch: volume.file().epoch(),
+                epoch: volume.epoch(),
                 pg,
                 segment: lagging,
                 page,
@@ -394,8 +426,8 @@ fn lal_back_pressure(lal: u64, retained_bytes_max: usize) {
 
 /// Goal: once the nodes have seen a newer epoch, this writer is fenced: its next commit fails
 /// with `Fenced` instead of hanging, so does every write after it, and its reads are refused.
-/// Method: commit an MTR at epoch 1, then tell every node the volume's epoch is 2 (as a new
-/// writer's recovery would), then try to commit again.
+/// Method: commit an MTR, then fence every node with a newer epoch (as a new writer's
+/// recovery would), then try to commit again.
 #[test]
 fn a_newer_epoch_fences_the_writer() {
     cluster_test(
@@ -415,11 +447,21 @@ fn a_newer_epoch_fences_the_writer() {
             let cpl = volume.write_mtr(write("epoch one")).await.unwrap();
             volume.commit(cpl).await.unwrap();
 
-            let mut newer = cluster.volume.clone();
-            newer.epoch = 2;
-            engine::driver::assign_segments(&newer, &cluster.endpoint().unwrap())
-                .await
-                .unwrap();
+            // A second writer's recovery fences every node with a newer epoch.
+            let endpoint = cluster.endpoint().unwrap();
+            let newer = volume.epoch().next(7);
+            for node in &volume.file().nodes {
+                let (client, _) = engine::NodeClient::connect(&endpoint, node.address, &node.name)
+                    .await
+                    .unwrap();
+                let fence = wire::Fence {
+                    volume: volume.file().id(),
+                    epoch_current: volume.epoch(),
+                    epoch_new: newer,
+                };
+                let reply = client.request(wire::Message::Fence(fence)).await.unwrap();
+                assert!(matches!(reply, wire::Message::VolumeState(_)), "{reply:?}");
+            }
 
             let cpl = volume.write_mtr(write("epoch one, late")).await.unwrap();
             let error = volume.commit(cpl).await.unwrap_err();

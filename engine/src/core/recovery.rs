@@ -312,9 +312,12 @@ impl VolumeCore {
         TruncationRange {
             annul_epoch: recovery.epoch_new,
             after: recovery.vdl,
-            // Through the end of the LSN space rather than VDL + LAL: an older writer may have
-            // run with a larger LAL, and annulment is by epoch, so the bound protects nothing.
-            through: Lsn(u64::MAX),
+            // An older writer may have run with a larger LAL than this one: cover the default
+            // too (annulment is by epoch, so a wider range costs nothing).
+            through: Lsn(recovery
+                .vdl
+                .0
+                .saturating_add(self.config.lal.max(crate::quorum::LSN_ALLOCATION_LIMIT))),
         }
     }
 

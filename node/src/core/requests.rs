@@ -332,6 +332,9 @@ impl NodeCore {
     /// Hosts the named segments from now on (idempotent), installing a newer epoch and
     /// recording the volume's geometry.
     fn host_segments(&mut self, host: &HostSegments) -> Result<(), ErrorReply> {
+        fits_manifest("epoch", host.epoch.0)?;
+        fits_manifest("pages_per_pg", host.pages_per_pg)?;
+        fits_manifest("volume", host.volume.0)?;
         let page_size = host.page_size_bytes as usize;
         if page_size == 0 || page_size > PAGE_BYTES_MAX {
             return Err(ErrorReply::new(
@@ -421,6 +424,7 @@ impl NodeCore {
     fn handle_fence(&mut self, conn: ConnId, request_id: u64, fence: &Fence) {
         let volume = fence.volume;
         let checked = self.check_volume_hosted(volume).and_then(|()| {
+            fits_manifest("epoch_new", fence.epoch_new.0)?;
             if fence.epoch_new <= fence.epoch_current {
                 return Err(ErrorReply::new(
                     ErrorCode::BadRequest,
@@ -461,6 +465,8 @@ impl NodeCore {
         let volume = t.volume;
         let installed = self.epoch(volume);
         let checked = self.check_volume_hosted(volume).and_then(|()| {
+            fits_manifest("epoch", t.epoch.0)?;
+            fits_manifest("through", t.range.through.0)?;
             if t.epoch < installed {
                 return Err(ErrorReply::new(
                     ErrorCode::StaleEpoch,
@@ -659,4 +665,19 @@ mod tests {
         .to_bytes();
         assert_eq!(bytes[5], KIND_APPEND);
     }
+}
+
+/// The manifest is TOML, whose integers are signed 64-bit: a value past `i64::MAX` from a peer
+/// is refused here rather than failing the manifest store (which would stop the node).
+fn fits_manifest(what: &str, value: u64) -> Result<(), ErrorReply> {
+    if i64::try_from(value).is_ok() {
+        return Ok(());
+    }
+    Err(ErrorReply::new(
+        ErrorCode::BadRequest,
+        format!(
+            "{what} = {value} is above {}, the largest a node stores",
+            i64::MAX
+        ),
+    ))
 }

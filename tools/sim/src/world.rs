@@ -224,6 +224,10 @@ impl World {
             request_timeout: ms(1000),
             reconnect_interval: ms(100),
             pgmrpl_interval: ms(200),
+            retained_bytes_max: std::env::var("SIM_RETAINED")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(256 << 20),
             epoch_tag: u32::try_from(self.rng.between(1, u64::from(u32::MAX))).expect("bounded"),
             planted_bug: match self.bug {
                 Some(Bug::WriteQuorumOfThree) => Some(PlantedBug::WriteQuorumOfThree),
