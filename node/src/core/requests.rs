@@ -636,6 +636,21 @@ impl NodeCore {
     }
 }
 
+/// The manifest is TOML, whose integers are signed 64-bit: a value past `i64::MAX` from a peer
+/// is refused here rather than failing the manifest store (which would stop the node).
+fn fits_manifest(what: &str, value: u64) -> Result<(), ErrorReply> {
+    if i64::try_from(value).is_ok() {
+        return Ok(());
+    }
+    Err(ErrorReply::new(
+        ErrorCode::BadRequest,
+        format!(
+            "{what} = {value} is above {}, the largest a node stores",
+            i64::MAX
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -667,17 +682,3 @@ mod tests {
     }
 }
 
-/// The manifest is TOML, whose integers are signed 64-bit: a value past `i64::MAX` from a peer
-/// is refused here rather than failing the manifest store (which would stop the node).
-fn fits_manifest(what: &str, value: u64) -> Result<(), ErrorReply> {
-    if i64::try_from(value).is_ok() {
-        return Ok(());
-    }
-    Err(ErrorReply::new(
-        ErrorCode::BadRequest,
-        format!(
-            "{what} = {value} is above {}, the largest a node stores",
-            i64::MAX
-        ),
-    ))
-}
