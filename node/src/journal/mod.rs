@@ -160,6 +160,43 @@ pub struct JournalFiles {
     pub file_bytes: u64,
 }
 
+/// What the scan and the tail erase need of the journal's storage: the real files, or a
+/// simulator's disk images (so the simulator's crashes, torn writes and bit flips go through
+/// the same recovery code).
+pub trait JournalStorage {
+    fn file_count(&self) -> usize;
+    fn file_bytes(&self) -> u64;
+    fn read_exact_at(&self, file: u32, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_all_at(&self, file: u32, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every write so far durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+impl JournalStorage for JournalFiles {
+    fn file_count(&self) -> usize {
+        self.files.len()
+    }
+
+    fn file_bytes(&self) -> u64 {
+        self.file_bytes
+    }
+
+    fn read_exact_at(&self, file: u32, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.files[file as usize].read_exact_at(buf, offset)
+    }
+
+    fn write_all_at(&self, file: u32, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.files[file as usize].write_all_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        for file in &self.files {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
 pub fn file_path(dir: &Path, index: u32) -> PathBuf {
     dir.join(format!("journal-{index:06}.sfj"))
 }
@@ -222,115 +259,137 @@ impl JournalFiles {
         Ok(scan)
     }
 
-    /// Hands each durable group to `visit` in journal order, holding one group at a time, and
-    /// returns where the journal ends and which corrupt ranges it skipped (`groups` is left
-    /// empty).
-    pub fn scan_with(&self, mut visit: impl FnMut(ScannedGroup)) -> io::Result<Scan> {
-        let mut scanner = Scanner::new(self);
-        let mut corrupt = Vec::new();
-        let mut corrupt_omitted = 0;
-        let stop_reason = loop {
-            let reason = match scanner.next_group()? {
-                Ok(group) => {
-                    visit(group);
-                    continue;
-                }
-                Err(reason) => reason,
-            };
-            let start = scanner.position;
-            let sequence_before = scanner.next_sequence - 1;
-            let Some(group) = scanner.look_ahead()? else {
-                break reason; // Nothing valid after it: the torn tail.
-            };
-            assert!(group.sequence > sequence_before);
-            assert!(group.position >= start);
-            let range = CorruptRange {
-                start,
-                end: self.range_end(start, group.position),
-                sequence_before,
-                sequence_after: group.sequence,
-                reason,
-            };
-            if corrupt.len() < CORRUPT_RANGES_MAX {
-                corrupt.push(range);
-            } else {
-                corrupt_omitted += 1;
-            }
-            visit(group);
-        };
-        Ok(Scan {
-            groups: Vec::new(),
-            end: scanner.position,
-            next_sequence: scanner.next_sequence,
-            stop_reason,
-            corrupt,
-            corrupt_omitted,
-        })
+    /// Hands each durable group to `visit` in journal order (see [`scan_with`]).
+    pub fn scan_with(&self, visit: impl FnMut(ScannedGroup)) -> io::Result<Scan> {
+        scan_with(self, visit)
     }
 
-    /// The exclusive end of a corrupt range that starts at `start` and is followed by a good
-    /// group at `next`: the end of `start`'s file if `next` starts the following one.
-    fn range_end(&self, start: Position, next: Position) -> Position {
-        if next.offset == 0 && next.file == start.file + 1 {
-            Position {
-                file: start.file,
-                offset: self.file_bytes,
-            }
-        } else {
-            next
-        }
-    }
-
-    /// Zeroes every stale group header within [`TAIL_WINDOW_BYTES`] after `end` and syncs.
-    /// Stale means a sequence below `next_sequence`: older than the durable end. A header with
-    /// a higher sequence is never touched: a scan has found no group after `end` whose CRC
-    /// checks, so it belongs to a torn group, which can never pass a scan and is overwritten
-    /// in place as the journal grows.
+    /// Zeroes stale group headers after the durable end (see [`erase_stale_tail`]).
     pub fn erase_stale_tail(&self, end: Position, next_sequence: u64) -> io::Result<u32> {
-        let align = DIRECT_IO_ALIGN as u64;
-        let mut chunk = AlignedBuf::new(CHUNK_BYTES);
-        let mut zeros = AlignedBuf::new(DIRECT_IO_ALIGN);
-        zeros.set_len(DIRECT_IO_ALIGN);
-        let mut erased = 0;
-        let mut pos = end;
-        let mut remaining = TAIL_WINDOW_BYTES;
-        while remaining > 0 && (pos.file as usize) < self.files.len() {
-            let len = (CHUNK_BYTES as u64)
-                .min(remaining)
-                .min(self.file_bytes.saturating_sub(pos.offset));
-            let len = len / align * align;
-            if len == 0 {
-                pos = Position {
-                    file: pos.file + 1,
-                    offset: 0,
-                };
+        erase_stale_tail(self, end, next_sequence)
+    }
+}
+
+/// Hands each durable group to `visit` in journal order, holding one group at a time, and
+/// returns where the journal ends and which corrupt ranges it skipped (`groups` is left
+/// empty).
+pub fn scan_with(
+    storage: &dyn JournalStorage,
+    mut visit: impl FnMut(ScannedGroup),
+) -> io::Result<Scan> {
+    let mut scanner = Scanner::new(storage);
+    let mut corrupt = Vec::new();
+    let mut corrupt_omitted = 0;
+    let stop_reason = loop {
+        let reason = match scanner.next_group()? {
+            Ok(group) => {
+                visit(group);
                 continue;
             }
-            let file = &self.files[pos.file as usize];
-            chunk.set_len(len as usize);
-            file.read_exact_at(&mut chunk.as_mut_full()[..len as usize], pos.offset)?;
-            for (index, block) in chunk.as_slice().chunks_exact(DIRECT_IO_ALIGN).enumerate() {
-                let stale = GroupHeader::decode(block).is_some_and(|h| h.sequence < next_sequence);
-                if stale {
-                    file.write_all_at(zeros.as_slice(), pos.offset + index as u64 * align)?;
-                    erased += 1;
-                }
-            }
-            pos.offset += len;
-            remaining -= len;
+            Err(reason) => reason,
+        };
+        let start = scanner.position;
+        let sequence_before = scanner.next_sequence - 1;
+        let Some(group) = scanner.look_ahead()? else {
+            break reason; // Nothing valid after it: the torn tail.
+        };
+        assert!(group.sequence > sequence_before);
+        assert!(group.position >= start);
+        let range = CorruptRange {
+            start,
+            end: range_end(storage, start, group.position),
+            sequence_before,
+            sequence_after: group.sequence,
+            reason,
+        };
+        if corrupt.len() < CORRUPT_RANGES_MAX {
+            corrupt.push(range);
+        } else {
+            corrupt_omitted += 1;
         }
-        if erased > 0 {
-            for file in &self.files {
-                file.sync_data()?;
-            }
+        visit(group);
+    };
+    Ok(Scan {
+        groups: Vec::new(),
+        end: scanner.position,
+        next_sequence: scanner.next_sequence,
+        stop_reason,
+        corrupt,
+        corrupt_omitted,
+    })
+}
+
+/// The exclusive end of a corrupt range that starts at `start` and is followed by a good
+/// group at `next`: the end of `start`'s file if `next` starts the following one.
+fn range_end(storage: &dyn JournalStorage, start: Position, next: Position) -> Position {
+    if next.offset == 0 && next.file == start.file + 1 {
+        Position {
+            file: start.file,
+            offset: storage.file_bytes(),
         }
-        Ok(erased)
+    } else {
+        next
     }
+}
+
+/// Zeroes every stale group header within [`TAIL_WINDOW_BYTES`] after `end` and syncs.
+/// Stale means a sequence below `next_sequence`: older than the durable end. A header with
+/// a higher sequence is never touched: a scan has found no group after `end` whose CRC
+/// checks, so it belongs to a torn group, which can never pass a scan and is overwritten
+/// in place as the journal grows.
+pub fn erase_stale_tail(
+    storage: &dyn JournalStorage,
+    end: Position,
+    next_sequence: u64,
+) -> io::Result<u32> {
+    let align = DIRECT_IO_ALIGN as u64;
+    let mut chunk = AlignedBuf::new(CHUNK_BYTES);
+    let mut zeros = AlignedBuf::new(DIRECT_IO_ALIGN);
+    zeros.set_len(DIRECT_IO_ALIGN);
+    let mut erased = 0;
+    let mut pos = end;
+    let mut remaining = TAIL_WINDOW_BYTES;
+    while remaining > 0 && (pos.file as usize) < storage.file_count() {
+        let len = (CHUNK_BYTES as u64)
+            .min(remaining)
+            .min(storage.file_bytes().saturating_sub(pos.offset));
+        let len = len / align * align;
+        if len == 0 {
+            pos = Position {
+                file: pos.file + 1,
+                offset: 0,
+            };
+            continue;
+        }
+        chunk.set_len(len as usize);
+        storage.read_exact_at(
+            pos.file,
+            &mut chunk.as_mut_full()[..len as usize],
+            pos.offset,
+        )?;
+        for (index, block) in chunk.as_slice().chunks_exact(DIRECT_IO_ALIGN).enumerate() {
+            let stale = GroupHeader::decode(block).is_some_and(|h| h.sequence < next_sequence);
+            if stale {
+                storage.write_all_at(
+                    pos.file,
+                    zeros.as_slice(),
+                    pos.offset + index as u64 * align,
+                )?;
+                erased += 1;
+            }
+        }
+        pos.offset += len;
+        remaining -= len;
+    }
+    if erased > 0 {
+        storage.sync()?;
+    }
+    Ok(erased)
 }
 
 /// Walks the journal group by group.
 struct Scanner<'a> {
-    journal: &'a JournalFiles,
+    journal: &'a dyn JournalStorage,
     /// Where the next group should start: just after the last good group.
     position: Position,
     next_sequence: u64,
@@ -342,7 +401,7 @@ struct Scanner<'a> {
 }
 
 impl<'a> Scanner<'a> {
-    fn new(journal: &'a JournalFiles) -> Self {
+    fn new(journal: &'a dyn JournalStorage) -> Self {
         Self {
             journal,
             position: Position::default(),
@@ -363,7 +422,7 @@ impl<'a> Scanner<'a> {
                     file: self.position.file + 1,
                     offset: 0,
                 };
-                if self.position.offset == 0 || next.file as usize >= self.journal.files.len() {
+                if self.position.offset == 0 || next.file as usize >= self.journal.file_count() {
                     return Ok(Err(reason));
                 }
                 match self.read_at(next, true)? {
@@ -382,8 +441,9 @@ impl<'a> Scanner<'a> {
     fn look_ahead(&mut self) -> io::Result<Option<ScannedGroup>> {
         let align = DIRECT_IO_ALIGN as u64;
         let mut at = self.position;
-        while let Some(file) = self.journal.files.get(at.file as usize) {
-            let room = self.journal.file_bytes.saturating_sub(at.offset);
+        while (at.file as usize) < self.journal.file_count() {
+            let file = at.file;
+            let room = self.journal.file_bytes().saturating_sub(at.offset);
             let len = room.min(CHUNK_BYTES as u64) / align * align;
             if len == 0 {
                 at = Position {
@@ -393,7 +453,8 @@ impl<'a> Scanner<'a> {
                 continue;
             }
             self.chunk.set_len(len as usize);
-            file.read_exact_at(&mut self.chunk.as_mut_full()[..len as usize], at.offset)?;
+            let chunk = &mut self.chunk.as_mut_full()[..len as usize];
+            self.journal.read_exact_at(file, chunk, at.offset)?;
             for candidate in self.candidates(at) {
                 if let Ok(group) = self.read_at(candidate, false)? {
                     return Ok(Some(group));
@@ -432,7 +493,7 @@ impl<'a> Scanner<'a> {
 
     /// A position as a byte address in the journal taken as one run of files.
     fn linear(&self, at: Position) -> u64 {
-        u64::from(at.file) * self.journal.file_bytes + at.offset
+        u64::from(at.file) * self.journal.file_bytes() + at.offset
     }
 
     /// Reads and checks the group at `at`; `in_sequence` also requires the next sequence.
@@ -442,15 +503,17 @@ impl<'a> Scanner<'a> {
         at: Position,
         in_sequence: bool,
     ) -> io::Result<Result<ScannedGroup, String>> {
-        let Some(file) = self.journal.files.get(at.file as usize) else {
+        if at.file as usize >= self.journal.file_count() {
             return Ok(Err("end of the last journal file".into()));
-        };
-        let file_bytes = self.journal.file_bytes;
+        }
+        let file = at.file;
+        let file_bytes = self.journal.file_bytes();
         if at.offset + DIRECT_IO_ALIGN as u64 > file_bytes {
             return Ok(Err(format!("end of journal file {}", at.file)));
         }
         self.buf.set_len(DIRECT_IO_ALIGN);
-        file.read_exact_at(&mut self.buf.as_mut_full()[..DIRECT_IO_ALIGN], at.offset)?;
+        let head = &mut self.buf.as_mut_full()[..DIRECT_IO_ALIGN];
+        self.journal.read_exact_at(file, head, at.offset)?;
         let Some(header) = GroupHeader::decode(self.buf.as_slice()) else {
             return Ok(Err(format!(
                 "no group header at file {} offset {}",
@@ -472,7 +535,8 @@ impl<'a> Scanner<'a> {
         }
         if group_bytes > DIRECT_IO_ALIGN {
             let rest = &mut self.buf.as_mut_full()[DIRECT_IO_ALIGN..group_bytes];
-            file.read_exact_at(rest, at.offset + DIRECT_IO_ALIGN as u64)?;
+            self.journal
+                .read_exact_at(file, rest, at.offset + DIRECT_IO_ALIGN as u64)?;
         }
         self.buf.set_len(group_bytes);
         let bytes = self.buf.as_slice();

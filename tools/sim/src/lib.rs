@@ -4,6 +4,7 @@
 
 #![deny(clippy::disallowed_methods)]
 
+pub mod core_node;
 pub mod model;
 pub mod rng;
 pub mod storage;

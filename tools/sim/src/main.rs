@@ -23,6 +23,13 @@ struct Args {
     /// skip-truncation.
     #[arg(long, value_parser = parse_bug)]
     plant: Option<sim::Bug>,
+    /// Run the compact reference model of the node protocol instead of the real NodeCore.
+    #[arg(long)]
+    model_nodes: bool,
+    /// Also flip bits on crashed nodes' disks (checks safety only: a lost record may need
+    /// gossip, which does not exist yet, before commits can resume).
+    #[arg(long)]
+    bit_flips: bool,
     /// Print what the cores and the simulator do (with --seed).
     #[arg(long)]
     trace: bool,
@@ -64,6 +71,8 @@ fn main() {
         let mut options = sim::Options::seed(*seed);
         options.fault_ms = args.fault_ms;
         options.bug = args.plant;
+        options.model_nodes = args.model_nodes;
+        options.bit_flips = args.bit_flips;
         match sim::run_seed(&options) {
             Ok(report) => {
                 if args.seed.is_some() {

@@ -38,7 +38,21 @@ pub trait StorageNode {
     /// Replies ready to go.
     fn take_replies(&mut self) -> Vec<Outgoing>;
     /// A crash: everything not yet durable is lost.
-    fn crash(&mut self);
+    fn crash(&mut self, rng: &mut Rng);
+    /// Back after a crash: the node recovers from what is durable.
+    fn restart(&mut self);
+    /// Flips a bit on a crashed node's disk (only where a disk is simulated).
+    fn flip_a_bit(&mut self, _rng: &mut Rng) {}
+    /// Why the node stopped serving, if it did.
+    fn stopped(&self) -> Option<&str> {
+        None
+    }
+    /// Planted bug: acknowledge batches before they are durable.
+    fn plant_ack_before_durable(&mut self);
+    /// A one-line description of the node's state, for traces.
+    fn debug(&self) -> String {
+        String::new()
+    }
 }
 
 /// One segment's durable records, with the epoch of the Append that brought each.
@@ -386,7 +400,13 @@ impl StorageNode for ModelNode {
         std::mem::take(&mut self.replies)
     }
 
-    fn crash(&mut self) {
+    fn restart(&mut self) {}
+
+    fn plant_ack_before_durable(&mut self) {
+        self.ack_before_durable = true;
+    }
+
+    fn crash(&mut self, _rng: &mut Rng) {
         self.pending.clear();
         self.replies.clear();
         for (key, lsn) in std::mem::take(&mut self.volatile) {

@@ -19,6 +19,7 @@ use engine::core::{
 use engine::quorum::MtrRecord;
 use wire::{Epoch, Geometry, Lsn, PageId, PgId, RedoOp, SegmentIndex, VolumeId};
 
+use crate::core_node::CoreNode;
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::storage::{ModelNode, StorageNode, WriterId};
@@ -64,6 +65,12 @@ pub struct Options {
     pub seed: u64,
     /// A bug to plant (None: the real thing).
     pub bug: Option<Bug>,
+    /// Run the compact reference model of the node protocol instead of the real NodeCore.
+    pub model_nodes: bool,
+    /// Flip bits on crashed nodes' disks. A flip can lose records that only peers could give
+    /// back (gossip does not exist yet), so such runs check safety but not that commits
+    /// resume.
+    pub bit_flips: bool,
     /// Virtual time with faults.
     pub fault_ms: u64,
     /// Virtual time allowed, after healing, for a commit to go through.
@@ -75,6 +82,8 @@ impl Options {
         Self {
             seed,
             bug: None,
+            model_nodes: false,
+            bit_flips: false,
             fault_ms: 8_000,
             heal_ms: 60_000,
         }
@@ -125,7 +134,7 @@ pub struct World {
     rng: Rng,
     start: Instant,
     now: Instant,
-    nodes: Vec<ModelNode>,
+    nodes: Vec<Box<dyn StorageNode>>,
     down: Vec<bool>,
     /// Node cut off from every writer (a partition).
     cut: Vec<bool>,
@@ -142,6 +151,7 @@ pub struct World {
     faults_on: bool,
     layout: VolumeLayout,
     bug: Option<Bug>,
+    bit_flips: bool,
     /// The first checker failure seen while handling completions.
     failure: Option<String>,
 }
@@ -151,7 +161,7 @@ fn ms(n: u64) -> Duration {
 }
 
 impl World {
-    pub fn new(seed: u64, bug: Option<Bug>) -> Self {
+    pub fn new(seed: u64, bug: Option<Bug>, model_nodes: bool) -> Self {
         // The virtual clock's origin: only differences from it are ever used.
         #[allow(clippy::disallowed_methods)]
         let start = Instant::now();
@@ -166,20 +176,29 @@ impl World {
             placement: (0..PG_COUNT).map(|_| std::array::from_fn(|s| s)).collect(),
             node_names: (1..=NODE_COUNT).map(|i| format!("node{i}")).collect(),
         };
-        let hosted: Vec<(PgId, SegmentIndex)> = Vec::new();
         let nodes = (0..NODE_COUNT)
             .map(|n| {
-                let mut hosted = hosted.clone();
-                for pg in 0..PG_COUNT {
-                    hosted.push((PgId(pg), SegmentIndex(n as u32)));
-                }
-                ModelNode::new(
-                    layout.volume,
-                    layout.epoch,
-                    PAGE_SIZE,
-                    PAGES_PER_PG,
-                    &hosted,
-                )
+                let hosted: Vec<(PgId, SegmentIndex)> = (0..PG_COUNT)
+                    .map(|pg| (PgId(pg), SegmentIndex(n as u32)))
+                    .collect();
+                let node: Box<dyn StorageNode> = if model_nodes {
+                    Box::new(ModelNode::new(
+                        layout.volume,
+                        layout.epoch,
+                        PAGE_SIZE,
+                        PAGES_PER_PG,
+                        &hosted,
+                    ))
+                } else {
+                    Box::new(CoreNode::new(
+                        &layout.node_names[n],
+                        layout.volume,
+                        layout.epoch,
+                        (PAGE_SIZE as u32, PAGES_PER_PG),
+                        &hosted,
+                    ))
+                };
+                node
             })
             .collect();
         let mut world = Self {
@@ -201,10 +220,13 @@ impl World {
             faults_on: true,
             layout,
             bug,
+            bit_flips: false,
             failure: None,
         };
-        for node in &mut world.nodes {
-            node.ack_before_durable = bug == Some(Bug::NodeAcksBeforeDurable);
+        if bug == Some(Bug::NodeAcksBeforeDurable) {
+            for node in &mut world.nodes {
+                node.plant_ack_before_durable();
+            }
         }
         world.start_writer();
         world
@@ -259,7 +281,13 @@ impl World {
         let acked_before = self.model.acked_count();
         let heal_end = self.now + ms(options.heal_ms);
         while self.model.acked_count() <= acked_before + 2 {
+            if self.now >= heal_end && self.bit_flips {
+                break; // Safety only: a flipped bit may have lost what only gossip restores.
+            }
             if self.now >= heal_end {
+                for n in 0..NODE_COUNT {
+                    self.trace(&format!("node{}: {}", n + 1, self.nodes[n].debug()));
+                }
                 for w in 0..self.writers.len() {
                     if self.writers[w].alive {
                         self.trace(&format!(
@@ -514,6 +542,11 @@ impl World {
 
     /// VDL monotonic per writer; recovery checked against the model once per writer.
     fn check_writers(&mut self) -> Result<(), String> {
+        for (n, node) in self.nodes.iter().enumerate() {
+            if let Some(why) = node.stopped() {
+                return Err(format!("node{} stopped: {why}", n + 1));
+            }
+        }
         for w in 0..self.writers.len() {
             let writer = &mut self.writers[w];
             if !writer.alive {
@@ -703,7 +736,7 @@ impl World {
             faulty.push(node);
             if Self::within_atlas(&faulty) {
                 self.trace(&format!("crash node{}", node + 1));
-                self.nodes[node].crash();
+                self.nodes[node].crash(&mut self.rng);
                 self.down[node] = true;
                 self.report.node_crashes += 1;
                 self.heal_at[node] = Some(self.now + ms(self.rng.between(50, 3000)));
@@ -725,7 +758,7 @@ impl World {
                 self.trace(&format!("AZ {az} down"));
                 for node in [2 * az, 2 * az + 1] {
                     if !self.down[node] {
-                        self.nodes[node].crash();
+                        self.nodes[node].crash(&mut self.rng);
                         self.down[node] = true;
                         self.report.node_crashes += 1;
                     }
@@ -760,6 +793,13 @@ impl World {
     fn heal_node(&mut self, node: usize) {
         self.trace(&format!("node{} back", node + 1));
         self.heal_at[node] = None;
+        if self.down[node] {
+            if self.bit_flips && self.faults_on && self.rng.chance(0.2) {
+                self.trace(&format!("bit flip on node{}'s disk", node + 1));
+                self.nodes[node].flip_a_bit(&mut self.rng);
+            }
+            self.nodes[node].restart();
+        }
         self.down[node] = false;
         self.cut[node] = false;
     }
@@ -796,6 +836,9 @@ impl World {
     /// Every page, read from storage at the final VDL, equals the model.
     fn final_check(&mut self) -> Result<(), String> {
         let w = self.current;
+        if self.bit_flips && *self.writers[w].core.phase() != Phase::Serving {
+            return Ok(()); // Stalled on a record only gossip could give back.
+        }
         let pages = PAGES_PER_PG * u64::from(PG_COUNT);
         for page in 0..pages {
             let vdl = self.writers[w].core.vdl();
@@ -851,7 +894,11 @@ impl Envelope {
 
 /// Runs one seed; a panic (an assertion in a core) is a failure like any other.
 pub fn run_seed(options: &Options) -> Result<Report, String> {
-    let run = std::panic::catch_unwind(|| World::new(options.seed, options.bug).run(options));
+    let run = std::panic::catch_unwind(|| {
+        let mut world = World::new(options.seed, options.bug, options.model_nodes);
+        world.bit_flips = options.bit_flips;
+        world.run(options)
+    });
     run.unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<String>()

@@ -1,0 +1,375 @@
+//! A real `NodeCore` on a simulated disk: the simulator's storage node. The journal is a set
+//! of in-memory file images written exactly as the node's journal writer lays groups out
+//! (`node::io::encode_group`); a write becomes durable only after a simulated delay, and a
+//! crash loses every write not yet durable, sometimes tearing the first of them. A restart
+//! runs the node's own recovery over the images (`node::journal::scan_with` and
+//! `erase_stale_tail`), so torn writes and bit flips go through the same code as on a disk.
+//! The manifest is stored atomically after a delay.
+//!
+//! Invariants: the core is told a group is persisted only once its bytes are in the durable
+//! image (unless the planted bug `AckBeforeDurable` is on, which tells it at submission).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use node::NodeCore;
+use node::core::{
+    ConnId, CoreConfig, EntryLocation, GroupId, ManifestToken, NodeOutput, ReadToken,
+};
+use node::io::{AlignedBuf, encode_group};
+use node::journal::format::GROUP_BYTES_MAX;
+use node::journal::{JournalStorage, Position};
+use node::manifest::{Manifest, SegmentKey, VolumeMeta};
+use node::segment::RecordLocation;
+use wire::codec::Reader;
+use wire::{Epoch, LogRecord, PgId, Role, SegmentIndex, VolumeId};
+
+use crate::rng::Rng;
+use crate::storage::{Outgoing, StorageNode, WriterId};
+
+const FILE_BYTES: u64 = GROUP_BYTES_MAX as u64;
+const FILE_COUNT: u32 = 4;
+
+/// The journal's file images (interior mutability: the scan API takes `&self`).
+struct SimJournal {
+    files: RefCell<Vec<Vec<u8>>>,
+}
+
+impl JournalStorage for SimJournal {
+    fn file_count(&self) -> usize {
+        self.files.borrow().len()
+    }
+
+    fn file_bytes(&self) -> u64 {
+        FILE_BYTES
+    }
+
+    fn read_exact_at(&self, file: u32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let files = self.files.borrow();
+        let image = &files[file as usize];
+        let start = offset as usize;
+        buf.copy_from_slice(&image[start..start + buf.len()]);
+        Ok(())
+    }
+
+    fn write_all_at(&self, file: u32, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut files = self.files.borrow_mut();
+        let start = offset as usize;
+        files[file as usize][start..start + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A group write on its way to the durable image.
+struct PendingWrite {
+    at: Instant,
+    group: GroupId,
+    position: Position,
+    bytes: Vec<u8>,
+}
+
+/// See the module docs.
+pub struct CoreNode {
+    config: CoreConfig,
+    core: Option<NodeCore>,
+    journal: SimJournal,
+    manifest: Manifest,
+    writes: VecDeque<PendingWrite>,
+    manifest_store: Option<(Instant, ManifestToken, Manifest)>,
+    reads: VecDeque<(Instant, ReadToken, Vec<RecordLocation>)>,
+    replies: Vec<Outgoing>,
+    buf: AlignedBuf,
+    /// Planted bug: tell the core a group is durable when it is submitted.
+    pub ack_before_durable: bool,
+    /// Why the node stopped, if it did (a simulator failure: no I/O error is injected).
+    pub stopped: Option<String>,
+}
+
+impl CoreNode {
+    pub fn new(
+        name: &str,
+        volume: VolumeId,
+        epoch: Epoch,
+        geometry: (u32, u64),
+        hosted: &[(PgId, SegmentIndex)],
+    ) -> Self {
+        let mut manifest = Manifest::default();
+        for (pg, segment) in hosted {
+            manifest.segments.push(SegmentKey {
+                volume,
+                pg: *pg,
+                segment: *segment,
+            });
+        }
+        let meta = VolumeMeta {
+            epoch,
+            page_size_bytes: geometry.0,
+            pages_per_pg: geometry.1,
+            truncations: Vec::new(),
+        };
+        manifest.volumes.insert(volume, meta);
+        let config = CoreConfig {
+            name: name.to_string(),
+            inflight_groups_max: 4,
+            journal_file_bytes: FILE_BYTES,
+            journal_file_count: FILE_COUNT,
+        };
+        let files = (0..FILE_COUNT)
+            .map(|_| vec![0u8; FILE_BYTES as usize])
+            .collect();
+        let mut node = Self {
+            config,
+            core: None,
+            journal: SimJournal {
+                files: RefCell::new(files),
+            },
+            manifest,
+            writes: VecDeque::new(),
+            manifest_store: None,
+            reads: VecDeque::new(),
+            replies: Vec::new(),
+            buf: AlignedBuf::new(GROUP_BYTES_MAX),
+            ack_before_durable: false,
+            stopped: None,
+        };
+        node.recover();
+        node
+    }
+
+    /// The node's own recovery over the durable images: scan, rebuild, erase the stale tail.
+    fn recover(&mut self) {
+        let mut core = NodeCore::new(self.config.clone(), self.manifest.clone());
+        let scan = node::journal::scan_with(&self.journal, |group| {
+            for entry in &group.entries {
+                let at = EntryLocation {
+                    file: group.position.file,
+                    body_offset: entry.body_offset,
+                };
+                core.recover_append(at, &entry.append);
+            }
+        })
+        .expect("simulated reads do not fail");
+        node::journal::erase_stale_tail(&self.journal, scan.end, scan.next_sequence)
+            .expect("simulated writes do not fail");
+        core.finish_recovery(scan.end, scan.next_sequence);
+        self.core = Some(core);
+    }
+
+    /// Carries out what the core asks for.
+    fn drain(&mut self, now: Instant, rng: Option<&mut Rng>) {
+        // Most writes take well under a millisecond; now and then the disk stalls for tens.
+        let mut jitter = rng.map_or(300, |r| {
+            if r.chance(0.05) {
+                r.between(5_000, 50_000)
+            } else {
+                r.between(50, 600)
+            }
+        });
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        let mut persisted_now = Vec::new();
+        while let Some(output) = core.poll_output() {
+            match output {
+                NodeOutput::Reply {
+                    conn,
+                    request_id,
+                    message,
+                } => self.replies.push(Outgoing {
+                    to: conn.0 as usize,
+                    request_id,
+                    message,
+                }),
+                NodeOutput::Persist(group) => {
+                    encode_group(&group, &mut self.buf);
+                    let after = self.writes.back().map_or(now, |w| w.at.max(now));
+                    // A node that acks early sits on unsynced data for a while (a write-back
+                    // cache it never flushes in time): that is when a crash bites.
+                    let lag = if self.ack_before_durable { 50_000 } else { 0 };
+                    jitter = (jitter * 7 + 13) % 600 + 50; // Later groups of this burst.
+                    self.writes.push_back(PendingWrite {
+                        at: after + Duration::from_micros(jitter + lag),
+                        group: group.id,
+                        position: group.position,
+                        bytes: self.buf.as_slice().to_vec(),
+                    });
+                    if self.ack_before_durable {
+                        persisted_now.push(group.id);
+                    }
+                }
+                NodeOutput::StoreManifest { token, manifest } => {
+                    self.manifest_store = Some((now + Duration::from_micros(800), token, manifest));
+                }
+                NodeOutput::ReadRecords { token, locations } => {
+                    self.reads
+                        .push_back((now + Duration::from_micros(100), token, locations));
+                }
+                NodeOutput::Stopped { reason } => self.stopped = Some(reason),
+            }
+        }
+        if !persisted_now.is_empty() {
+            for group in persisted_now {
+                core.handle_persisted(group);
+            }
+            self.drain(now, None);
+        }
+    }
+
+    fn read_records(&self, locations: &[RecordLocation]) -> Result<Vec<LogRecord>, String> {
+        let mut out = Vec::with_capacity(locations.len());
+        for location in locations {
+            let mut bytes = vec![0u8; location.len as usize];
+            self.journal
+                .read_exact_at(location.file, &mut bytes, location.offset)
+                .map_err(|e| e.to_string())?;
+            let record = LogRecord::decode(&mut Reader::new(&bytes)).map_err(|e| e.to_string())?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+}
+
+impl CoreNode {
+    /// Corruption: flip one bit somewhere in the written part of a crashed node's journal
+    /// (its recovery must keep every other valid group, and the writer must route around the
+    /// records it loses).
+    fn flip(&mut self, rng: &mut Rng) {
+        let mut files = self.journal.files.borrow_mut();
+        let used: Vec<usize> = (0..files.len())
+            .filter(|f| files[*f][..64].iter().any(|b| *b != 0))
+            .collect();
+        let Some(&file) = used.get(rng.below(used.len().max(1) as u64) as usize) else {
+            return;
+        };
+        let written = files[file].iter().rposition(|b| *b != 0).unwrap_or(0);
+        let at = rng.below(written as u64 + 1) as usize;
+        files[file][at] ^= 1 << rng.below(8);
+    }
+}
+
+impl StorageNode for CoreNode {
+    fn flip_a_bit(&mut self, rng: &mut Rng) {
+        assert!(self.core.is_none(), "bits flip on a crashed node's disk");
+        self.flip(rng);
+    }
+
+    fn stopped(&self) -> Option<&str> {
+        self.stopped.as_deref()
+    }
+
+    fn deliver(&mut self, now: Instant, from: WriterId, frame: &[u8], rng: &mut Rng) {
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        let body = Bytes::copy_from_slice(frame.get(4..).unwrap_or_default());
+        core.handle_frame(now, ConnId(from as u64), Some(Role::Engine), body);
+        self.drain(now, Some(rng));
+    }
+
+    fn advance(&mut self, now: Instant) {
+        if self.core.is_none() {
+            return;
+        }
+        while self.writes.front().is_some_and(|w| w.at <= now) {
+            let write = self.writes.pop_front().expect("checked");
+            self.journal
+                .write_all_at(write.position.file, &write.bytes, write.position.offset)
+                .expect("simulated writes do not fail");
+            if !self.ack_before_durable {
+                self.core
+                    .as_mut()
+                    .expect("running")
+                    .handle_persisted(write.group);
+            }
+        }
+        if let Some((at, token, manifest)) = self.manifest_store.take() {
+            if at <= now {
+                self.manifest = manifest;
+                self.core
+                    .as_mut()
+                    .expect("running")
+                    .handle_manifest_stored(token);
+            } else {
+                self.manifest_store = Some((at, token, manifest));
+            }
+        }
+        while self.reads.front().is_some_and(|r| r.0 <= now) {
+            let (_, token, locations) = self.reads.pop_front().expect("checked");
+            let result = self.read_records(&locations);
+            self.core
+                .as_mut()
+                .expect("running")
+                .handle_records_read(token, result);
+        }
+        self.drain(now, None);
+    }
+
+    fn next_event(&self) -> Option<Instant> {
+        [
+            self.writes.front().map(|w| w.at),
+            self.manifest_store.as_ref().map(|m| m.0),
+            self.reads.front().map(|r| r.0),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn take_replies(&mut self) -> Vec<Outgoing> {
+        std::mem::take(&mut self.replies)
+    }
+
+    fn crash(&mut self, rng: &mut Rng) {
+        // The first write in flight may land partly: a torn group.
+        if let Some(write) = self.writes.front()
+            && rng.chance(0.3)
+        {
+            let cut = (rng.below(write.bytes.len() as u64 / 512 + 1) * 512) as usize;
+            let torn = &write.bytes[..cut.min(write.bytes.len())];
+            self.journal
+                .write_all_at(write.position.file, torn, write.position.offset)
+                .expect("simulated writes do not fail");
+        }
+        self.core = None;
+        self.writes.clear();
+        self.manifest_store = None;
+        self.reads.clear();
+        self.replies.clear();
+    }
+
+    fn restart(&mut self) {
+        assert!(self.core.is_none(), "restart after a crash");
+        self.recover();
+    }
+
+    fn plant_ack_before_durable(&mut self) {
+        self.ack_before_durable = true;
+    }
+
+    fn debug(&self) -> String {
+        let Some(core) = &self.core else {
+            return "crashed".into();
+        };
+        let state = core.volume_state(VolumeId(1));
+        let mut out = format!("epoch {:#x} vdl {}; ", state.epoch.0, state.vdl);
+        for s in &state.segments {
+            let key = SegmentKey {
+                volume: VolumeId(1),
+                pg: s.pg,
+                segment: s.segment,
+            };
+            let segment = core.segment(&key).expect("hosted");
+            let above: Vec<u64> = (s.scl.0 + 1..s.scl.0 + 40)
+                .filter(|l| segment.holds(wire::Lsn(*l)))
+                .collect();
+            out += &format!("pg {} SCL {} held above {:?}; ", s.pg, s.scl, above);
+        }
+        out
+    }
+}
