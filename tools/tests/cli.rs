@@ -251,6 +251,7 @@ fn dev_restarts_a_killed_node_and_reopens_its_cluster() {
     let (status, stderr) = again.wait(Duration::from_secs(300));
     assert!(status.success(), "exit {status}: {stderr}");
     assert!(stderr.contains("reopening the cluster"), "{stderr}");
+    assert!(attached_vdl(&stderr) >= vdl, "reopened below VDL {vdl}: {stderr}");
     assert!(!stderr.contains("SELF-CHECK FAILED"), "{stderr}");
     assert!(
         pids.iter().all(|pid| !running(*pid)),
@@ -267,7 +268,44 @@ fn dev_restarts_a_killed_node_and_reopens_its_cluster() {
             i + 1
         );
     }
+    reopen_after_kill9(&dir);
     common::cleanup(&dir);
+}
+
+/// The VDL dev's engine recovered when it attached (`engine attached: VDL N …`).
+fn attached_vdl(stderr: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("engine attached: VDL"))
+        .unwrap_or_else(|| panic!("no attach line: {stderr}"));
+    let mut words = line.split_whitespace().skip_while(|w| *w != "VDL");
+    words.nth(1).unwrap().parse().unwrap()
+}
+
+/// Goal: dev killed with SIGKILL loses nothing it printed: run again, its engine recovers a
+/// VDL at least the last one printed. Method: run dev, wait for VDL to move, note the last
+/// VDL printed, kill -9 dev (its nodes follow through PDEATHSIG), wait until every node is
+/// gone, run dev again and read the VDL it attached at.
+fn reopen_after_kill9(dir: &std::path::Path) {
+    let mut dev = Dev::spawn(dir, &[]);
+    let pids = dev.node_pids();
+    let first = dev.vdl_above(0, Duration::from_secs(120));
+    let last = dev.vdl_above(first, Duration::from_secs(60));
+    signal(dev.child.id(), libc::SIGKILL);
+    let _ = dev.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pids.iter().any(|pid| running(*pid)) {
+        assert!(Instant::now() < deadline, "nodes outlived a killed dev");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let again = Dev::spawn(dir, &["--seconds", "3"]);
+    let (status, stderr) = again.wait(Duration::from_secs(300));
+    assert!(status.success(), "exit {status}: {stderr}");
+    assert!(!stderr.contains("SELF-CHECK FAILED"), "{stderr}");
+    assert!(
+        attached_vdl(&stderr) >= last,
+        "reopened below the last VDL printed ({last}): {stderr}"
+    );
 }
 
 /// Goal: a node list that cannot satisfy the placement rules is refused with one line that
