@@ -45,6 +45,10 @@ pub(crate) struct CommitArgs {
     /// Worker threads of the engine's tokio runtime (0: a current-thread runtime).
     #[arg(long, default_value_t = 0)]
     engine_threads: usize,
+    /// Also measure a paced level: one transaction at a time, this many a second, as `sixfold
+    /// dev` runs (0: skip). Light load shows idle wake-ups that a closed loop hides.
+    #[arg(long, default_value_t = 100)]
+    paced_per_s: u64,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -74,6 +78,8 @@ const JOURNAL_FILE_COUNT_MAX: u64 = 24;
 #[derive(Clone, Copy, Debug, Serialize)]
 struct CommitLevel {
     inflight: usize,
+    /// Set for the paced level: one transaction at a time, this many a second (open loop).
+    paced_per_s: Option<u64>,
     summary: Summary,
     messages_per_txn: f64,
     appends_per_txn: f64,
@@ -165,7 +171,12 @@ fn run_in(args: &CommitArgs, levels: &[usize], run_dir: &Path) -> anyhow::Result
         started.elapsed().as_secs_f64(),
         runtime_name(args.engine_threads)
     ));
-    let measured = runtime.block_on(measure_commits(&cluster, levels, duration, &progress));
+    let measured = runtime.block_on(measure_commits(
+        &cluster,
+        (levels, args.paced_per_s),
+        duration,
+        &progress,
+    ));
     let stopped = cluster.stop();
     if measured.is_err() || stopped.is_err() {
         print_log_tails(&cluster);
@@ -271,7 +282,7 @@ fn runtime_name(engine_threads: usize) -> String {
 /// the whole run.
 async fn measure_commits(
     cluster: &LocalCluster,
-    levels: &[usize],
+    (levels, paced_per_s): (&[usize], u64),
     duration: Duration,
     progress: &impl Fn(&str),
 ) -> anyhow::Result<(Vec<CommitLevel>, u64)> {
@@ -331,6 +342,7 @@ async fn measure_commits(
         let txns = summary.count.max(1) as f64;
         results.push(CommitLevel {
             inflight,
+            paced_per_s: None,
             summary,
             messages_per_txn: (after.messages - before.messages) as f64 / txns,
             appends_per_txn: (after.appends - before.appends) as f64 / txns,
@@ -341,9 +353,65 @@ async fn measure_commits(
             quiesced,
         });
     }
+    if paced_per_s > 0 {
+        results.push(measure_paced(&volume, &workload, paced_per_s, duration, progress).await?);
+    }
     let page_bytes = Counters::read(&stats).page_bytes;
     drop(volume);
     Ok((results, page_bytes))
+}
+
+/// The paced level, with what the engine sent for it.
+async fn measure_paced(
+    volume: &VolumeClient,
+    workload: &Workload,
+    per_s: u64,
+    duration: Duration,
+    progress: &impl Fn(&str),
+) -> anyhow::Result<CommitLevel> {
+    progress(&format!(
+        "quorum commits, paced: one at a time, {per_s} a second …"
+    ));
+    let stats = volume.stats();
+    let before = Counters::read(&stats);
+    let (summary, _) = paced(volume, workload, per_s, duration).await?;
+    let after = Counters::read(&stats);
+    let txns = summary.count.max(1) as f64;
+    Ok(CommitLevel {
+        inflight: 1,
+        paced_per_s: Some(per_s),
+        summary,
+        messages_per_txn: (after.messages - before.messages) as f64 / txns,
+        appends_per_txn: (after.appends - before.appends) as f64 / txns,
+        bytes_per_txn: (after.bytes - before.bytes) as f64 / txns,
+        redo_bytes_per_txn: (after.redo_bytes - before.redo_bytes) as f64 / txns,
+        redo_bytes: after.redo_bytes - before.redo_bytes,
+        txns: summary.count,
+        quiesced: true,
+    })
+}
+
+/// One transaction at a time, started on a fixed schedule (`per_s` a second), as a lightly
+/// loaded database would: between transactions every process goes idle.
+async fn paced(
+    volume: &VolumeClient,
+    workload: &Workload,
+    per_s: u64,
+    duration: Duration,
+) -> anyhow::Result<(Summary, Duration)> {
+    let period = Duration::from_secs(1) / u32::try_from(per_s.max(1)).unwrap_or(u32::MAX);
+    let began = Instant::now();
+    let mut next = tokio::time::Instant::now();
+    let mut h = stats::histogram();
+    while began.elapsed() < duration {
+        tokio::time::sleep_until(next).await;
+        next += period;
+        let start = Instant::now();
+        workload.transaction(volume).await?;
+        stats::record(&mut h, start.elapsed());
+    }
+    let elapsed = began.elapsed();
+    Ok((Summary::of(&h, elapsed), elapsed))
 }
 
 /// What the transactions write: page `n` of the volume's sequence goes round-robin over the
@@ -436,13 +504,21 @@ fn report(
     single: &[(usize, Summary)],
     page_bytes: u64,
 ) {
-    let commit_at = |k: usize| commits.iter().find(|c| c.inflight == k);
+    let commit_at = |k: usize| {
+        commits
+            .iter()
+            .find(|c| c.inflight == k && c.paced_per_s.is_none())
+    };
     let single_at = |k: usize| single.iter().find(|(i, _)| *i == k).map(|(_, s)| *s);
     // The latency target is stated at 64 in flight; with --inflight K it is read at K.
     let target_level = if commit_at(64).is_some() {
         Some(64)
     } else {
-        commits.last().map(|c| c.inflight)
+        commits
+            .iter()
+            .rev()
+            .find(|c| c.paced_per_s.is_none())
+            .map(|c| c.inflight)
     };
     let p99s = target_level.and_then(|k| {
         commit_at(k)
@@ -451,6 +527,7 @@ fn report(
     });
     let per_segment: Vec<f64> = commits
         .iter()
+        .filter(|c| c.paced_per_s.is_none())
         .map(CommitLevel::messages_per_segment)
         .collect();
     let falling = (per_segment.len() >= 2).then(|| per_segment.windows(2).all(|w| w[1] < w[0]));
@@ -515,7 +592,10 @@ impl Report<'_> {
         let mut bytes = serde_json::Map::new();
         let mut appends = serde_json::Map::new();
         for c in commits {
-            let key = format!("inflight_{}", c.inflight);
+            let key = match c.paced_per_s {
+                Some(r) => format!("paced_{r}_per_s"),
+                None => format!("inflight_{}", c.inflight),
+            };
             commit.insert(key.clone(), json!(c.summary));
             messages.insert(key.clone(), json!(c.messages_per_txn));
             messages_per_segment.insert(key.clone(), json!(c.messages_per_segment()));
@@ -566,11 +646,11 @@ impl Report<'_> {
         } = *targets;
         println!("{}", raw.line("raw disk: write + fdatasync, 1 in flight"));
         for c in commits {
-            println!(
-                "{}",
-                c.summary
-                    .line(&format!("quorum commit (4/6), {} in flight", c.inflight))
-            );
+            let label = match c.paced_per_s {
+                Some(r) => format!("quorum commit (4/6), paced {r}/s, 1 at a time"),
+                None => format!("quorum commit (4/6), {} in flight", c.inflight),
+            };
+            println!("{}", c.summary.line(&label));
             println!(
                 "    per txn: {:.2} messages ({:.3} per segment), {:.2} appends, {:.0} bytes sent, \
              {:.0} redo bytes{}",

@@ -69,6 +69,8 @@ impl Default for VolumeConfig {
 }
 
 impl VolumeConfig {
+    // The update fills the core's test-only fields, which exist only with `planted-bugs`.
+    #[allow(clippy::needless_update)]
     fn core(&self) -> CoreConfig {
         CoreConfig {
             lal: self.lal,

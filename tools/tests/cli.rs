@@ -251,7 +251,10 @@ fn dev_restarts_a_killed_node_and_reopens_its_cluster() {
     let (status, stderr) = again.wait(Duration::from_secs(300));
     assert!(status.success(), "exit {status}: {stderr}");
     assert!(stderr.contains("reopening the cluster"), "{stderr}");
-    assert!(attached_vdl(&stderr) >= vdl, "reopened below VDL {vdl}: {stderr}");
+    assert!(
+        attached_vdl(&stderr) >= vdl,
+        "reopened below VDL {vdl}: {stderr}"
+    );
     assert!(!stderr.contains("SELF-CHECK FAILED"), "{stderr}");
     assert!(
         pids.iter().all(|pid| !running(*pid)),
