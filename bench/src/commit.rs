@@ -294,14 +294,7 @@ async fn measure_commits(
         progress(&format!(
             "quorum commits: one-record MTRs, {inflight} in flight …"
         ));
-        // Warm up connections, allocator and the nodes' queues; not recorded.
-        for _ in 0..WARMUP_TXNS {
-            workload.transaction(&volume).await?;
-        }
-        let settled = workload.quiesce(&volume).await;
-        if !settled {
-            eprintln!("warning: segments had not caught up {QUIESCE_TIMEOUT:?} after warm-up");
-        }
+        warm_up(&volume, &workload).await?;
         let before = Counters::read(&stats);
         let began = Instant::now();
         let deadline = began + duration;
@@ -359,6 +352,18 @@ async fn measure_commits(
     let page_bytes = Counters::read(&stats).page_bytes;
     drop(volume);
     Ok((results, page_bytes))
+}
+
+/// Warms up connections, allocator and the nodes' queues; not recorded.
+async fn warm_up(volume: &VolumeClient, workload: &Workload) -> anyhow::Result<()> {
+    for _ in 0..WARMUP_TXNS {
+        workload.transaction(volume).await?;
+    }
+    let settled = workload.quiesce(volume).await;
+    if !settled {
+        eprintln!("warning: segments had not caught up {QUIESCE_TIMEOUT:?} after warm-up");
+    }
+    Ok(())
 }
 
 /// The paced level, with what the engine sent for it.
