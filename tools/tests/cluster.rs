@@ -477,3 +477,75 @@ fn a_newer_epoch_fences_the_writer() {
         },
     );
 }
+
+/// Goal: a volume file that does not match the nodes gets an error naming the node and the
+/// PG — never a hang, never a writer that writes — and a writer the nodes already moved past
+/// (a stale epoch) gets one clear error and writes nothing.
+/// Method: open the volume with (1) a file whose volume id no node hosts, (2) a file that swaps
+/// two nodes of one AZ in PG 0's placement; then open a real writer, take the volume over
+/// with a second one, and ask the first to write.
+#[test]
+fn a_volume_file_that_does_not_match_the_nodes_is_refused_by_name() {
+    let dir = test_dir("cluster-mismatch");
+    runtime().block_on(async {
+        let mut cluster = LocalCluster::start(&dir, &ClusterOptions::default())
+            .await
+            .unwrap();
+        let config = VolumeConfig {
+            open_timeout: Duration::from_secs(30),
+            ..VolumeConfig::default()
+        };
+        let mut wrong_id = cluster.volume.clone();
+        wrong_id.volume = 77;
+        let error = VolumeClient::open(wrong_id, cluster.endpoint().unwrap(), config.clone())
+            .await
+            .err()
+            .expect("a volume no node hosts cannot be opened");
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("node") && message.contains("77"),
+            "{message}"
+        );
+
+        let mut swapped = cluster.volume.clone();
+        let pg0 = swapped.pgs.iter_mut().find(|p| p.id == 0).unwrap();
+        pg0.segments.swap(0, 1); // Same AZ: the placement rules still hold.
+        let (first, second) = (pg0.segments[0].clone(), pg0.segments[1].clone());
+        let error = VolumeClient::open(swapped, cluster.endpoint().unwrap(), config.clone())
+            .await
+            .err()
+            .expect("a misplaced segment is refused");
+        let message = format!("{error:#}");
+        assert!(message.contains("pg 0"), "{message}");
+        assert!(
+            message.contains(&first) || message.contains(&second),
+            "{message}"
+        );
+
+        let old = cluster.attach(config.clone()).await.unwrap();
+        let new = cluster.attach(config).await.unwrap();
+        assert!(new.epoch() > old.epoch());
+        let write = vec![MtrRecord {
+            page: PageId(3),
+            op: RedoOp::Write {
+                offset: 0,
+                bytes: b"stale".to_vec(),
+            },
+        }];
+        let outcome = match old.write_mtr(write).await {
+            Ok(cpl) => old.commit(cpl).await,
+            Err(e) => Err(e),
+        };
+        let error = outcome.expect_err("a stale writer commits nothing");
+        assert!(error.is_fenced(), "{error}");
+        assert!(error.to_string().contains("taken over"), "{error}");
+        let image = new.read_page(PageId(3)).await.unwrap();
+        assert!(
+            image.bytes.iter().all(|b| *b == 0),
+            "the stale write is nowhere"
+        );
+        drop((old, new));
+        cluster.stop().unwrap();
+    });
+    cleanup(&dir);
+}
