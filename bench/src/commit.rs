@@ -92,6 +92,23 @@ struct CommitLevel {
 }
 
 impl CommitLevel {
+    /// A level's latency and, per transaction, what the engine sent between two counter reads.
+    fn of(inflight: usize, summary: Summary, before: Counters, after: Counters) -> Self {
+        let txns = summary.count.max(1) as f64;
+        Self {
+            inflight,
+            paced_per_s: None,
+            summary,
+            messages_per_txn: (after.messages - before.messages) as f64 / txns,
+            appends_per_txn: (after.appends - before.appends) as f64 / txns,
+            bytes_per_txn: (after.bytes - before.bytes) as f64 / txns,
+            redo_bytes_per_txn: (after.redo_bytes - before.redo_bytes) as f64 / txns,
+            redo_bytes: after.redo_bytes - before.redo_bytes,
+            txns: summary.count,
+            quiesced: true,
+        }
+    }
+
     fn messages_per_segment(&self) -> f64 {
         self.messages_per_txn / PG_SIZE as f64
     }
@@ -330,21 +347,10 @@ async fn measure_commits(
                  {QUIESCE_TIMEOUT:?} after the level; counters read anyway"
             );
         }
-        let after = Counters::read(&stats);
         let summary = Summary::of(&total, elapsed);
-        let txns = summary.count.max(1) as f64;
-        results.push(CommitLevel {
-            inflight,
-            paced_per_s: None,
-            summary,
-            messages_per_txn: (after.messages - before.messages) as f64 / txns,
-            appends_per_txn: (after.appends - before.appends) as f64 / txns,
-            bytes_per_txn: (after.bytes - before.bytes) as f64 / txns,
-            redo_bytes_per_txn: (after.redo_bytes - before.redo_bytes) as f64 / txns,
-            redo_bytes: after.redo_bytes - before.redo_bytes,
-            txns: summary.count,
-            quiesced,
-        });
+        let mut level = CommitLevel::of(inflight, summary, before, Counters::read(&stats));
+        level.quiesced = quiesced;
+        results.push(level);
     }
     if paced_per_s > 0 {
         results.push(measure_paced(&volume, &workload, paced_per_s, duration, progress).await?);
@@ -380,20 +386,9 @@ async fn measure_paced(
     let stats = volume.stats();
     let before = Counters::read(&stats);
     let (summary, _) = paced(volume, workload, per_s, duration).await?;
-    let after = Counters::read(&stats);
-    let txns = summary.count.max(1) as f64;
-    Ok(CommitLevel {
-        inflight: 1,
-        paced_per_s: Some(per_s),
-        summary,
-        messages_per_txn: (after.messages - before.messages) as f64 / txns,
-        appends_per_txn: (after.appends - before.appends) as f64 / txns,
-        bytes_per_txn: (after.bytes - before.bytes) as f64 / txns,
-        redo_bytes_per_txn: (after.redo_bytes - before.redo_bytes) as f64 / txns,
-        redo_bytes: after.redo_bytes - before.redo_bytes,
-        txns: summary.count,
-        quiesced: true,
-    })
+    let mut level = CommitLevel::of(1, summary, before, Counters::read(&stats));
+    level.paced_per_s = Some(per_s);
+    Ok(level)
 }
 
 /// One transaction at a time, started on a fixed schedule (`per_s` a second), as a lightly
