@@ -683,6 +683,7 @@ impl Report<'_> {
         if let Some(falling) = falling {
             let chain: Vec<String> = commits
                 .iter()
+                .filter(|c| c.paced_per_s.is_none())
                 .map(|c| format!("{:.3} at {}", c.messages_per_segment(), c.inflight))
                 .collect();
             println!(
