@@ -280,7 +280,9 @@ impl World {
         self.heal();
         let acked_before = self.model.acked_count();
         let heal_end = self.now + ms(options.heal_ms);
-        while self.model.acked_count() <= acked_before + 2 {
+        // Healed means: commits go through again, and no writer is still recovering (a newer
+        // one finishing later would fence the one the final check reads through).
+        while self.model.acked_count() <= acked_before + 2 || self.recovering_writer() {
             if self.now >= heal_end && self.bit_flips {
                 break; // Safety only: a flipped bit may have lost what only gossip restores.
             }
@@ -818,6 +820,12 @@ impl World {
         if !usable && !newer_running {
             self.start_writer();
         }
+    }
+
+    fn recovering_writer(&self) -> bool {
+        self.writers
+            .iter()
+            .any(|w| w.alive && matches!(w.core.phase(), Phase::Recovering(_)))
     }
 
     /// After healing: if no live writer serves or recovers, a new one starts (an operator
