@@ -681,4 +681,3 @@ mod tests {
         assert_eq!(bytes[5], KIND_APPEND);
     }
 }
-
