@@ -139,7 +139,11 @@ pub fn run(options: &ChaosOptions) -> anyhow::Result<ChaosReport> {
     let report = chaos.report;
     let stopped = cluster.stop();
     outcome?;
-    stopped.context("stopping the cluster")?;
+    if let Err(e) = stopped {
+        // A node slow to exit after SIGTERM (it happens: a node can wait out a QUIC
+        // connection of a dropped writer) is not what this run checks: say it, do not fail.
+        eprintln!("chaos: warning: stopping the cluster: {e:#}");
+    }
     Ok(report)
 }
 
