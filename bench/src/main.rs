@@ -2,8 +2,10 @@
 //! the disk's own limit, measured in the same run and the same directory.
 
 mod append;
+mod chaos;
 mod commit;
 mod persist;
+mod recovery;
 mod stats;
 
 use std::net::SocketAddr;
@@ -31,6 +33,12 @@ enum Command {
     Commit(commit::CommitArgs),
     /// The journal path alone, in process, without the network.
     Persist(persist::PersistArgs),
+    /// A new writer's open (crash recovery) to its first commit, on a small and a large
+    /// volume.
+    Recovery(recovery::RecoveryArgs),
+    /// Nodes killed and restarted and the writer crashed and recovered under a
+    /// self-verifying workload: no acknowledged commit may be lost.
+    Chaos(chaos::ChaosArgs),
 }
 
 /// Where the node under test comes from.
@@ -54,6 +62,8 @@ fn main() {
         Command::Append(args) => append::run(&args),
         Command::Commit(args) => commit::run(&args),
         Command::Persist(args) => persist::run(&args),
+        Command::Recovery(args) => recovery::run(&args),
+        Command::Chaos(args) => chaos::run(&args),
     };
     if let Err(e) = result {
         eprintln!("sixfold-bench: {e:#}");

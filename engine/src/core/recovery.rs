@@ -222,37 +222,44 @@ impl VolumeCore {
     /// request in flight, and refreshes the status.
     fn recovery_resend(&mut self, now: Instant) {
         let interval = self.config.reconnect_interval;
-        let recovery = self.recovery.as_mut().expect("recovering");
-        recovery.next_resend = now + interval;
-        let step = recovery.step;
+        self.recovery().next_resend = now + interval;
         for node in 0..self.links.len() {
-            let recovery = self.recovery.as_mut().expect("recovering");
-            if recovery.inflight[node] {
-                continue;
-            }
-            if step == Step::Query {
-                if recovery.states[node].is_none() {
-                    self.send_query(now, node);
-                }
-            } else if recovery.states[node].is_none() {
-                self.send_fence(now, node);
-            } else if !recovery.consistent(node) {
-                self.send_repair(now, node);
-            } else if step == Step::Truncate && !recovery.truncated[node] {
-                self.send_own_truncate(now, node);
-            }
+            self.recovery_resend_node(now, node);
         }
-        if self
-            .recovery
-            .as_ref()
-            .is_some_and(|r| r.step >= Step::Fetch)
-        {
-            self.recovery_fetch(now);
+        self.recovery_send_records(now);
+        self.phase = Phase::Recovering(self.recovery_status());
+    }
+
+    /// Sends `node` the current step's request if it has neither answered nor one in flight.
+    fn recovery_resend_node(&mut self, now: Instant, node: NodeIndex) {
+        let recovery = self.recovery.as_mut().expect("recovering");
+        let step = recovery.step;
+        if recovery.inflight[node] {
+            return;
         }
-        if self.recovery.as_ref().is_some_and(|r| r.step == Step::Copy) {
+        if step == Step::Query {
+            if recovery.states[node].is_none() {
+                self.send_query(now, node);
+            }
+        } else if recovery.states[node].is_none() {
+            self.send_fence(now, node);
+        } else if !recovery.consistent(node) {
+            self.send_repair(now, node);
+        } else if step == Step::Truncate && !recovery.truncated[node] {
+            self.send_own_truncate(now, node);
+        }
+    }
+
+    /// Sends the fetches and copies the current step can send now. Copies first: they may
+    /// plan a prefix fetch, which then goes out at once.
+    fn recovery_send_records(&mut self, now: Instant) {
+        let step = self.recovery().step;
+        if step == Step::Copy {
             self.recovery_copy(now);
         }
-        self.phase = Phase::Recovering(self.recovery_status());
+        if step >= Step::Fetch {
+            self.recovery_fetch(now);
+        }
     }
 
     pub(super) fn recovery_timeout(&mut self, now: Instant) {
@@ -358,6 +365,10 @@ impl VolumeCore {
             }
             _ => self.recovery().inflight[node] = false,
         }
+        let progressed = matches!(
+            reply,
+            Ok(Message::VolumeState(_) | Message::Records(_) | Message::Ack(_))
+        );
         let state = match reply {
             Ok(Message::VolumeState(state)) => Some(state),
             Ok(Message::Records(records)) => {
@@ -407,8 +418,21 @@ impl VolumeCore {
             self.on_recovery_state(now, node, &request, state);
         }
         if self.recovery.is_some() {
+            if progressed {
+                self.recovery_kick(now, node);
+            }
             self.recovery_advance(now);
         }
+    }
+
+    /// What a reply that moved recovery on makes sendable goes out now, not at the next
+    /// resend `reconnect_interval` away: the current step's request to the node that answered
+    /// a previous step late, the next chunk of a fetch, a prefix fetch, copies to a segment
+    /// fenced late or whose prefix just arrived. Failed requests wait for the resend timer,
+    /// so a refusing node is not hammered.
+    fn recovery_kick(&mut self, now: Instant, node: NodeIndex) {
+        self.recovery_resend_node(now, node);
+        self.recovery_send_records(now);
     }
 
     /// A VolumeState answering a query, a fence, a repair or the truncation.

@@ -307,6 +307,20 @@ impl World {
             self.ensure_writer();
             self.step()?;
         }
+        // A recovery still under way would fence the writer the final check reads through.
+        while self
+            .writers
+            .iter()
+            .any(|w| w.alive && matches!(w.core.phase(), Phase::Recovering(_)))
+        {
+            if self.now >= heal_end {
+                return Err(format!(
+                    "liveness: a recovery did not finish within {} ms after the faults healed",
+                    options.heal_ms
+                ));
+            }
+            self.step()?;
+        }
         self.final_check()?;
         self.report.commits_acked = self.model.acked_count() as u64;
         self.report.recoveries = self.model.recoveries;
