@@ -38,12 +38,7 @@ pub(crate) fn run(args: &ChaosArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.seconds > 0, "--seconds must be at least 1");
     // The engine logs every node it loses at WARN: too many lines under chaos. RUST_LOG shows
     // them when wanted.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::stats::init_tracing("error");
     let run_dir = args.dir.join(format!("chaos-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;

@@ -139,12 +139,7 @@ pub(crate) fn run(args: &CommitArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.seconds > 0, "--seconds must be at least 1");
     anyhow::ensure!(args.pg_count > 0, "--pg-count must be at least 1");
     // The engine reports refused appends and lost nodes through tracing: show them.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::stats::init_tracing("warn");
     let levels = match args.inflight {
         Some(0) => anyhow::bail!("--inflight must be at least 1"),
         Some(k) => vec![k],

@@ -85,12 +85,7 @@ pub(crate) fn run(args: &RecoveryArgs) -> anyhow::Result<()> {
         args.small_mib > 0 && args.large_mib > 0,
         "sizes must be at least 1 MiB"
     );
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::stats::init_tracing("warn");
     let run_dir = args.dir.join(format!("recovery-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;

@@ -49,3 +49,14 @@ impl Summary {
         )
     }
 }
+
+/// Logs to stderr at `level` (RUST_LOG overrides it): the engine reports lost nodes and
+/// refused appends through tracing.
+pub(crate) fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

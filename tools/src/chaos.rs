@@ -27,14 +27,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use engine::quorum::MtrRecord;
 use engine::{VolumeClient, VolumeConfig, VolumeError};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
-use wire::{Lsn, PageId, PgId, RedoOp, SegmentIndex};
+use wire::{Lsn, PageId, PgId, SegmentIndex};
 
 use crate::cluster::{ClusterOptions, LocalCluster, node_az};
-use crate::dev::{Rng, explain_stall, page_image, page_version};
+use crate::dev::{Rng, explain_stall, page_mtr, page_version};
 use crate::procs::NodeState;
 
 /// What to run.
@@ -304,16 +303,7 @@ impl Worker {
     async fn write(&self, pages: &[u64]) -> Result<(Lsn, u64), VolumeError> {
         let _order = self.order.lock().await;
         let version = self.ledger.next_version.fetch_add(1, Ordering::AcqRel);
-        let records = pages
-            .iter()
-            .map(|&page| MtrRecord {
-                page: PageId(page),
-                op: RedoOp::Write {
-                    offset: 0,
-                    bytes: page_image(page, version, PAGE_SIZE as usize),
-                },
-            })
-            .collect();
+        let records = page_mtr(pages, version, PAGE_SIZE as usize);
         Ok((self.volume.write_mtr(records).await?, version))
     }
 }

@@ -409,6 +409,20 @@ pub fn page_image(page: u64, version: u64, size: usize) -> Vec<u8> {
     bytes
 }
 
+/// One MTR writing version `version` of each page whole.
+pub fn page_mtr(pages: &[u64], version: u64, page_size: usize) -> Vec<MtrRecord> {
+    pages
+        .iter()
+        .map(|&page| MtrRecord {
+            page: PageId(page),
+            op: RedoOp::Write {
+                offset: 0,
+                bytes: page_image(page, version, page_size),
+            },
+        })
+        .collect()
+}
+
 /// The version of a page image of `page` as [`page_image`] writes it, or why it is not one.
 pub fn page_version(page: u64, bytes: &[u8], size: usize) -> Result<u64, String> {
     if bytes.len() != size {
@@ -475,16 +489,7 @@ impl Workload {
     async fn write(&self, pages: &[u64]) -> Result<(Lsn, u64), VolumeError> {
         let _order = self.write_order.lock().await;
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
-        let records = pages
-            .iter()
-            .map(|&page| MtrRecord {
-                page: PageId(page),
-                op: RedoOp::Write {
-                    offset: 0,
-                    bytes: page_image(page, version, self.page_size),
-                },
-            })
-            .collect();
+        let records = page_mtr(pages, version, self.page_size);
         Ok((self.volume.write_mtr(records).await?, version))
     }
 

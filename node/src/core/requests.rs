@@ -547,35 +547,34 @@ impl NodeCore {
         );
     }
 
+    /// A request about one segment: hosted here, and at the epoch in force.
+    fn check_segment_at(&self, key: &SegmentKey, epoch: Epoch) -> Result<(), ErrorReply> {
+        self.check_hosted(key)
+            .and_then(|()| self.check_epoch(key.volume, epoch))
+    }
+
     fn handle_read(&mut self, conn: ConnId, request_id: u64, read: &ReadPage) {
-        let key = SegmentKey {
-            volume: read.volume,
-            pg: read.pg,
-            segment: read.segment,
-        };
-        let checked = self
-            .check_hosted(&key)
-            .and_then(|()| self.check_epoch(read.volume, read.epoch))
-            .and_then(|()| {
-                let pages_per_pg = self.pages_per_pg(read.volume);
-                if pages_per_pg > 0 && !Geometry::page_in_pg(pages_per_pg, read.page, read.pg) {
-                    return Err(ErrorReply::new(
-                        ErrorCode::BadRequest,
-                        format!("page {} is not in pg {}", read.page.0, read.pg),
-                    ));
-                }
-                self.segments[&key]
-                    .records_for_read(read.page, read.read_point)
-                    .map_err(|e| {
-                        ErrorReply::new(
-                            ErrorCode::SclBelowReadPoint,
-                            format!(
-                                "{key} has SCL {} below read point {}",
-                                e.scl, read.read_point
-                            ),
-                        )
-                    })
-            });
+        let key = segment_key(read.volume, read.pg, read.segment);
+        let checked = self.check_segment_at(&key, read.epoch).and_then(|()| {
+            let pages_per_pg = self.pages_per_pg(read.volume);
+            if pages_per_pg > 0 && !Geometry::page_in_pg(pages_per_pg, read.page, read.pg) {
+                return Err(ErrorReply::new(
+                    ErrorCode::BadRequest,
+                    format!("page {} is not in pg {}", read.page.0, read.pg),
+                ));
+            }
+            self.segments[&key]
+                .records_for_read(read.page, read.read_point)
+                .map_err(|e| {
+                    ErrorReply::new(
+                        ErrorCode::SclBelowReadPoint,
+                        format!(
+                            "{key} has SCL {} below read point {}",
+                            e.scl, read.read_point
+                        ),
+                    )
+                })
+        });
         let locations = match checked {
             Ok(locations) => locations,
             Err(e) => return self.reply(conn, request_id, Message::Error(e)),
@@ -597,15 +596,8 @@ impl NodeCore {
     }
 
     fn handle_fetch(&mut self, conn: ConnId, request_id: u64, fetch: &FetchRecords) {
-        let key = SegmentKey {
-            volume: fetch.volume,
-            pg: fetch.pg,
-            segment: fetch.segment,
-        };
-        let checked = self
-            .check_hosted(&key)
-            .and_then(|()| self.check_epoch(fetch.volume, fetch.epoch));
-        if let Err(e) = checked {
+        let key = segment_key(fetch.volume, fetch.pg, fetch.segment);
+        if let Err(e) = self.check_segment_at(&key, fetch.epoch) {
             return self.reply(conn, request_id, Message::Error(e));
         }
         let segment = &self.segments[&key];
@@ -633,6 +625,14 @@ impl NodeCore {
             .begin(conn, request_id, &locations, ReadKind::Records { key, scl });
         self.outputs
             .push_back(NodeOutput::ReadRecords { token, locations });
+    }
+}
+
+fn segment_key(volume: VolumeId, pg: wire::PgId, segment: wire::SegmentIndex) -> SegmentKey {
+    SegmentKey {
+        volume,
+        pg,
+        segment,
     }
 }
 
