@@ -353,6 +353,8 @@ pub struct VolumeCore {
     epoch: Epoch,
     phase: Phase,
     recovery: Option<Recovery>,
+    /// Times recovery started over on finding a newer epoch.
+    recovery_restarts: u32,
     serving: Option<Serving>,
     links: Vec<Link>,
     requests: BTreeMap<u64, Pending>,
@@ -396,6 +398,7 @@ impl VolumeCore {
             epoch: layout.epoch,
             phase: Phase::Recovering("starting".into()),
             recovery: None,
+            recovery_restarts: 0,
             serving: None,
             links: (0..node_count).map(|_| Link::new()).collect(),
             requests: BTreeMap::new(),
@@ -573,6 +576,9 @@ impl VolumeCore {
         if let Ok(Message::Error(e)) = &reply
             && e.code == wire::ErrorCode::StaleEpoch
         {
+            if matches!(pending.kind, RequestKind::Recovery(_)) && self.recovery_restart(now) {
+                return;
+            }
             let name = &self.layout.node_names[node];
             self.fence(format!(
                 "node {name} refused epoch {}: {}",

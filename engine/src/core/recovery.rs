@@ -49,6 +49,9 @@ use crate::quorum::Writer;
 const TRUNCATIONS_CHECKED: usize = 32;
 const _: () = assert!(TRUNCATIONS_CHECKED < wire::frame::TRUNCATIONS_MAX);
 
+/// How often recovery starts over on finding a newer epoch before it calls itself fenced.
+const RECOVERY_RESTARTS_MAX: u32 = 5;
+
 /// Bytes of records fetched or copied per request.
 const RECOVERY_CHUNK_BYTES: u32 = 1 << 20;
 
@@ -164,6 +167,10 @@ pub(super) struct Recovery {
     vdl: Lsn,
     pgs: Vec<PgRecovery>,
     started: Instant,
+    /// When the Query step first had a read quorum of every PG: it then waits one resend
+    /// interval more for the other nodes, whose epoch may be newer (a recovery that did not
+    /// finish leaves its epoch on some nodes).
+    quorum_at: Option<Instant>,
 }
 
 impl Recovery {
@@ -184,6 +191,7 @@ impl Recovery {
                 .map(|_| PgRecovery::default())
                 .collect(),
             started: now,
+            quorum_at: None,
         }
     }
 
@@ -544,7 +552,7 @@ impl VolumeCore {
         let quorum_everywhere =
             |core: &Self, quorum: usize| (0..pg_count).all(|pg| core.counted(pg).len() >= quorum);
         match step {
-            Step::Query if quorum_everywhere(self, READ_QUORUM) => {
+            Step::Query if quorum_everywhere(self, READ_QUORUM) && self.query_settled(now) => {
                 let recovery = self.recovery.as_mut().expect("recovering");
                 recovery.epoch_new = recovery.epoch_seen.next(self.config.epoch_tag);
                 recovery.step = Step::Fence;
@@ -583,6 +591,32 @@ impl VolumeCore {
             Step::Truncate if self.truncation_done() => self.finish_recovery(now),
             _ => self.phase = Phase::Recovering(self.recovery_status()),
         }
+    }
+
+    /// Whether the Query step heard every node, or waited an interval past its quorum.
+    fn query_settled(&mut self, now: Instant) -> bool {
+        let interval = self.config.reconnect_interval;
+        let recovery = self.recovery.as_mut().expect("recovering");
+        let quorum_at = *recovery.quorum_at.get_or_insert(now);
+        recovery.states.iter().all(Option::is_some) || now >= quorum_at + interval
+    }
+
+    /// A node refused this recovery's epoch. Before this writer serves, that means a newer
+    /// epoch sits on that node — maybe from a recovery that never finished — so recovery
+    /// starts over (and learns that epoch), a few times, before it gives up as fenced.
+    /// Returns whether it started over.
+    pub(super) fn recovery_restart(&mut self, now: Instant) -> bool {
+        if self.recovery.is_none() || self.recovery_restarts >= RECOVERY_RESTARTS_MAX {
+            return false;
+        }
+        self.recovery_restarts += 1;
+        tracing::info!("recovery: a node holds a newer epoch; starting over");
+        // Outstanding requests of the abandoned attempt are dropped; late replies find nothing.
+        self.requests.clear();
+        self.deadlines.clear();
+        self.transmits.clear();
+        self.recovery_start(now);
+        true
     }
 
     /// Picks each PG's fetch source and range from the fenced SCLs.

@@ -606,8 +606,13 @@ impl World {
                     epoch.0
                 ));
                 self.model.recovered(vdl)?;
-                for older in &mut self.writers[..w] {
-                    older.ceiling = Some(older.ceiling.map_or(vdl, |c| c.min(vdl)));
+                // Every writer that served before may never pass this VDL. One still recovering
+                // is judged when it finishes (a recovery that starts over on a newer epoch can
+                // end up the volume's newest writer).
+                for (x, other) in self.writers.iter_mut().enumerate() {
+                    if x != w && other.recovered {
+                        other.ceiling = Some(other.ceiling.map_or(vdl, |c| c.min(vdl)));
+                    }
                 }
                 self.current = w;
             }
