@@ -21,10 +21,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use wire::{ErrorCode, ErrorReply, Frame, LogRecord, Message, Role};
+use wire::{ErrorCode, ErrorReply, Frame, LogRecord, Message, PageImage, Role};
 
-use crate::core::{ConnId, ManifestToken, NodeCore, NodeOutput, ReadToken};
+use crate::core::{ConnId, JobToken, ManifestToken, NodeCore, NodeOutput, ReadToken};
 use crate::io::{Clock, GroupOutcome, JournalIo, ManifestStore, RecordReader};
+use crate::pagestore::{CoalesceJob, PageRead, PageStore};
 use crate::manifest::Manifest;
 use crate::segment::RecordLocation;
 
@@ -50,6 +51,14 @@ enum Input {
     RecordsRead {
         token: ReadToken,
         result: Result<Vec<LogRecord>, String>,
+    },
+    PageRead {
+        token: ReadToken,
+        result: Result<PageImage, (bool, String)>,
+    },
+    Coalesced {
+        token: JobToken,
+        result: Result<(), String>,
     },
     Shutdown,
 }
@@ -161,6 +170,7 @@ pub struct Driver<J: JournalIo> {
     journal: J,
     manifests: Arc<dyn ManifestStore>,
     reader: Arc<dyn RecordReader>,
+    pages: Arc<dyn PageStore>,
     clock: Arc<dyn Clock>,
     inputs: mpsc::UnboundedReceiver<Input>,
     loopback: mpsc::UnboundedSender<Input>,
@@ -174,10 +184,14 @@ impl<J: JournalIo> Driver<J> {
     pub fn new(
         core: NodeCore,
         journal: J,
-        manifests: Arc<dyn ManifestStore>,
-        reader: Arc<dyn RecordReader>,
+        io: DriverIo,
         clock: Arc<dyn Clock>,
     ) -> (Self, DriverHandle) {
+        let DriverIo {
+            manifests,
+            reader,
+            pages,
+        } = io;
         let (tx, rx) = mpsc::unbounded_channel();
         let (stopped_tx, stopped_rx) = watch::channel(None);
         let handle = DriverHandle {
@@ -190,6 +204,7 @@ impl<J: JournalIo> Driver<J> {
             journal,
             manifests,
             reader,
+            pages,
             clock,
             inputs: rx,
             loopback: tx,
@@ -250,6 +265,8 @@ impl<J: JournalIo> Driver<J> {
                     .handle_fatal_io(format!("cannot store the manifest: {e}")),
             },
             Input::RecordsRead { token, result } => self.core.handle_records_read(token, result),
+            Input::PageRead { token, result } => self.core.handle_page_read(token, result),
+            Input::Coalesced { token, result } => self.core.handle_coalesced(token, result),
             Input::Shutdown => {
                 self.shutting_down = true;
                 self.core.begin_shutdown();
@@ -297,6 +314,8 @@ impl<J: JournalIo> Driver<J> {
             }
             NodeOutput::StoreManifest { token, manifest } => self.store_manifest(token, manifest),
             NodeOutput::ReadRecords { token, locations } => self.read_records(token, locations),
+            NodeOutput::ReadPage { token, read } => self.read_page(token, read),
+            NodeOutput::Coalesce { token, job } => self.coalesce(token, job),
             NodeOutput::Stopped { reason } => {
                 tracing::error!(
                     "stopping: {reason}; the journal on disk is the truth, restart to recover"
@@ -344,6 +363,43 @@ impl<J: JournalIo> Driver<J> {
             let _ = loopback.send(Input::RecordsRead { token, result });
         });
     }
+}
+
+impl<J: JournalIo> Driver<J> {
+    /// Reads a page (page store and journal) off the runtime thread.
+    fn read_page(&self, token: ReadToken, read: PageRead) {
+        let (pages, reader) = (self.pages.clone(), self.reader.clone());
+        let loopback = self.loopback.clone();
+        tokio::spawn(async move {
+            let done = tokio::task::spawn_blocking(move || {
+                crate::pagestore::read_page(&read, pages.as_ref(), reader.as_ref())
+            })
+            .await;
+            let result = done.unwrap_or_else(|e| Err((false, format!("the read failed: {e}"))));
+            let _ = loopback.send(Input::PageRead { token, result });
+        });
+    }
+
+    /// Runs a coalescing round off the runtime thread.
+    fn coalesce(&self, token: JobToken, job: CoalesceJob) {
+        let (pages, reader) = (self.pages.clone(), self.reader.clone());
+        let loopback = self.loopback.clone();
+        tokio::spawn(async move {
+            let done = tokio::task::spawn_blocking(move || {
+                crate::pagestore::run_coalesce(&job, pages.as_ref(), reader.as_ref())
+            })
+            .await;
+            let result = done.unwrap_or_else(|e| Err(format!("the round failed: {e}")));
+            let _ = loopback.send(Input::Coalesced { token, result });
+        });
+    }
+}
+
+/// The blocking I/O a driver hands off its runtime thread.
+pub struct DriverIo {
+    pub manifests: Arc<dyn ManifestStore>,
+    pub reader: Arc<dyn RecordReader>,
+    pub pages: Arc<dyn PageStore>,
 }
 
 /// The refusal of a frame whose length prefix is bad, with the code its decode error maps to.

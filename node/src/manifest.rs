@@ -2,7 +2,14 @@
 //! geometry and the truncation ranges. Pure data and its TOML form; storing it atomically is
 //! `io::manifest`'s job.
 //!
+//! Since garbage collection, it also holds each segment's progress (the chain base below which
+//! its records left the journal, and how far its page store is materialized) and where the
+//! journal's oldest live group starts (recovery scans from there, around the ring of files).
+//!
 //! Invariants:
+//! - a journal file is reused only once a manifest is durable whose `journal_start` lies past
+//!   it and whose segment bases cover every record in it (the start never passes a record the
+//!   index still needs);
 //! - an epoch or a truncation range is recorded durably before any reply that depends on it
 //!   leaves the node (the core holds such replies until the manifest holding them is stored);
 //! - recorded epochs only grow, and truncation ranges are only added, never removed;
@@ -72,6 +79,55 @@ struct ManifestToml {
     volume: Vec<VolumeToml>,
     #[serde(default)]
     truncation: Vec<TruncationToml>,
+    #[serde(default)]
+    progress: Vec<ProgressToml>,
+    #[serde(default)]
+    journal: Option<JournalStartToml>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct ProgressToml {
+    volume: u64,
+    pg: u32,
+    segment: u32,
+    base: u64,
+    materialized: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct JournalStartToml {
+    start_file: u32,
+    start_sequence: u64,
+}
+
+/// How far a segment's records have moved out of the journal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The chain base: every record at or below it is in the page store and has left the
+    /// segment's index (the journal may hold it or not). An LSN on the chain, or 0.
+    pub base: Lsn,
+    /// The page store holds, for every page, an image covering all its records at or below
+    /// this LSN (durably: the store was synced before this was recorded). `base ≤ materialized`.
+    pub materialized: Lsn,
+}
+
+/// Where the journal's oldest live group lies: recovery scans from the start of `file`,
+/// expecting `sequence` there, around the ring of files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JournalStart {
+    pub file: u32,
+    pub sequence: u64,
+}
+
+impl Default for JournalStart {
+    fn default() -> Self {
+        Self {
+            file: 0,
+            sequence: 1,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -140,6 +196,9 @@ impl Default for VolumeMeta {
 pub struct Manifest {
     pub segments: Vec<SegmentKey>,
     pub volumes: BTreeMap<VolumeId, VolumeMeta>,
+    /// Segments whose records have begun to leave the journal (absent: nothing has yet).
+    pub progress: BTreeMap<SegmentKey, Progress>,
+    pub journal_start: JournalStart,
 }
 
 pub const MANIFEST_FILE: &str = "manifest.toml";
@@ -152,7 +211,35 @@ impl Manifest {
         let mut manifest = Self {
             segments: parsed.segment,
             volumes: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            journal_start: parsed.journal.map_or_else(JournalStart::default, |j| JournalStart {
+                file: j.start_file,
+                sequence: j.start_sequence,
+            }),
         };
+        if manifest.journal_start.sequence == 0 {
+            return Err(format!(
+                "{origin} is corrupt: journal start_sequence is 0 (sequences start at 1)"
+            ));
+        }
+        for p in &parsed.progress {
+            if p.base > p.materialized {
+                return Err(format!(
+                    "{origin} is corrupt: segment {}/{}/{} has base {} above materialized {}",
+                    p.volume, p.pg, p.segment, p.base, p.materialized
+                ));
+            }
+            let key = SegmentKey {
+                volume: VolumeId(p.volume),
+                pg: PgId(p.pg),
+                segment: SegmentIndex(p.segment),
+            };
+            let progress = Progress {
+                base: Lsn(p.base),
+                materialized: Lsn(p.materialized),
+            };
+            manifest.progress.insert(key, progress);
+        }
         for v in &parsed.volume {
             let meta = VolumeMeta {
                 epoch: Epoch(v.epoch),
@@ -196,10 +283,23 @@ impl Manifest {
                 through: t.through.0,
             })
         });
+        let progress = self.progress.iter().map(|(k, p)| ProgressToml {
+            volume: k.volume.0,
+            pg: k.pg.0,
+            segment: k.segment.0,
+            base: p.base.0,
+            materialized: p.materialized.0,
+        });
+        let journal = (self.journal_start != JournalStart::default()).then_some(JournalStartToml {
+            start_file: self.journal_start.file,
+            start_sequence: self.journal_start.sequence,
+        });
         let parsed = ManifestToml {
             segment: self.segments.clone(),
             volume: volume.collect(),
             truncation: truncation.collect(),
+            progress: progress.collect(),
+            journal,
         };
         toml::to_string(&parsed).expect("plain tables always serialize")
     }
@@ -269,6 +369,17 @@ mod tests {
             truncations: vec![range(10, 20), range(30, 40)],
         };
         m.volumes.insert(VolumeId(1), meta);
+        m.progress.insert(
+            m.segments[0],
+            Progress {
+                base: Lsn(5),
+                materialized: Lsn(9),
+            },
+        );
+        m.journal_start = JournalStart {
+            file: 3,
+            sequence: 77,
+        };
         let text = m.to_toml();
         assert_eq!(Manifest::from_toml(&text, "m").unwrap(), m);
         assert!(

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::{NodeConfig, PersisterMode};
 use crate::core::{CoreConfig, EntryLocation, NodeCore};
-use crate::driver::{Driver, DriverHandle};
+use crate::driver::{Driver, DriverHandle, DriverIo};
+use crate::pagestore::FilePageStore;
 use crate::io::uring::UringJournal;
 use crate::io::{FileManifestStore, JournalIo, JournalReader, ManifestStore, SystemClock, std_fs};
 use crate::journal::{CorruptRange, JournalFiles};
@@ -62,8 +63,10 @@ impl Node {
         let mut core = NodeCore::new(core_config, manifest);
         // One group in memory at a time: recovery memory does not grow with the journal.
         let (mut groups, mut records) = (0, 0);
-        let scan = journal.scan_with(|group| {
+        let start = core.journal_start();
+        let scan = journal.scan_with(start, |group| {
             groups += 1;
+            core.recover_group(group.position, group.sequence);
             for entry in &group.entries {
                 let at = EntryLocation {
                     file: group.position.file,
@@ -72,7 +75,8 @@ impl Node {
                 records += core.recover_append(at, &entry.append);
             }
         })?;
-        let stale_headers_erased = journal.erase_stale_tail(scan.end, scan.next_sequence)?;
+        let stale_headers_erased =
+            journal.erase_stale_tail(start, scan.end, scan.next_sequence)?;
         core.finish_recovery(scan.end, scan.next_sequence);
         let report = RecoveryReport {
             groups,
@@ -83,7 +87,14 @@ impl Node {
             corrupt_omitted: scan.corrupt_omitted,
         };
         let reader = JournalReader::open(&journal_dir, journal.files.len())?;
-        let node = Self::start(config, core, journal, store, reader)?;
+        let pages = FilePageStore::open(&config.data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot open the page store: {e}"))?;
+        let io = DriverIo {
+            manifests: Arc::new(store),
+            reader: Arc::new(reader),
+            pages: Arc::new(pages),
+        };
+        let node = Self::start(config, core, journal, io)?;
         Ok((Arc::new(node), report))
     }
 
@@ -91,13 +102,11 @@ impl Node {
         config: NodeConfig,
         core: NodeCore,
         journal: JournalFiles,
-        store: FileManifestStore,
-        reader: JournalReader,
+        io: DriverIo,
     ) -> anyhow::Result<Self> {
         let j = &config.journal;
         let (sync, inflight) = (j.sync, j.inflight_groups_max);
         let files = journal.files;
-        let io = (Arc::new(store), Arc::new(reader));
         let (driver, task) = match j.persister {
             PersisterMode::Inline => spawn(core, UringJournal::inline(files, sync, inflight)?, io),
             PersisterMode::Thread => {
@@ -136,14 +145,12 @@ impl Node {
     }
 }
 
-type Io = (Arc<FileManifestStore>, Arc<JournalReader>);
-
 fn spawn<J: JournalIo + 'static>(
     core: NodeCore,
     journal: J,
-    (store, reader): Io,
+    io: DriverIo,
 ) -> (DriverHandle, tokio::task::JoinHandle<Result<(), String>>) {
-    let (driver, handle) = Driver::new(core, journal, store, reader, Arc::new(SystemClock));
+    let (driver, handle) = Driver::new(core, journal, io, Arc::new(SystemClock));
     (handle, tokio::spawn(driver.run()))
 }
 

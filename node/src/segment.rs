@@ -7,7 +7,14 @@
 //! between them; a record left over from an annulled epoch that sits in the way stops the walk,
 //! which errs on the safe side until its truncation arrives and removes it.)
 //!
+//! Garbage collection moves the chain's start: records at or below the segment's *base* are
+//! materialized in the page store and leave the index, and the chain walks on from the base.
+//! Records at or below *materialized* (≥ base) are in the page store too, but stay indexed (for
+//! peers and recovery that fetch them) until the base passes them.
+//!
 //! Invariants:
+//! - `base ≤ materialized ≤ SCL`, and `base` and `materialized` are LSNs of the chain (or 0);
+//! - no record at or below the base is held, and none ever enters again;
 //! - a record enters the index only once it is durable, at most once per LSN, and never if its
 //!   LSN is at or below the SCL without being held already (the chain is complete up to the
 //!   SCL, so such a record is not of this lineage);
@@ -21,7 +28,7 @@ use std::ops::Bound;
 
 use wire::{Epoch, Lsn, PageId};
 
-use crate::manifest::Truncation;
+use crate::manifest::{Progress, Truncation};
 
 /// Where a durable record's encoded bytes lie in the journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +68,17 @@ pub enum Observed {
     Duplicate,
     /// At or below the SCL but not on the chain: not of this lineage, never indexed.
     Foreign,
+    /// At or below the base: already materialized in the page store.
+    Released,
+}
+
+/// The work of one coalescing round of a segment: every record in `(materialized, through]`,
+/// grouped by page (each page's records in LSN order, pages with the longest chains first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoalescePlan {
+    pub through: Lsn,
+    pub pages: Vec<(PageId, Vec<RecordLocation>)>,
+    pub records: usize,
 }
 
 /// One hosted segment: its chain, SCL, page index and PGMRPL.
@@ -70,6 +88,14 @@ pub struct Segment {
     records: BTreeMap<Lsn, Held>,
     pages: HashMap<PageId, Vec<Lsn>>,
     pgmrpl: Lsn,
+    base: Lsn,
+    materialized: Lsn,
+}
+
+/// Why a fetch cannot be served: the records asked for left the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compacted {
+    pub base: Lsn,
 }
 
 /// Why a read cannot be served at the requested point.
@@ -79,8 +105,31 @@ pub struct SclBelowReadPoint {
 }
 
 impl Segment {
+    /// A segment whose records up to `progress.base` left the journal (as the manifest says).
+    pub fn restored(progress: Progress) -> Self {
+        assert!(progress.base <= progress.materialized);
+        let segment = Self {
+            scl: progress.base,
+            base: progress.base,
+            materialized: progress.materialized,
+            pgmrpl: progress.materialized,
+            ..Self::default()
+        };
+        assert!(segment.records.is_empty());
+        segment
+    }
+
+    /// The chain base and how far the page store is materialized.
+    pub fn progress(&self) -> Progress {
+        assert!(self.base <= self.materialized);
+        Progress {
+            base: self.base,
+            materialized: self.materialized,
+        }
+    }
+
     pub fn scl(&self) -> Lsn {
-        assert!(self.scl == Lsn::ZERO || self.records.contains_key(&self.scl));
+        assert!(self.scl == self.base || self.records.contains_key(&self.scl));
         assert!(
             self.pages.len() <= self.records.len(),
             "no page without a record"
@@ -108,7 +157,7 @@ impl Segment {
     pub fn holds(&self, lsn: Lsn) -> bool {
         let held = self.records.contains_key(&lsn);
         assert!(
-            held || lsn != self.scl || lsn == Lsn::ZERO,
+            held || lsn != self.scl || lsn == self.base,
             "the SCL's record is held"
         );
         held
@@ -117,7 +166,7 @@ impl Segment {
     /// The epoch a held record arrived with (the newest, if it arrived again).
     pub fn epoch_of(&self, lsn: Lsn) -> Option<Epoch> {
         let epoch = self.records.get(&lsn).map(|held| held.epoch);
-        assert!(epoch.is_some() || lsn != self.scl || lsn == Lsn::ZERO);
+        assert!(epoch.is_some() || lsn != self.scl || lsn == self.base);
         epoch
     }
 
@@ -132,6 +181,9 @@ impl Segment {
             "decoder guarantees backlink < lsn"
         );
         let before = self.scl;
+        if record.lsn <= self.base {
+            return Observed::Released;
+        }
         if let Some(held) = self.records.get_mut(&record.lsn) {
             // The same record again; sent under a newer epoch (a recovering writer re-tags the
             // records it adopted), it now counts as that epoch's, so older truncations spare it.
@@ -182,7 +234,7 @@ impl Segment {
             }
         }
         assert!(self.scl >= before, "SCL moved backwards");
-        assert!(self.scl == Lsn::ZERO || self.records.contains_key(&self.scl));
+        assert!(self.scl == self.base || self.records.contains_key(&self.scl));
     }
 
     /// Annuls every record of an epoch older than the range's with an LSN in `(after,
@@ -211,8 +263,10 @@ impl Segment {
             }
         }
         if self.scl > after {
+            // Truncations lie above every VDL, so above the base; a range reaching below it
+            // cannot annul what is materialized, and the chain restarts no lower than the base.
             let last = self.records.range(..=after).next_back();
-            self.scl = last.map_or(Lsn::ZERO, |(lsn, _)| *lsn);
+            self.scl = last.map_or(self.base, |(lsn, _)| *lsn).max(self.base);
         }
         self.advance();
         assert!(
@@ -236,10 +290,12 @@ impl Segment {
         if scl < read_point {
             return Err(SclBelowReadPoint { scl });
         }
+        // Records at or below `materialized` are in the page store's image of the page.
         let lsns = self.pages.get(&page).map_or(&[][..], Vec::as_slice);
-        let end = lsns.partition_point(|l| *l <= read_point);
+        let start = lsns.partition_point(|l| *l <= self.materialized);
+        let end = lsns.partition_point(|l| *l <= read_point).max(start);
         let out: Vec<RecordLocation> = lsns
-            .get(..end)
+            .get(start..end)
             .unwrap_or_default()
             .iter()
             .map(|lsn| self.records[lsn].location)
@@ -251,16 +307,20 @@ impl Segment {
 
     /// Locations of the chain's records with LSNs in `(after, min(through, SCL)]`, in LSN
     /// order, as many as fit in `bytes_max` encoded bytes, but at least one if any qualifies.
+    /// Refused if records after `after` already left the index (`after` below the base).
     pub fn records_for_fetch(
         &self,
         after: Lsn,
         through: Lsn,
         bytes_max: usize,
-    ) -> Vec<RecordLocation> {
+    ) -> Result<Vec<RecordLocation>, Compacted> {
         let end = through.min(self.scl);
         let mut out = Vec::new();
         if end <= after {
-            return out;
+            return Ok(out);
+        }
+        if after < self.base {
+            return Err(Compacted { base: self.base });
         }
         let mut bytes = 0usize;
         let range = (Bound::Excluded(after), Bound::Included(end));
@@ -274,7 +334,106 @@ impl Segment {
         }
         assert!(out.windows(2).all(|w| w[0].lsn < w[1].lsn));
         assert!(out.len() <= 1 || bytes <= bytes_max);
+        Ok(out)
+    }
+
+    /// The next coalescing round up to `target` (capped at the SCL): the records in
+    /// `(materialized, through]`, at most `records_max` of them, `through` being the last one
+    /// taken (a record on the chain). `None` if nothing waits.
+    pub fn coalesce_plan(&self, target: Lsn, records_max: usize) -> Option<CoalescePlan> {
+        assert!(records_max > 0);
+        let end = target.min(self.scl);
+        if end <= self.materialized {
+            return None;
+        }
+        let range = (Bound::Excluded(self.materialized), Bound::Included(end));
+        let mut by_page: HashMap<PageId, Vec<RecordLocation>> = HashMap::new();
+        let mut through = self.materialized;
+        let mut records = 0;
+        for (lsn, held) in self.records.range(range).take(records_max) {
+            by_page.entry(held.page).or_default().push(held.location);
+            through = *lsn;
+            records += 1;
+        }
+        if records == 0 {
+            return None; // The chain's next record lies beyond the target.
+        }
+        let mut pages: Vec<(PageId, Vec<RecordLocation>)> = by_page.into_iter().collect();
+        // Longest chains first (they cost reads the most); ties by page, for determinism.
+        pages.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+        assert!(through > self.materialized && through <= self.scl);
+        Some(CoalescePlan {
+            through,
+            pages,
+            records,
+        })
+    }
+
+    /// Records in `(materialized, min(target, SCL)]`: what coalescing still has to do.
+    pub fn coalesce_backlog(&self, target: Lsn) -> usize {
+        let end = target.min(self.scl);
+        if end <= self.materialized {
+            return 0;
+        }
+        let range = (Bound::Excluded(self.materialized), Bound::Included(end));
+        self.records.range(range).count()
+    }
+
+    /// The page store now holds every page's records up to `through` (durably). Ignored (and
+    /// `false`) if `through` is no longer on the chain: a truncation took it meanwhile, which a
+    /// writer never asks for below its PGMRPL.
+    pub fn set_materialized(&mut self, through: Lsn) -> bool {
+        if through > self.scl || !self.records.contains_key(&through) {
+            return false;
+        }
+        self.materialized = self.materialized.max(through);
+        assert!(self.base <= self.materialized);
+        true
+    }
+
+    /// Moves the base up to `base` (at most `materialized`): the records at or below it leave
+    /// the index. Returns how many left.
+    pub fn release(&mut self, base: Lsn) -> usize {
+        let base = base.min(self.materialized);
+        if base <= self.base {
+            return 0;
+        }
+        assert!(
+            base == self.materialized || self.records.contains_key(&base),
+            "bases are LSNs of the chain"
+        );
+        let keep = self.records.split_off(&Lsn(base.0 + 1));
+        let gone = std::mem::replace(&mut self.records, keep);
+        let mut touched: Vec<PageId> = gone.values().map(|h| h.page).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for page in touched {
+            let lsns = self.pages.get_mut(&page).expect("indexed pages are listed");
+            let cut = lsns.partition_point(|l| *l <= base);
+            lsns.drain(..cut);
+            if lsns.is_empty() {
+                self.pages.remove(&page);
+            }
+        }
+        self.base = base;
+        self.scl = self.scl.max(base);
+        self.debug_check();
+        assert!(self.records.keys().next().is_none_or(|l| *l > base));
+        gone.len()
+    }
+
+    /// The chain's last record at or below `lsn` (the base if none): an LSN a base may take.
+    pub fn chain_at_or_below(&self, lsn: Lsn) -> Lsn {
+        let end = lsn.min(self.scl);
+        let found = self.records.range(..=end).next_back().map(|(l, _)| *l);
+        let out = found.map_or(self.base, |l| l.max(self.base));
+        assert!(out <= lsn.max(self.base));
         out
+    }
+
+    /// How far the page store holds every page's records.
+    pub fn materialized(&self) -> Lsn {
+        self.materialized
     }
 
     /// Raises the PGMRPL (it never goes down); returns the value in force.
@@ -297,7 +456,7 @@ impl Segment {
                 assert!(lsns.windows(2).all(|w| w[0] < w[1]));
                 assert!(lsns.iter().all(|l| self.records[l].page == *page));
             }
-            let mut previous = Lsn::ZERO;
+            let mut previous = self.base;
             for (lsn, held) in self.records.range(..=self.scl) {
                 assert_eq!(held.backlink, previous, "chain below the SCL at {lsn}");
                 previous = *lsn;
@@ -445,14 +604,14 @@ mod tests {
             s.records_for_read(PageId(1), Lsn(4)),
             Err(SclBelowReadPoint { scl: Lsn(3) })
         );
-        assert_eq!(lsns(s.records_for_fetch(Lsn(0), Lsn(100), 1000)), [1, 2, 3]);
-        assert_eq!(lsns(s.records_for_fetch(Lsn(1), Lsn(2), 1000)), [2]);
-        assert_eq!(lsns(s.records_for_fetch(Lsn(0), Lsn(100), 150)), [1]);
+        assert_eq!(lsns(s.records_for_fetch(Lsn(0), Lsn(100), 1000).unwrap()), [1, 2, 3]);
+        assert_eq!(lsns(s.records_for_fetch(Lsn(1), Lsn(2), 1000).unwrap()), [2]);
+        assert_eq!(lsns(s.records_for_fetch(Lsn(0), Lsn(100), 150).unwrap()), [1]);
         assert_eq!(
-            lsns(s.records_for_fetch(Lsn(0), Lsn(100), 10)),
+            lsns(s.records_for_fetch(Lsn(0), Lsn(100), 10).unwrap()),
             [1],
             "at least one"
         );
-        assert!(s.records_for_fetch(Lsn(3), Lsn(100), 1000).is_empty());
+        assert!(s.records_for_fetch(Lsn(3), Lsn(100), 1000).unwrap().is_empty());
     }
 }

@@ -72,6 +72,24 @@ fn link(epoch: Epoch, lsn: u64, backlink: u64) -> Message {
     append(epoch, vec![record(lsn, backlink, lsn % 4)])
 }
 
+/// Records read back from the harness's journal files.
+struct Files<'a>(&'a HashMap<u32, Vec<u8>>);
+
+impl node::io::RecordReader for Files<'_> {
+    fn read(&self, locations: &[node::segment::RecordLocation]) -> Result<Vec<LogRecord>, String> {
+        locations
+            .iter()
+            .map(|l| {
+                let file = self.0.get(&l.file).ok_or("no such file")?;
+                let bytes = file
+                    .get(l.offset as usize..(l.offset + u64::from(l.len)) as usize)
+                    .ok_or("beyond the file")?;
+                LogRecord::decode(&mut Reader::new(bytes)).map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+}
+
 /// The driver's part, in memory.
 struct Harness {
     core: NodeCore,
@@ -87,6 +105,7 @@ struct Harness {
     manifest_pending: Option<(ManifestToken, Manifest)>,
     manifest_durable: Manifest,
     stopped: Vec<String>,
+    pages: std::sync::Arc<node::pagestore::MemPageStore>,
 }
 
 impl Harness {
@@ -96,7 +115,7 @@ impl Harness {
             segments: vec![key(0)],
             ..Manifest::default()
         };
-        Self::recover(manifest, BTreeMap::new(), HashMap::new())
+        Self::recover(manifest, BTreeMap::new(), HashMap::new(), Default::default())
     }
 
     /// A core rebuilt from a durable manifest and durable journal groups.
@@ -104,6 +123,7 @@ impl Harness {
         manifest: Manifest,
         durable: BTreeMap<u64, PersistGroup>,
         files: HashMap<u32, Vec<u8>>,
+        pages: std::sync::Arc<node::pagestore::MemPageStore>,
     ) -> Self {
         let mut core = NodeCore::new(config(), manifest.clone());
         let mut end = Position::default();
@@ -135,6 +155,7 @@ impl Harness {
             manifest_pending: None,
             manifest_durable: manifest,
             stopped: Vec::new(),
+            pages,
         }
     }
 
@@ -144,6 +165,7 @@ impl Harness {
             self.manifest_durable.clone(),
             self.durable.clone(),
             self.files.clone(),
+            self.pages.clone(),
         )
     }
 
@@ -192,6 +214,16 @@ impl Harness {
                 NodeOutput::ReadRecords { token, locations } => {
                     let records = self.read(&locations);
                     self.core.handle_records_read(token, Ok(records));
+                }
+                NodeOutput::ReadPage { token, read } => {
+                    let reader = Files(&self.files);
+                    let result = node::pagestore::read_page(&read, self.pages.as_ref(), &reader);
+                    self.core.handle_page_read(token, result);
+                }
+                NodeOutput::Coalesce { token, job } => {
+                    let reader = Files(&self.files);
+                    let result = node::pagestore::run_coalesce(&job, self.pages.as_ref(), &reader);
+                    self.core.handle_coalesced(token, result);
                 }
                 NodeOutput::Stopped { reason } => self.stopped.push(reason),
             }

@@ -103,13 +103,12 @@ fn start(
     let mut core = NodeCore::new(config, manifest);
     core.finish_recovery(Position::default(), 1);
     assert!(core.oldest_waiting(Instant::now()).is_none());
-    let (driver, handle) = Driver::new(
-        core,
-        journal,
-        Arc::new(manifests),
-        Arc::new(NoReads),
-        Arc::new(SystemClock),
-    );
+    let io = node::driver::DriverIo {
+        manifests: Arc::new(manifests),
+        reader: Arc::new(NoReads),
+        pages: Arc::new(node::pagestore::MemPageStore::default()),
+    };
+    let (driver, handle) = Driver::new(core, journal, io, Arc::new(SystemClock));
     (handle, tokio::spawn(driver.run()))
 }
 

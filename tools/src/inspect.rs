@@ -56,12 +56,18 @@ fn records_of(group: &ScannedGroup) -> impl Iterator<Item = InspectedRecord> + '
         })
 }
 
+/// Where the node's journal starts, as its manifest says (the start of file 0 if it has none).
+fn journal_start(dir: &Path) -> anyhow::Result<node::manifest::JournalStart> {
+    let manifest = node::io::FileManifestStore::new(dir).load()?;
+    Ok(manifest.journal_start)
+}
+
 /// Reads every durable record; also returns the scan's summary (groups left empty): where
 /// and why it stopped, and the corrupt ranges it skipped.
 pub fn journal_records(dir: &Path) -> anyhow::Result<(Vec<InspectedRecord>, Scan)> {
     let journal = JournalFiles::open_existing(&journal_dir(dir))?;
     let mut out = Vec::new();
-    let scan = journal.scan_with(|group| out.extend(records_of(&group)))?;
+    let scan = journal.scan_with(journal_start(dir)?, |group| out.extend(records_of(&group)))?;
     Ok((out, scan))
 }
 
@@ -76,7 +82,7 @@ pub fn print_journal(dir: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     )?;
     let mut count = 0u64;
     let mut failed = None;
-    let scan = journal.scan_with(|group| {
+    let scan = journal.scan_with(journal_start(dir)?, |group| {
         for r in records_of(&group) {
             count += 1;
             let line = writeln!(

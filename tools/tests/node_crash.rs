@@ -95,7 +95,7 @@ fn kill9_mid_stream(sync: SyncMode, persister: PersisterMode) {
 /// Where the last durable group starts and how long it is.
 fn last_group(data_dir: &std::path::Path) -> (std::path::PathBuf, u64, u64) {
     let journal = node::journal::JournalFiles::open_existing(&data_dir.join("journal")).unwrap();
-    let scan = journal.scan().unwrap();
+    let scan = journal.scan(Default::default()).unwrap();
     let last = scan.groups.last().unwrap().position;
     let end = scan.end;
     assert_eq!(last.file, end.file);

@@ -124,7 +124,7 @@ fn a_flipped_byte_mid_journal_loses_one_group_and_is_reported() {
 fn damage_group_150(journal_dir: &Path) -> String {
     let scan = JournalFiles::open_existing(journal_dir)
         .unwrap()
-        .scan()
+        .scan(Default::default())
         .unwrap();
     assert_eq!(scan.groups.len() as u64, LSN_MAX, "one group per batch");
     let (damaged, next) = (&scan.groups[149], &scan.groups[150]);

@@ -366,7 +366,9 @@ macro_rules! error_codes {
 
 // `Forbidden`: the certificate's role may not make this request. `EpochNotInstalled`: the
 // request carries an epoch newer than the node has installed; send Fence or Truncate first
-// (a node learns a new epoch together with its truncation).
+// (a node learns a new epoch together with its truncation). `Compacted`: the records asked for
+// were materialized into pages and left the journal (ask a segment that still has them).
+// `Corrupt`: this copy of the data failed its CRC; it is never served (read another segment).
 error_codes! {
     Malformed = 1,
     FrameTooLarge = 2,
@@ -381,6 +383,8 @@ error_codes! {
     BadRequest = 11,
     Forbidden = 12,
     EpochNotInstalled = 13,
+    Compacted = 20,
+    Corrupt = 21,
 }
 
 impl ErrorCode {

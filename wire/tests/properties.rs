@@ -41,7 +41,7 @@ const KIND_ERROR: u8 = 3;
 const KIND_MAX: u8 = 14;
 const KIND_HOST_SEGMENTS: u8 = 6;
 
-const ALL_CODES: [ErrorCode; 13] = [
+const ALL_CODES: [ErrorCode; 15] = [
     ErrorCode::Malformed,
     ErrorCode::FrameTooLarge,
     ErrorCode::UnsupportedVersion,
@@ -55,6 +55,8 @@ const ALL_CODES: [ErrorCode; 13] = [
     ErrorCode::BadRequest,
     ErrorCode::Forbidden,
     ErrorCode::EpochNotInstalled,
+    ErrorCode::Compacted,
+    ErrorCode::Corrupt,
 ];
 
 // ---------------------------------------------------------------------------------------

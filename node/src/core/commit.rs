@@ -70,6 +70,9 @@ pub(super) struct Commit {
     queue: VecDeque<(Batch, Bytes)>,
     inflight: VecDeque<Inflight>,
     journal_full_reported: bool,
+    /// The oldest live journal file (as a durable manifest holds it): the writer never enters
+    /// it again until garbage collection moves the start past it.
+    start_file: u32,
 }
 
 impl Commit {
@@ -90,14 +93,40 @@ impl Commit {
             queue: VecDeque::new(),
             inflight: VecDeque::new(),
             journal_full_reported: false,
+            start_file: 0,
         }
     }
 
-    pub(super) fn start_at(&mut self, end: Position, next_sequence: u64) {
+    /// The file the writer is in.
+    pub(super) fn head_file(&self) -> u32 {
+        assert!(self.position.file < self.file_count);
+        self.position.file
+    }
+
+    /// The oldest live file, which the writer may not enter.
+    pub(super) fn start_file(&self) -> u32 {
+        assert!(self.start_file < self.file_count);
+        self.start_file
+    }
+
+    /// A durable manifest moved the journal start to `file`.
+    pub(super) fn set_start_file(&mut self, file: u32) {
+        assert!(file < self.file_count);
+        self.start_file = file;
+        self.journal_full_reported = false;
+    }
+
+    pub(super) fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    pub(super) fn start_at(&mut self, end: Position, next_sequence: u64, start_file: u32) {
         assert!(end.offset.is_multiple_of(DIRECT_IO_ALIGN as u64));
-        assert!(end.file < self.file_count || end.offset == 0);
+        assert!(end.file < self.file_count);
+        assert!(start_file < self.file_count);
         self.position = end;
         self.next_sequence = next_sequence;
+        self.start_file = start_file;
     }
 
     pub(super) fn enqueue(&mut self, batch: Batch, body: Bytes) {
@@ -137,17 +166,19 @@ impl Commit {
         oldest
     }
 
-    /// Where the next group of `len` bytes goes, moving to the next file if it does not fit
-    /// the rest of this one; `None` when the journal is full.
+    /// Where the next group of `len` bytes goes, moving to the next file of the ring if it
+    /// does not fit the rest of this one; `None` when the journal is full (the next file is
+    /// the start: still live).
     fn allocate(&mut self, len: u64) -> Option<Position> {
         assert!(len.is_multiple_of(DIRECT_IO_ALIGN as u64));
         assert!(len <= self.file_bytes, "a group fits a journal file");
         if self.position.offset + len > self.file_bytes {
-            if self.position.file + 1 >= self.file_count {
+            let next = (self.position.file + 1) % self.file_count;
+            if next == self.start_file {
                 return None;
             }
             self.position = Position {
-                file: self.position.file + 1,
+                file: next,
                 offset: 0,
             };
         }
@@ -197,6 +228,10 @@ impl NodeCore {
         let Some(position) = self.commit.allocate(bytes as u64) else {
             return self.refuse_journal_full(batches);
         };
+        if position.offset == 0 {
+            self.background
+                .note_file_start(position.file, self.commit.next_sequence);
+        }
         let c = &mut self.commit;
         let id = GroupId(c.next_group);
         c.next_group += 1;
@@ -235,10 +270,11 @@ impl NodeCore {
         if !self.commit.journal_full_reported {
             self.commit.journal_full_reported = true;
             tracing::error!(
-                "journal is full ({} files of {} bytes): refusing appends until space is freed \
-                 (garbage collection is not implemented yet)",
+                "journal is full ({} files of {} bytes, oldest live file {}): refusing appends \
+                 until garbage collection frees a file (coalescing waits for PGMRPL and SCL)",
                 self.commit.file_count,
-                self.commit.file_bytes
+                self.commit.file_bytes,
+                self.commit.start_file
             );
         }
         for batch in batches {

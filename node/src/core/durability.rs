@@ -81,6 +81,16 @@ impl NodeCore {
         assert!(self.durability.inflight.is_some());
     }
 
+    /// Notes that node-wide metadata (the journal start) changed; returns the manifest version
+    /// that holds it.
+    pub(super) fn manifest_changed_global(&mut self) -> u64 {
+        self.durability.version += 1;
+        let version = self.durability.version;
+        self.store_manifest_if_idle();
+        assert!(self.durability.inflight.is_some());
+        version
+    }
+
     /// Asks for the newest manifest to be stored, unless a store is in flight.
     fn store_manifest_if_idle(&mut self) {
         let d = &mut self.durability;
@@ -122,6 +132,7 @@ impl NodeCore {
         for held in ready {
             self.answer(held.conn, held.request_id, held.answer);
         }
+        self.on_manifest_durable(stored);
     }
 
     /// Answers now if `volume`'s metadata is durable, or once it is.

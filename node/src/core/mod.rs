@@ -47,6 +47,7 @@
 //! - every reply that states durable metadata (VolumeState, Done for HostSegments) leaves only
 //!   once the manifest holding that state is durable.
 
+mod background;
 mod commit;
 mod durability;
 mod reads;
@@ -63,8 +64,12 @@ use wire::{
 
 use crate::journal::Position;
 use crate::manifest::{Manifest, SegmentKey, VolumeMeta, truncated};
-use crate::segment::{DurableRecord, RecordLocation, Segment};
+use crate::pagestore::{CoalesceJob, PageRead};
+use crate::segment::{DurableRecord, Observed, RecordLocation, Segment};
 
+pub use background::{
+    BackgroundStats, JobToken, PRESSURE_PERCENT, ROUND_RECORDS_MAX, ROUND_RECORDS_MIN,
+};
 pub use commit::{GROUP_ENTRY_BYTES_MAX, PersistGroup};
 pub use requests::{FETCH_BYTES_MAX, TRUNCATIONS_PER_VOLUME_MAX};
 
@@ -126,6 +131,12 @@ pub enum NodeOutput {
         token: ReadToken,
         locations: Vec<RecordLocation>,
     },
+    /// Read a page ([`crate::pagestore::read_page`]), then call
+    /// [`NodeCore::handle_page_read`].
+    ReadPage { token: ReadToken, read: PageRead },
+    /// Carry out a coalescing round ([`crate::pagestore::run_coalesce`]), then call
+    /// [`NodeCore::handle_coalesced`].
+    Coalesce { token: JobToken, job: CoalesceJob },
     /// The node stopped serving for good; the driver logs the reason and exits non-zero.
     Stopped { reason: String },
 }
@@ -230,6 +241,7 @@ pub struct NodeCore {
     commit: commit::Commit,
     durability: durability::Durability,
     reads: reads::Reads,
+    background: background::Background,
     outputs: VecDeque<NodeOutput>,
 }
 
@@ -271,10 +283,22 @@ impl NodeCore {
             .collect();
         let mut segments = BTreeMap::new();
         for key in manifest.segments {
-            volumes.entry(key.volume).or_default();
-            segments.insert(key, Segment::default());
+            let volume = volumes.entry(key.volume).or_default();
+            let segment = match manifest.progress.get(&key) {
+                Some(progress) => Segment::restored(*progress),
+                None => Segment::default(),
+            };
+            // What is materialized is at most a PGMRPL, so at most a durable VDL.
+            volume.vdl = volume.vdl.max(segment.materialized());
+            segments.insert(key, segment);
         }
         let commit = commit::Commit::new(&config);
+        let start = if manifest.journal_start.file < config.journal_file_count {
+            manifest.journal_start
+        } else {
+            crate::manifest::JournalStart::default()
+        };
+        let background = background::Background::new(config.journal_file_count, start);
         Self {
             config,
             phase: Phase::Recovering,
@@ -283,7 +307,20 @@ impl NodeCore {
             commit,
             durability: durability::Durability::default(),
             reads: reads::Reads::default(),
+            background,
             outputs: VecDeque::new(),
+        }
+    }
+
+    /// During recovery: a durable group with `sequence` was found at `at` (call before its
+    /// entries' `recover_append`).
+    pub fn recover_group(&mut self, at: Position, sequence: u64) {
+        assert!(
+            self.phase == Phase::Recovering,
+            "recovery happens before serving"
+        );
+        if at.offset == 0 {
+            self.background.note_file_start(at.file, sequence);
         }
     }
 
@@ -329,7 +366,8 @@ impl NodeCore {
     pub fn finish_recovery(&mut self, end: Position, next_sequence: u64) {
         assert!(self.phase == Phase::Recovering, "recovery finishes once");
         assert!(next_sequence >= 1, "group sequences start at 1");
-        self.commit.start_at(end, next_sequence);
+        let start = self.background.start();
+        self.commit.start_at(end, next_sequence, start.file);
         self.phase = Phase::Serving;
     }
 
@@ -356,7 +394,11 @@ impl NodeCore {
                 continue;
             }
             let durable = record.durable(epoch, at.file, at.body_offset);
-            if segment.observe(&durable) == crate::segment::Observed::Indexed {
+            let observed = segment.observe(&durable);
+            if matches!(observed, Observed::Indexed | Observed::Duplicate) {
+                self.background.note_record(at.file, key, record.lsn);
+            }
+            if observed == Observed::Indexed {
                 indexed += 1;
             }
         }
@@ -369,6 +411,7 @@ impl NodeCore {
     pub fn poll_output(&mut self) -> Option<NodeOutput> {
         if self.outputs.is_empty() && matches!(self.phase, Phase::Serving | Phase::ShuttingDown) {
             self.form_groups();
+            self.schedule_background();
         }
         let output = self.outputs.pop_front();
         assert!(self.phase != Phase::Recovering || output.is_none());
@@ -438,7 +481,8 @@ impl NodeCore {
         let idle = self.outputs.is_empty()
             && self.commit.is_idle()
             && self.durability.is_idle()
-            && self.reads.is_idle();
+            && self.reads.is_idle()
+            && self.background.is_idle();
         assert!(!idle || self.commit.oldest_received().is_none());
         idle
     }
@@ -535,6 +579,13 @@ impl NodeCore {
                 .iter()
                 .map(|(id, v)| (*id, v.meta.clone()))
                 .collect(),
+            progress: self
+                .segments
+                .iter()
+                .map(|(key, segment)| (*key, segment.progress()))
+                .filter(|(_, p)| *p != crate::manifest::Progress::default())
+                .collect(),
+            journal_start: self.background.start(),
         };
         assert!(manifest.segments.windows(2).all(|w| w[0] < w[1]));
         assert!(manifest.segments.len() == self.segments.len());
@@ -581,6 +632,19 @@ impl NodeCore {
             "a stopped node answers ShuttingDown only"
         );
         self.reply(conn, request_id, message);
+    }
+
+    /// A page read finished: the image, or why not (`true`: the page store's copy is damaged).
+    pub fn handle_page_read(
+        &mut self,
+        token: ReadToken,
+        result: Result<wire::PageImage, (bool, String)>,
+    ) {
+        if self.stopped().is_some() {
+            return; // Everyone waiting was answered when the node stopped.
+        }
+        let (conn, request_id, reply) = self.reads.complete_page(token, result);
+        self.reply_result(conn, request_id, reply);
     }
 
     /// Reads back of records: the read results as the driver hands them over.

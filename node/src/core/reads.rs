@@ -1,5 +1,6 @@
-//! Reads waiting on the journal: ReadPage (records applied to a zeroed page) and FetchRecords
-//! (records returned as they are).
+//! Reads waiting on I/O: ReadPage (the page store's image plus the records above it, applied
+//! by the driver with [`crate::pagestore::read_page`]) and FetchRecords (records read back
+//! from the journal and returned as they are).
 //!
 //! Invariants: each token is issued once and completed at most once; a read's reply uses only
 //! records whose LSNs are exactly the ones indexed when the read was issued (a record that
@@ -20,7 +21,6 @@ pub(super) enum ReadKind {
     Page {
         page: PageId,
         read_point: Lsn,
-        page_size_bytes: usize,
     },
     Records {
         key: SegmentKey,
@@ -52,8 +52,8 @@ impl Reads {
         kind: ReadKind,
     ) -> ReadToken {
         assert!(
-            !locations.is_empty(),
-            "reads without records are answered at once"
+            !locations.is_empty() || matches!(kind, ReadKind::Page { .. }),
+            "fetches without records are answered at once"
         );
         self.next_token += 1;
         let token = ReadToken(self.next_token);
@@ -83,11 +83,7 @@ impl Reads {
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, format!("journal read failed: {e}")))
             .and_then(|records| check_identity(&read.locations, records))
             .and_then(|records| match read.kind {
-                ReadKind::Page {
-                    page,
-                    read_point,
-                    page_size_bytes,
-                } => apply_page(page, read_point, page_size_bytes, &records),
+                ReadKind::Page { .. } => unreachable!("page reads complete with complete_page"),
                 ReadKind::Records { key, scl } => Ok(Message::Records(Records {
                     volume: key.volume,
                     pg: key.pg,
@@ -97,6 +93,46 @@ impl Reads {
                 })),
             });
         assert!(!self.pending.contains_key(&token));
+        (read.conn, read.request_id, reply)
+    }
+
+    /// Completes a page read with the image the driver built (or why it could not).
+    pub(super) fn complete_page(
+        &mut self,
+        token: ReadToken,
+        result: Result<PageImage, (bool, String)>,
+    ) -> (ConnId, u64, Result<Message, ErrorReply>) {
+        let read = self
+            .pending
+            .remove(&token)
+            .expect("a read is completed once, after it was asked for");
+        let ReadKind::Page { page, read_point } = read.kind else {
+            panic!("a page read completes as one");
+        };
+        let reply = match result {
+            Ok(image) if image.page == page && image.lsn <= read_point => {
+                Ok(Message::Page(PageReply {
+                    page,
+                    page_lsn: image.lsn,
+                    bytes: image.bytes,
+                }))
+            }
+            Ok(image) => Err(ErrorReply::new(
+                ErrorCode::Internal,
+                format!(
+                    "page read built page {} at LSN {} for page {} at read point {read_point}",
+                    image.page.0, image.lsn, page.0
+                ),
+            )),
+            Err((true, why)) => Err(ErrorReply::new(
+                ErrorCode::Corrupt,
+                format!("page {} is damaged on this segment: {why}", page.0),
+            )),
+            Err((false, why)) => Err(ErrorReply::new(
+                ErrorCode::Internal,
+                format!("page {} read failed: {why}", page.0),
+            )),
+        };
         (read.conn, read.request_id, reply)
     }
 
@@ -151,41 +187,6 @@ fn check_identity(
     }
     assert!(records.windows(2).all(|w| w[0].lsn < w[1].lsn));
     Ok(records)
-}
-
-/// The page as of exactly `read_point`: its records ≤ `read_point`, applied in LSN order.
-fn apply_page(
-    page: PageId,
-    read_point: Lsn,
-    page_size_bytes: usize,
-    records: &[LogRecord],
-) -> Result<Message, ErrorReply> {
-    let mut image = PageImage::zeroed(page, page_size_bytes);
-    for record in records {
-        // Bytes from the disk: a record of another page at the indexed place is reported.
-        if record.page != page {
-            return Err(ErrorReply::new(
-                ErrorCode::Internal,
-                format!(
-                    "journal record {} is for page {}, indexed for page {}",
-                    record.lsn, record.page.0, page.0
-                ),
-            ));
-        }
-        wire::apply_record(&mut image, record).map_err(|e| {
-            ErrorReply::new(
-                ErrorCode::Internal,
-                format!("record {} does not apply: {e}", record.lsn),
-            )
-        })?;
-    }
-    assert!(image.lsn <= read_point);
-    assert!(image.bytes.len() == page_size_bytes);
-    Ok(Message::Page(PageReply {
-        page,
-        page_lsn: image.lsn,
-        bytes: image.bytes,
-    }))
 }
 
 /// The reply to a read with no record to apply: a zeroed page never written.

@@ -19,6 +19,7 @@ use super::durability::Answer;
 use super::reads::{ReadKind, empty_page};
 use super::{ConnId, NodeCore, NodeOutput, Phase, RecordInBody, volume_keys};
 use crate::manifest::{SegmentKey, Truncation, add_truncation};
+use crate::pagestore::{PageRead, PageSlots};
 use crate::segment::Segment;
 
 /// The frame kind of an Append (see `wire::frame`).
@@ -579,20 +580,31 @@ impl NodeCore {
             Ok(locations) => locations,
             Err(e) => return self.reply(conn, request_id, Message::Error(e)),
         };
-        let page_size_bytes = self.volumes[&read.volume].meta.page_size_bytes as usize;
+        let meta = &self.volumes[&read.volume].meta;
+        let page_size_bytes = meta.page_size_bytes as usize;
         assert!(page_size_bytes > 0, "page sizes are checked when hosting");
         assert!(locations.iter().all(|l| l.lsn <= read.read_point));
-        if locations.is_empty() {
+        let materialized = self.segments[&key].materialized();
+        if locations.is_empty() && materialized == wire::Lsn::ZERO {
             return self.reply(conn, request_id, empty_page(read.page, page_size_bytes));
         }
+        let page_read = PageRead {
+            slots: PageSlots::new(key, read.page, page_size_bytes, meta.pages_per_pg),
+            read_point: read.read_point,
+            use_store: materialized > wire::Lsn::ZERO,
+            records: locations,
+        };
         let kind = ReadKind::Page {
             page: read.page,
             read_point: read.read_point,
-            page_size_bytes,
         };
-        let token = self.reads.begin(conn, request_id, &locations, kind);
-        self.outputs
-            .push_back(NodeOutput::ReadRecords { token, locations });
+        let token = self
+            .reads
+            .begin(conn, request_id, &page_read.records, kind);
+        self.outputs.push_back(NodeOutput::ReadPage {
+            token,
+            read: page_read,
+        });
     }
 
     fn handle_fetch(&mut self, conn: ConnId, request_id: u64, fetch: &FetchRecords) {
@@ -603,7 +615,17 @@ impl NodeCore {
         let segment = &self.segments[&key];
         let scl = segment.scl();
         let bytes_max = (fetch.bytes_max as usize).min(FETCH_BYTES_MAX);
-        let locations = segment.records_for_fetch(fetch.after, fetch.through, bytes_max);
+        let locations = match segment.records_for_fetch(fetch.after, fetch.through, bytes_max) {
+            Ok(locations) => locations,
+            Err(compacted) => {
+                let text = format!(
+                    "{key}: records after {} left the journal (materialized through {}); ask a \
+                     segment that still holds them",
+                    fetch.after, compacted.base
+                );
+                return self.reply_error(conn, request_id, ErrorCode::Compacted, text);
+            }
+        };
         assert!(
             locations
                 .iter()

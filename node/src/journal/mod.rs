@@ -1,9 +1,14 @@
 //! The node's journal: fixed-size files, pre-written once when created, filled with block
 //! groups in sequence order. Shared by every segment the node hosts.
 //!
+//! The files form a ring: the writer fills them in index order and, once garbage collection has
+//! moved the journal's start (kept in the manifest) past a file, wraps around and reuses it in
+//! place (it stays pre-written). A scan starts at the start file, expecting the start's
+//! sequence there, and goes around the ring up to (not into) the start file again.
+//!
 //! Invariants:
-//! - files are named `journal-NNNNNN.sfj` and used in index order; a group never spans files
-//!   (a group that does not fit the rest of a file starts the next file);
+//! - files are named `journal-NNNNNN.sfj` and used in ring order from the start; a group never
+//!   spans files (a group that does not fit the rest of a file starts the next file);
 //! - groups are written in sequence order, each right after the previous one, so the groups
 //!   between two good groups with sequences `a < b` occupy at least `b - a - 1` 4 KiB blocks
 //!   between them;
@@ -33,6 +38,7 @@ use std::path::{Path, PathBuf};
 use wire::frame::Append;
 
 use crate::io::raw::{open_direct, prewrite};
+use crate::manifest::JournalStart;
 use crate::io::{AlignedBuf, DIRECT_IO_ALIGN};
 use format::{GROUP_BYTES_MAX, GROUP_HEADER_BYTES, GROUP_MAGIC, GroupHeader};
 
@@ -250,34 +256,49 @@ impl JournalFiles {
         })
     }
 
-    /// Reads every durable group in order and finds the durable end.
+    /// Reads every durable group from `start` in order and finds the durable end.
     /// Keeps every group in memory: for tools and tests; recovery uses [`Self::scan_with`].
-    pub fn scan(&self) -> io::Result<Scan> {
+    pub fn scan(&self, start: JournalStart) -> io::Result<Scan> {
         let mut groups = Vec::new();
-        let mut scan = self.scan_with(|group| groups.push(group))?;
+        let mut scan = self.scan_with(start, |group| groups.push(group))?;
         scan.groups = groups;
         Ok(scan)
     }
 
     /// Hands each durable group to `visit` in journal order (see [`scan_with`]).
-    pub fn scan_with(&self, visit: impl FnMut(ScannedGroup)) -> io::Result<Scan> {
-        scan_with(self, visit)
+    pub fn scan_with(
+        &self,
+        start: JournalStart,
+        visit: impl FnMut(ScannedGroup),
+    ) -> io::Result<Scan> {
+        scan_with(self, start, visit)
     }
 
     /// Zeroes stale group headers after the durable end (see [`erase_stale_tail`]).
-    pub fn erase_stale_tail(&self, end: Position, next_sequence: u64) -> io::Result<u32> {
-        erase_stale_tail(self, end, next_sequence)
+    pub fn erase_stale_tail(
+        &self,
+        start: JournalStart,
+        end: Position,
+        next_sequence: u64,
+    ) -> io::Result<u32> {
+        erase_stale_tail(self, start, end, next_sequence)
     }
 }
 
-/// Hands each durable group to `visit` in journal order, holding one group at a time, and
-/// returns where the journal ends and which corrupt ranges it skipped (`groups` is left
-/// empty).
+/// Hands each durable group from `start` to `visit` in journal order, holding one group at a
+/// time, and returns where the journal ends and which corrupt ranges it skipped (`groups` is
+/// left empty).
 pub fn scan_with(
     storage: &dyn JournalStorage,
+    start: JournalStart,
     mut visit: impl FnMut(ScannedGroup),
 ) -> io::Result<Scan> {
-    let mut scanner = Scanner::new(storage);
+    let start = if (start.file as usize) < storage.file_count() {
+        start
+    } else {
+        JournalStart::default()
+    };
+    let mut scanner = Scanner::new(storage, start);
     let mut corrupt = Vec::new();
     let mut corrupt_omitted = 0;
     let stop_reason = loop {
@@ -294,7 +315,7 @@ pub fn scan_with(
             break reason; // Nothing valid after it: the torn tail.
         };
         assert!(group.sequence > sequence_before);
-        assert!(group.position >= start);
+        assert!(scanner.linear(group.position) >= scanner.linear(start));
         let range = CorruptRange {
             start,
             end: range_end(storage, start, group.position),
@@ -322,7 +343,8 @@ pub fn scan_with(
 /// The exclusive end of a corrupt range that starts at `start` and is followed by a good
 /// group at `next`: the end of `start`'s file if `next` starts the following one.
 fn range_end(storage: &dyn JournalStorage, start: Position, next: Position) -> Position {
-    if next.offset == 0 && next.file == start.file + 1 {
+    let following = (start.file + 1) % storage.file_count() as u32;
+    if next.offset == 0 && next.file == following && next.file != start.file {
         Position {
             file: start.file,
             offset: storage.file_bytes(),
@@ -332,16 +354,19 @@ fn range_end(storage: &dyn JournalStorage, start: Position, next: Position) -> P
     }
 }
 
-/// Zeroes every stale group header within [`TAIL_WINDOW_BYTES`] after `end` and syncs.
+/// Zeroes every stale group header within [`TAIL_WINDOW_BYTES`] after `end` and syncs, up to
+/// (not into) the journal's start file, whose groups are live.
 /// Stale means a sequence below `next_sequence`: older than the durable end. A header with
 /// a higher sequence is never touched: a scan has found no group after `end` whose CRC
 /// checks, so it belongs to a torn group, which can never pass a scan and is overwritten
 /// in place as the journal grows.
 pub fn erase_stale_tail(
     storage: &dyn JournalStorage,
+    start: JournalStart,
     end: Position,
     next_sequence: u64,
 ) -> io::Result<u32> {
+    let count = storage.file_count() as u32;
     let align = DIRECT_IO_ALIGN as u64;
     let mut chunk = AlignedBuf::new(CHUNK_BYTES);
     let mut zeros = AlignedBuf::new(DIRECT_IO_ALIGN);
@@ -349,14 +374,18 @@ pub fn erase_stale_tail(
     let mut erased = 0;
     let mut pos = end;
     let mut remaining = TAIL_WINDOW_BYTES;
-    while remaining > 0 && (pos.file as usize) < storage.file_count() {
+    while remaining > 0 && pos.file < count {
         let len = (CHUNK_BYTES as u64)
             .min(remaining)
             .min(storage.file_bytes().saturating_sub(pos.offset));
         let len = len / align * align;
         if len == 0 {
+            let next = (pos.file + 1) % count;
+            if next == start.file || next == end.file {
+                break; // The start file is live; and never go round twice.
+            }
             pos = Position {
-                file: pos.file + 1,
+                file: next,
                 offset: 0,
             };
             continue;
@@ -390,6 +419,8 @@ pub fn erase_stale_tail(
 /// Walks the journal group by group.
 struct Scanner<'a> {
     journal: &'a dyn JournalStorage,
+    /// Where the scan began: the ring is walked from here, never into this file again.
+    start: JournalStart,
     /// Where the next group should start: just after the last good group.
     position: Position,
     next_sequence: u64,
@@ -401,12 +432,18 @@ struct Scanner<'a> {
 }
 
 impl<'a> Scanner<'a> {
-    fn new(journal: &'a dyn JournalStorage) -> Self {
+    fn new(journal: &'a dyn JournalStorage, start: JournalStart) -> Self {
+        assert!(start.sequence >= 1);
+        assert!((start.file as usize) < journal.file_count());
         Self {
             journal,
-            position: Position::default(),
-            next_sequence: 1,
-            started: false,
+            start,
+            position: Position {
+                file: start.file,
+                offset: 0,
+            },
+            next_sequence: start.sequence,
+            started: start.sequence > 1,
             buf: AlignedBuf::new(GROUP_BYTES_MAX),
             chunk: AlignedBuf::new(CHUNK_BYTES),
         }
@@ -418,11 +455,11 @@ impl<'a> Scanner<'a> {
             Ok(group) => Ok(Ok(group)),
             Err(reason) => {
                 // The writer starts the next file when a group does not fit: look there.
-                let next = Position {
-                    file: self.position.file + 1,
-                    offset: 0,
+                let Some(file) = self.following(self.position.file) else {
+                    return Ok(Err(reason));
                 };
-                if self.position.offset == 0 || next.file as usize >= self.journal.file_count() {
+                let next = Position { file, offset: 0 };
+                if self.position.offset == 0 {
                     return Ok(Err(reason));
                 }
                 match self.read_at(next, true)? {
@@ -441,13 +478,16 @@ impl<'a> Scanner<'a> {
     fn look_ahead(&mut self) -> io::Result<Option<ScannedGroup>> {
         let align = DIRECT_IO_ALIGN as u64;
         let mut at = self.position;
-        while (at.file as usize) < self.journal.file_count() {
+        loop {
             let file = at.file;
             let room = self.journal.file_bytes().saturating_sub(at.offset);
             let len = room.min(CHUNK_BYTES as u64) / align * align;
             if len == 0 {
+                let Some(next) = self.following(at.file) else {
+                    break;
+                };
                 at = Position {
-                    file: at.file + 1,
+                    file: next,
                     offset: 0,
                 };
                 continue;
@@ -491,9 +531,17 @@ impl<'a> Scanner<'a> {
             .collect()
     }
 
-    /// A position as a byte address in the journal taken as one run of files.
+    /// The file after `file` in the ring, unless that is the start file (live, older).
+    fn following(&self, file: u32) -> Option<u32> {
+        let next = (file + 1) % self.journal.file_count() as u32;
+        (next != self.start.file).then_some(next)
+    }
+
+    /// A position as a byte address in the journal taken as one run of files from the start.
     fn linear(&self, at: Position) -> u64 {
-        u64::from(at.file) * self.journal.file_bytes() + at.offset
+        let count = self.journal.file_count() as u32;
+        let laps = (at.file + count - self.start.file) % count;
+        u64::from(laps) * self.journal.file_bytes() + at.offset
     }
 
     /// Reads and checks the group at `at`; `in_sequence` also requires the next sequence.

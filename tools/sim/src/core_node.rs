@@ -9,16 +9,17 @@
 //! Invariants: the core is told a group is persisted only once its bytes are in the durable
 //! image (unless the planted bug `AckBeforeDurable` is on, which tells it at submission).
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use node::NodeCore;
 use node::core::{
-    ConnId, CoreConfig, EntryLocation, GroupId, ManifestToken, NodeOutput, ReadToken,
+    ConnId, CoreConfig, EntryLocation, GroupId, JobToken, ManifestToken, NodeOutput, ReadToken,
 };
-use node::io::{AlignedBuf, encode_group};
+use node::io::{AlignedBuf, RecordReader, encode_group};
+use node::pagestore::{CoalesceJob, MemPageStore, PageRead};
 use node::journal::format::GROUP_BYTES_MAX;
 use node::journal::{JournalStorage, Position};
 use node::manifest::{Manifest, SegmentKey, VolumeMeta};
@@ -34,12 +35,32 @@ const FILE_COUNT: u32 = 4;
 
 /// The journal's file images (interior mutability: the scan API takes `&self`).
 struct SimJournal {
-    files: RefCell<Vec<Vec<u8>>>,
+    files: Mutex<Vec<Vec<u8>>>,
+}
+
+impl SimJournal {
+    fn files(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.files.lock().expect("one thread")
+    }
+}
+
+impl RecordReader for SimJournal {
+    fn read(&self, locations: &[RecordLocation]) -> Result<Vec<LogRecord>, String> {
+        let mut out = Vec::with_capacity(locations.len());
+        for location in locations {
+            let mut bytes = vec![0u8; location.len as usize];
+            self.read_exact_at(location.file, &mut bytes, location.offset)
+                .map_err(|e| e.to_string())?;
+            let record = LogRecord::decode(&mut Reader::new(&bytes)).map_err(|e| e.to_string())?;
+            out.push(record);
+        }
+        Ok(out)
+    }
 }
 
 impl JournalStorage for SimJournal {
     fn file_count(&self) -> usize {
-        self.files.borrow().len()
+        self.files().len()
     }
 
     fn file_bytes(&self) -> u64 {
@@ -47,7 +68,7 @@ impl JournalStorage for SimJournal {
     }
 
     fn read_exact_at(&self, file: u32, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let files = self.files.borrow();
+        let files = self.files();
         let image = &files[file as usize];
         let start = offset as usize;
         buf.copy_from_slice(&image[start..start + buf.len()]);
@@ -55,7 +76,7 @@ impl JournalStorage for SimJournal {
     }
 
     fn write_all_at(&self, file: u32, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let mut files = self.files.borrow_mut();
+        let mut files = self.files();
         let start = offset as usize;
         files[file as usize][start..start + buf.len()].copy_from_slice(buf);
         Ok(())
@@ -83,6 +104,9 @@ pub struct CoreNode {
     writes: VecDeque<PendingWrite>,
     manifest_store: Option<(Instant, ManifestToken, Manifest)>,
     reads: VecDeque<(Instant, ReadToken, Vec<RecordLocation>)>,
+    page_reads: VecDeque<(Instant, ReadToken, PageRead)>,
+    round: Option<(Instant, JobToken, CoalesceJob)>,
+    pages: MemPageStore,
     replies: Vec<Outgoing>,
     buf: AlignedBuf,
     /// Planted bug: tell the core a group is durable when it is submitted.
@@ -127,8 +151,11 @@ impl CoreNode {
             config,
             core: None,
             journal: SimJournal {
-                files: RefCell::new(files),
+                files: Mutex::new(files),
             },
+            page_reads: VecDeque::new(),
+            round: None,
+            pages: MemPageStore::default(),
             manifest,
             writes: VecDeque::new(),
             manifest_store: None,
@@ -145,7 +172,9 @@ impl CoreNode {
     /// The node's own recovery over the durable images: scan, rebuild, erase the stale tail.
     fn recover(&mut self) {
         let mut core = NodeCore::new(self.config.clone(), self.manifest.clone());
-        let scan = node::journal::scan_with(&self.journal, |group| {
+        let start = core.journal_start();
+        let scan = node::journal::scan_with(&self.journal, start, |group| {
+            core.recover_group(group.position, group.sequence);
             for entry in &group.entries {
                 let at = EntryLocation {
                     file: group.position.file,
@@ -155,7 +184,7 @@ impl CoreNode {
             }
         })
         .expect("simulated reads do not fail");
-        node::journal::erase_stale_tail(&self.journal, scan.end, scan.next_sequence)
+        node::journal::erase_stale_tail(&self.journal, start, scan.end, scan.next_sequence)
             .expect("simulated writes do not fail");
         core.finish_recovery(scan.end, scan.next_sequence);
         self.core = Some(core);
@@ -210,6 +239,14 @@ impl CoreNode {
                     self.reads
                         .push_back((now + Duration::from_micros(100), token, locations));
                 }
+                NodeOutput::ReadPage { token, read } => {
+                    self.page_reads
+                        .push_back((now + Duration::from_micros(150), token, read));
+                }
+                NodeOutput::Coalesce { token, job } => {
+                    assert!(self.round.is_none(), "one round at a time");
+                    self.round = Some((now + Duration::from_millis(2), token, job));
+                }
                 NodeOutput::Stopped { reason } => self.stopped = Some(reason),
             }
         }
@@ -222,16 +259,7 @@ impl CoreNode {
     }
 
     fn read_records(&self, locations: &[RecordLocation]) -> Result<Vec<LogRecord>, String> {
-        let mut out = Vec::with_capacity(locations.len());
-        for location in locations {
-            let mut bytes = vec![0u8; location.len as usize];
-            self.journal
-                .read_exact_at(location.file, &mut bytes, location.offset)
-                .map_err(|e| e.to_string())?;
-            let record = LogRecord::decode(&mut Reader::new(&bytes)).map_err(|e| e.to_string())?;
-            out.push(record);
-        }
-        Ok(out)
+        self.journal.read(locations)
     }
 }
 
@@ -240,7 +268,7 @@ impl CoreNode {
     /// (its recovery must keep every other valid group, and the writer must route around the
     /// records it loses).
     fn flip(&mut self, rng: &mut Rng) {
-        let mut files = self.journal.files.borrow_mut();
+        let mut files = self.journal.files();
         let used: Vec<usize> = (0..files.len())
             .filter(|f| files[*f][..64].iter().any(|b| *b != 0))
             .collect();
@@ -307,6 +335,22 @@ impl StorageNode for CoreNode {
                 .expect("running")
                 .handle_records_read(token, result);
         }
+        while self.page_reads.front().is_some_and(|r| r.0 <= now) {
+            let (_, token, read) = self.page_reads.pop_front().expect("checked");
+            let result = node::pagestore::read_page(&read, &self.pages, &self.journal);
+            self.core
+                .as_mut()
+                .expect("running")
+                .handle_page_read(token, result);
+        }
+        if self.round.as_ref().is_some_and(|r| r.0 <= now) {
+            let (_, token, job) = self.round.take().expect("checked");
+            let result = node::pagestore::run_coalesce(&job, &self.pages, &self.journal);
+            self.core
+                .as_mut()
+                .expect("running")
+                .handle_coalesced(token, result);
+        }
         self.drain(now, None);
     }
 
@@ -315,6 +359,8 @@ impl StorageNode for CoreNode {
             self.writes.front().map(|w| w.at),
             self.manifest_store.as_ref().map(|m| m.0),
             self.reads.front().map(|r| r.0),
+            self.page_reads.front().map(|r| r.0),
+            self.round.as_ref().map(|r| r.0),
         ]
         .into_iter()
         .flatten()
@@ -340,6 +386,8 @@ impl StorageNode for CoreNode {
         self.writes.clear();
         self.manifest_store = None;
         self.reads.clear();
+        self.page_reads.clear();
+        self.round = None;
         self.replies.clear();
     }
 

@@ -1,0 +1,323 @@
+//! Background work: coalescing journal records into the page store, and garbage collection
+//! (records leave the index once materialized; journal files are recycled once nothing in
+//! them is needed). The core decides what and when; the driver carries out each round
+//! ([`crate::pagestore::run_coalesce`]) off its runtime thread and reports back.
+//!
+//! Scheduling: one round in flight at a time. A round starts when a segment has records in
+//! `(materialized, min(PGMRPL, SCL)]` and either the foreground is not saturated (fewer than
+//! `inflight_groups_max` journal groups in flight) with enough of them to be worth a round
+//! ([`ROUND_RECORDS_MIN`], or any at all once the foreground is idle), or the journal is
+//! filling up ([`PRESSURE_PERCENT`]), in which case background work no longer yields.
+//!
+//! Garbage collection, after each round: a segment's base moves up to its `materialized` LSN,
+//! held back by [`NodeCore::gc_hold_back`] (peers that still need records, and later backup)
+//! unless the journal is under pressure. Then the journal's start moves past every file whose
+//! records all lie at or below their segments' bases; the new start and bases are stored in
+//! the manifest, and only once that manifest is durable may the writer reuse those files.
+//!
+//! Invariants:
+//! - coalescing never passes PGMRPL nor the SCL, so every read point ≥ PGMRPL can be served;
+//! - a segment's `materialized` moves only after its round's page writes are durable;
+//! - the writer enters a file only after a durable manifest puts the journal start past it.
+
+use std::collections::BTreeMap;
+
+use wire::Lsn;
+
+use super::{NodeCore, NodeOutput, Phase};
+use crate::manifest::{JournalStart, SegmentKey};
+use crate::pagestore::{CoalesceJob, PageWork};
+
+/// A coalescing round the core asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobToken(pub u64);
+
+/// Records a round takes at most.
+pub const ROUND_RECORDS_MAX: usize = 8192;
+/// Records a segment gathers before a round is worth it while the foreground is busy.
+pub const ROUND_RECORDS_MIN: usize = 256;
+/// Journal use (percent of its files) from which background work stops yielding and GC stops
+/// holding records back for peers.
+pub const PRESSURE_PERCENT: u64 = 50;
+
+/// What background work has done, for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackgroundStats {
+    pub rounds: u64,
+    pub rounds_failed: u64,
+    pub records_materialized: u64,
+    pub records_released: u64,
+    pub gc_runs: u64,
+    pub files_recycled: u64,
+}
+
+pub(super) struct Background {
+    next_token: u64,
+    /// The round in flight: its segment and how far it goes.
+    inflight: Option<(JobToken, SegmentKey, Lsn)>,
+    /// Segments whose last round failed, with the target it had: not tried again until
+    /// their target moves.
+    failed: BTreeMap<SegmentKey, Lsn>,
+    /// Per journal file, per segment, the highest LSN indexed from that file.
+    files: Vec<BTreeMap<SegmentKey, Lsn>>,
+    /// Per journal file, the sequence of its first group in the current lap.
+    first_sequence: Vec<Option<u64>>,
+    /// The journal start the newest manifest holds (or will hold).
+    start: JournalStart,
+    /// A start waiting for its manifest version to be durable.
+    start_pending: Option<(u64, JournalStart)>,
+    /// Background work is paused (benchmarks compare with and without it).
+    pub(super) paused: bool,
+    pub(super) stats: BackgroundStats,
+}
+
+impl Background {
+    pub(super) fn new(file_count: u32, start: JournalStart) -> Self {
+        assert!(file_count >= 1);
+        assert!(start.sequence >= 1);
+        Self {
+            next_token: 0,
+            inflight: None,
+            failed: BTreeMap::new(),
+            files: vec![BTreeMap::new(); file_count as usize],
+            first_sequence: vec![None; file_count as usize],
+            start,
+            start_pending: None,
+            paused: false,
+            stats: BackgroundStats::default(),
+        }
+    }
+
+    pub(super) fn start(&self) -> JournalStart {
+        self.start
+    }
+
+    pub(super) fn is_idle(&self) -> bool {
+        self.inflight.is_none()
+    }
+
+    /// A record of `key` up to `lsn` was indexed from `file`.
+    pub(super) fn note_record(&mut self, file: u32, key: SegmentKey, lsn: Lsn) {
+        let entry = self.files[file as usize].entry(key).or_insert(lsn);
+        *entry = (*entry).max(lsn);
+    }
+
+    /// A group with `sequence` starts journal file `file`.
+    pub(super) fn note_file_start(&mut self, file: u32, sequence: u64) {
+        assert!(sequence >= 1);
+        self.files[file as usize].clear();
+        self.first_sequence[file as usize] = Some(sequence);
+    }
+}
+
+impl NodeCore {
+    /// The journal start recovery scans from (as the manifest holds it).
+    pub fn journal_start(&self) -> JournalStart {
+        self.background.start()
+    }
+
+    /// What background work has done so far.
+    pub fn background_stats(&self) -> BackgroundStats {
+        self.background.stats
+    }
+
+    /// Pauses or resumes background work (a round in flight finishes).
+    pub fn set_background_paused(&mut self, paused: bool) {
+        self.background.paused = paused;
+    }
+
+    /// Records of each segment still to be coalesced (up to its PGMRPL and SCL).
+    pub fn coalesce_backlog(&self) -> usize {
+        self.segments
+            .values()
+            .map(|s| s.coalesce_backlog(s.pgmrpl()))
+            .sum()
+    }
+
+    /// Percent of the journal's files holding live records (the one being written counts).
+    pub fn journal_used_percent(&self) -> u64 {
+        let count = u64::from(self.config.journal_file_count);
+        let head = u64::from(self.commit.head_file());
+        let start = u64::from(self.commit.start_file());
+        let live = (head + count - start) % count + 1;
+        assert!(live <= count);
+        live * 100 / count
+    }
+
+    /// How far GC must keep `key`'s records for others: peers that lag (gossip) and backup.
+    /// `None`: nothing holds them back.
+    pub(super) fn gc_hold_back(&self, _key: &SegmentKey) -> Option<Lsn> {
+        // Hook: gossip's lowest peer SCL and backup's uploaded LSN will bound the base here.
+        None
+    }
+
+    /// Starts a coalescing round if one is due (see the module docs).
+    pub(super) fn schedule_background(&mut self) {
+        if self.phase != Phase::Serving || !self.background.is_idle() || self.background.paused
+        {
+            return;
+        }
+        let pressure = self.journal_used_percent() >= PRESSURE_PERCENT;
+        let foreground_idle = self.commit.is_idle();
+        let saturated = self.commit.inflight_len() >= self.config.inflight_groups_max;
+        if saturated && !pressure {
+            return;
+        }
+        let minimum = if foreground_idle || pressure {
+            1
+        } else {
+            ROUND_RECORDS_MIN
+        };
+        let chosen = self
+            .segments
+            .iter()
+            .filter(|(key, segment)| {
+                let target = segment.pgmrpl();
+                self.background.failed.get(key).is_none_or(|t| target > *t)
+            })
+            .map(|(key, segment)| (segment.coalesce_backlog(segment.pgmrpl()), *key))
+            .filter(|(backlog, _)| *backlog >= minimum)
+            .max();
+        let Some((_, key)) = chosen else {
+            return;
+        };
+        let segment = &self.segments[&key];
+        let Some(plan) = segment.coalesce_plan(segment.pgmrpl(), ROUND_RECORDS_MAX) else {
+            return;
+        };
+        let meta = &self.volumes[&key.volume].meta;
+        let job = CoalesceJob {
+            key,
+            page_bytes: meta.page_size_bytes as usize,
+            pages_per_pg: meta.pages_per_pg,
+            through: plan.through,
+            pages: plan
+                .pages
+                .into_iter()
+                .map(|(page, records)| PageWork { page, records })
+                .collect(),
+        };
+        self.background.next_token += 1;
+        let token = JobToken(self.background.next_token);
+        self.background.inflight = Some((token, key, plan.through));
+        assert!(!job.pages.is_empty());
+        self.outputs.push_back(NodeOutput::Coalesce { token, job });
+    }
+
+    /// A coalescing round finished: on success its records count as materialized, and
+    /// garbage collection runs.
+    pub fn handle_coalesced(&mut self, token: JobToken, result: Result<(), String>) {
+        let Some((expected, key, through)) = self.background.inflight.take() else {
+            panic!("a round completes after it was asked for");
+        };
+        assert!(expected == token, "rounds complete as asked for");
+        if self.stopped().is_some() {
+            return;
+        }
+        let Some(segment) = self.segments.get_mut(&key) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                let before = segment.materialized();
+                if segment.set_materialized(through) {
+                    self.background.failed.remove(&key);
+                    self.background.stats.rounds += 1;
+                    let done = segment.coalesce_backlog(through);
+                    assert!(done == 0, "the round covered everything up to its end");
+                    let _ = before;
+                    let volume = self.volumes.get_mut(&key.volume).expect("hosted");
+                    // A materialized LSN is at most the PGMRPL, so at most the writer's VDL.
+                    volume.vdl = volume.vdl.max(through);
+                }
+                self.collect_garbage();
+            }
+            Err(why) => {
+                self.background.stats.rounds_failed += 1;
+                let target = segment.pgmrpl();
+                if self.background.failed.insert(key, target).is_none() {
+                    tracing::warn!("{key}: coalescing stopped: {why}");
+                }
+            }
+        }
+    }
+
+    /// Moves segment bases up to what is materialized (unless held back), then the journal
+    /// start past every file no longer needed; stores both.
+    fn collect_garbage(&mut self) {
+        let pressure = self.journal_used_percent() >= PRESSURE_PERCENT;
+        let keys: Vec<SegmentKey> = self.segments.keys().copied().collect();
+        let mut changed: Vec<wire::VolumeId> = Vec::new();
+        for key in keys {
+            let hold = if pressure {
+                None
+            } else {
+                self.gc_hold_back(&key)
+            };
+            let segment = self.segments.get_mut(&key).expect("listed");
+            let target = hold.map_or(segment.materialized(), |h| {
+                h.min(segment.materialized())
+            });
+            // The base must be an LSN of the chain: the last record held at or below target.
+            let base = segment.chain_at_or_below(target);
+            let released = segment.release(base);
+            if released > 0 {
+                self.background.stats.records_released += released as u64;
+                if !changed.contains(&key.volume) {
+                    changed.push(key.volume);
+                }
+            }
+        }
+        self.background.stats.gc_runs += 1;
+        for volume in changed {
+            self.manifest_changed(volume);
+        }
+        self.advance_journal_start();
+    }
+
+    /// Moves the journal start past files whose records all lie at or below their segments'
+    /// bases, and asks for the manifest that records it.
+    fn advance_journal_start(&mut self) {
+        let count = self.config.journal_file_count;
+        let head = self.commit.head_file();
+        let before = self.background.start;
+        loop {
+            let file = self.background.start.file;
+            if file == head {
+                break;
+            }
+            let needed = self.background.files[file as usize].iter().any(|(key, lsn)| {
+                self.segments
+                    .get(key)
+                    .is_some_and(|s| *lsn > s.progress().base)
+            });
+            if needed {
+                break;
+            }
+            let next = (file + 1) % count;
+            let sequence = self.background.first_sequence[next as usize]
+                .expect("files between the start and the head were written this lap");
+            self.background.files[file as usize].clear();
+            self.background.first_sequence[file as usize] = None;
+            self.background.start = JournalStart {
+                file: next,
+                sequence,
+            };
+            self.background.stats.files_recycled += 1;
+        }
+        if self.background.start != before {
+            let version = self.manifest_changed_global();
+            self.background.start_pending = Some((version, self.background.start));
+        }
+    }
+
+    /// A manifest version is durable: a start it holds lets the writer reuse files.
+    pub(super) fn on_manifest_durable(&mut self, stored: u64) {
+        if let Some((version, start)) = self.background.start_pending
+            && version <= stored
+        {
+            self.background.start_pending = None;
+            self.commit.set_start_file(start.file);
+        }
+    }
+}
