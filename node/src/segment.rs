@@ -149,7 +149,7 @@ impl Segment {
     pub fn record_count(&self) -> usize {
         let count = self.records.len();
         assert!(self.pages.len() <= count, "no page without a record");
-        assert!(count > 0 || self.scl == Lsn::ZERO);
+        assert!(count > 0 || self.scl == self.base);
         count
     }
 

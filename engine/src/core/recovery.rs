@@ -398,6 +398,21 @@ impl VolumeCore {
                 }
                 None
             }
+            Ok(Message::Error(e)) if e.code == ErrorCode::Compacted => {
+                // The source's records below what was asked for left its journal (they are in
+                // its page store): as if it had none, so the next source is tried.
+                if let RecoveryRequest::Fetch { pg } = request {
+                    let empty = Records {
+                        volume: self.layout.volume,
+                        pg,
+                        segment: SegmentIndex(0),
+                        scl: Lsn::ZERO,
+                        records: Vec::new(),
+                    };
+                    self.on_fetched(now, pg, empty);
+                }
+                None
+            }
             Ok(Message::Error(e)) if e.code == ErrorCode::UnknownSegment => {
                 let name = &self.layout.node_names[node];
                 let why = format!(

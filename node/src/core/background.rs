@@ -9,9 +9,10 @@
 //! ([`ROUND_RECORDS_MIN`], or any at all once the foreground is idle), or the journal is
 //! filling up ([`PRESSURE_PERCENT`]), in which case background work no longer yields.
 //!
-//! Garbage collection, after each round: a segment's base moves up to its `materialized` LSN,
-//! held back by [`NodeCore::gc_hold_back`] (peers that still need records, and later backup)
-//! unless the journal is under pressure. Then the journal's start moves past every file whose
+//! Garbage collection, after each round (and whenever the journal is under pressure,
+//! [`PRESSURE_PERCENT`]): a segment's base moves up to its `materialized` LSN, held back by
+//! [`NodeCore::gc_hold_back`] (peers that still need records, and later backup) unless the
+//! journal is under pressure. Then the journal's start moves past every file whose
 //! records all lie at or below their segments' bases; the new start and bases are stored in
 //! the manifest, and only once that manifest is durable may the writer reuse those files.
 //!
@@ -144,11 +145,15 @@ impl NodeCore {
         live * 100 / count
     }
 
-    /// How far GC must keep `key`'s records for others: peers that lag (gossip) and backup.
-    /// `None`: nothing holds them back.
+    /// How far GC must keep `key`'s records for others: peers that lag (a recovering writer
+    /// copies records from here to them) and backup. `None`: nothing holds them back.
+    ///
+    /// Until the node learns its peers' SCLs (gossip), it cannot tell whether a peer still
+    /// needs a record, so it keeps every record (`Some(0)`) until the journal is under
+    /// pressure: records then leave the index only when the alternative is `JournalFull`.
     pub(super) fn gc_hold_back(&self, _key: &SegmentKey) -> Option<Lsn> {
         // Hook: gossip's lowest peer SCL and backup's uploaded LSN will bound the base here.
-        None
+        Some(Lsn::ZERO)
     }
 
     /// Starts a coalescing round if one is due (see the module docs).
@@ -179,6 +184,13 @@ impl NodeCore {
             .filter(|(backlog, _)| *backlog >= minimum)
             .max();
         let Some((_, key)) = chosen else {
+            let releasable = self
+                .segments
+                .values()
+                .any(|s| s.progress().base < s.materialized());
+            if pressure && releasable {
+                self.collect_garbage();
+            }
             return;
         };
         let segment = &self.segments[&key];
