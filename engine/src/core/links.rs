@@ -60,6 +60,9 @@ pub(super) struct Link {
     /// Per segment: the highest LSN a hole fill already queued (see `fill_hole`).
     filled: BTreeMap<(PgId, SegmentIndex), Lsn>,
     next_probe: Option<Instant>,
+    /// Marked down because its queue overflowed, where no clock was at hand: the next
+    /// `pump_links` schedules its probe (without one, nothing would ever wake it up again).
+    overflowed: bool,
 }
 
 impl Link {
@@ -73,6 +76,7 @@ impl Link {
             probing: false,
             filled: BTreeMap::new(),
             next_probe: None,
+            overflowed: false,
         }
     }
 
@@ -138,6 +142,11 @@ impl VolumeCore {
     pub(super) fn pump_links(&mut self, now: Instant) {
         if self.phase != super::Phase::Serving {
             return;
+        }
+        for link in &mut self.links {
+            if std::mem::take(&mut link.overflowed) && !link.up && link.next_probe.is_none() {
+                link.next_probe = Some(now + self.config.reconnect_interval);
+            }
         }
         for node in 0..self.links.len() {
             while self.links[node].up
@@ -283,18 +292,22 @@ impl VolumeCore {
     ) {
         assert!(scl < through);
         let link = &mut self.links[node];
-        let filled = link.filled.entry((pg, segment)).or_insert(Lsn::ZERO);
-        let after = scl.max(*filled);
+        let filled = link.filled.get(&(pg, segment)).copied().unwrap_or(Lsn::ZERO);
+        let after = scl.max(filled);
         if after >= through {
             return;
         }
-        *filled = through;
         let serving = self.serving.as_ref().expect("serving");
-        let missing: Vec<Bytes> = serving.retained[pg.0 as usize]
+        let missing: Vec<(Lsn, Bytes)> = serving.retained[pg.0 as usize]
             .range(Lsn(after.0 + 1)..=through)
-            .map(|(_, b)| b.clone())
+            .map(|(l, b)| (*l, b.clone()))
             .collect();
-        queue_chunks(link, pg, segment, &missing);
+        // A large hole goes in portions: the next ack below the next batch asks for more.
+        let queued_through = match queue_chunks(link, pg, segment, &missing) {
+            Ok(()) => through,
+            Err(last) => last.unwrap_or(after),
+        };
+        link.filled.insert((pg, segment), queued_through);
     }
 
     /// Treats `node` as down: its queue goes (catch-up resends from the retained records) and
@@ -455,11 +468,15 @@ impl VolumeCore {
                     .iter()
                     .find(|s| s.pg == pg && s.segment == segment)
                     .map_or(Lsn::ZERO, |s| s.scl);
-                let missing: Vec<Bytes> = serving.retained[pg.0 as usize]
+                let missing: Vec<(Lsn, Bytes)> = serving.retained[pg.0 as usize]
                     .range(Lsn(scl.0 + 1)..)
-                    .map(|(_, b)| b.clone())
+                    .map(|(l, b)| (*l, b.clone()))
                     .collect();
-                queue_chunks(&mut self.links[node], pg, segment, &missing);
+                // What does not fit now follows as holes reported by later acks.
+                if let Err(last) = queue_chunks(&mut self.links[node], pg, segment, &missing) {
+                    let last = last.unwrap_or(scl);
+                    self.links[node].filled.insert((pg, segment), last);
+                }
             }
         }
         self.pump_links(now);
@@ -503,18 +520,34 @@ impl VolumeCore {
     }
 }
 
-/// Queues encoded records of one segment in batches of at most 256.
-fn queue_chunks(link: &mut Link, pg: PgId, segment: SegmentIndex, records: &[Bytes]) {
+/// Bytes of catch-up a link takes at once; the rest follows as acks report the hole.
+const CATCH_UP_BYTES_MAX: usize = NODE_QUEUE_BYTES_MAX / 4;
+
+/// Queues encoded records of one segment in batches of at most 256, while the link's queue
+/// holds less than [`CATCH_UP_BYTES_MAX`]. `Err(last queued, if any)` if some were left out.
+fn queue_chunks(
+    link: &mut Link,
+    pg: PgId,
+    segment: SegmentIndex,
+    records: &[(Lsn, Bytes)],
+) -> Result<(), Option<Lsn>> {
+    let mut last = None;
     for chunk in records.chunks(256) {
+        if !link.up || link.queued_bytes >= CATCH_UP_BYTES_MAX {
+            return Err(last);
+        }
+        let bytes: Vec<Bytes> = chunk.iter().map(|(_, b)| b.clone()).collect();
         let item = QueuedBatch {
             pg,
             segment,
-            records: Bytes::from(chunk.concat()),
+            records: Bytes::from(bytes.concat()),
             record_count: u32::try_from(chunk.len()).expect("small"),
-            first_backlink: backlink_of(&chunk[0]),
+            first_backlink: backlink_of(&bytes[0]),
         };
         enqueue(link, item);
+        last = chunk.last().map(|(l, _)| *l);
     }
+    Ok(())
 }
 
 /// Queues a batch unless the node is down or too far behind (then it is marked down: its
@@ -528,6 +561,7 @@ fn enqueue(link: &mut Link, batch: QueuedBatch) {
         link.up = false;
         link.queue.clear();
         link.queued_bytes = 0;
+        link.overflowed = true;
         return;
     }
     link.queued_bytes += bytes;
