@@ -147,12 +147,23 @@ impl NodeClient {
         outcome
     }
 
+    /// The error of a request past its deadline, with what QUIC saw of the connection (so a
+    /// stall on the wire can be told from a node that never answered).
     fn timed_out(&self, what: &str, request_id: u64, why: &str) -> anyhow::Error {
+        let path = self.connection.stats().path;
         anyhow::anyhow!(
-            "{what} request {request_id} to node {} at {}: {why} within its deadline of {:?}",
+            "{what} request {request_id} to node {} at {}: {why} within its deadline of {:?} \
+             (connection: rtt {:?}, {} of {} packets lost, congestion window {} bytes, MTU {}, \
+             {} black holes)",
             self.server_name,
             self.addr,
-            self.request_timeout
+            self.request_timeout,
+            path.rtt,
+            path.lost_packets,
+            path.sent_packets,
+            path.cwnd,
+            path.current_mtu,
+            path.black_holes_detected
         )
     }
 
