@@ -48,6 +48,14 @@ pub(crate) struct AppendArgs {
 /// used to size the node's journal so it never fills during the run.
 const APPENDS_PER_S_MAX: u64 = 100_000;
 
+impl AppendArgs {
+    /// Raw probes, the round trip and each level, four times over, plus node starts.
+    pub(crate) fn deadline_default(&self) -> Duration {
+        let levels = if self.inflight.is_some() { 1 } else { 3 };
+        Duration::from_secs(300 + 4 * self.seconds * (levels + 3))
+    }
+}
+
 pub(crate) fn run(args: &AppendArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.seconds > 0, "--seconds must be at least 1");
     anyhow::ensure!(
@@ -63,6 +71,7 @@ pub(crate) fn run(args: &AppendArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let duration = Duration::from_secs(args.seconds);
     let progress = |m: &str| {
+        crate::watchdog::phase(m);
         if !args.json {
             eprintln!("{m}")
         }
@@ -159,12 +168,14 @@ pub(crate) fn node_under_test(
     spec.journal_file_count = u32::try_from(total.div_ceil(file_bytes) + 1)
         .unwrap_or(64)
         .min(64);
+    let starting = format!(
+        "starting sixfold-node under {} ({} journal files of 256 MiB to pre-write) …",
+        run_dir.display(),
+        spec.journal_file_count
+    );
+    crate::watchdog::phase(&starting);
     if !args.json {
-        eprintln!(
-            "starting sixfold-node under {} ({} journal files of 256 MiB to pre-write) …",
-            run_dir.display(),
-            spec.journal_file_count
-        );
+        eprintln!("{starting}");
     }
     let process = NodeProcess::start(&spec.write_config()?)?;
     Ok((

@@ -34,7 +34,16 @@ pub(crate) struct ChaosArgs {
     json: bool,
 }
 
+impl ChaosArgs {
+    /// Faults for --seconds, then recovery and the final check (commits must resume within
+    /// 60 s of each fault healing).
+    pub(crate) fn deadline_default(&self) -> Duration {
+        Duration::from_secs(900 + 3 * self.seconds)
+    }
+}
+
 pub(crate) fn run(args: &ChaosArgs) -> anyhow::Result<()> {
+    crate::watchdog::phase("chaos: faults and checks");
     anyhow::ensure!(args.seconds > 0, "--seconds must be at least 1");
     // The engine logs every node it loses at WARN: too many lines under chaos. RUST_LOG shows
     // them when wanted.

@@ -135,6 +135,15 @@ impl Counters {
     }
 }
 
+impl CommitArgs {
+    /// The raw probe, every commit level, the paced level and every single-node level, four
+    /// times over, plus ten minutes for starting seven nodes (journals to pre-write).
+    pub(crate) fn deadline_default(&self) -> Duration {
+        let levels = if self.inflight.is_some() { 1 } else { 3 };
+        Duration::from_secs(600 + 4 * self.seconds * (2 * levels + 2))
+    }
+}
+
 pub(crate) fn run(args: &CommitArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.seconds > 0, "--seconds must be at least 1");
     anyhow::ensure!(args.pg_count > 0, "--pg-count must be at least 1");
@@ -158,6 +167,7 @@ pub(crate) fn run(args: &CommitArgs) -> anyhow::Result<()> {
 fn run_in(args: &CommitArgs, levels: &[usize], run_dir: &Path) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds);
     let progress = |m: &str| {
+        crate::watchdog::phase(m);
         if !args.json {
             eprintln!("{m}")
         }

@@ -7,9 +7,11 @@ mod commit;
 mod persist;
 mod recovery;
 mod stats;
+mod watchdog;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +24,10 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Overall deadline in seconds: past it the bench stops, exits with status 3 and names
+    /// the phase that stalled (default: derived from the command's --seconds, generously).
+    #[arg(long, global = true)]
+    deadline: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -56,8 +62,41 @@ pub(crate) struct Target {
     pub(crate) certs: Option<PathBuf>,
 }
 
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Append(_) => "append",
+            Command::Commit(_) => "commit",
+            Command::Persist(_) => "persist",
+            Command::Recovery(_) => "recovery",
+            Command::Chaos(_) => "chaos",
+        }
+    }
+
+    /// A deadline no healthy run comes near: the measuring time several times over, plus
+    /// minutes for starting nodes (pre-writing journals on a shared disk is slow).
+    fn deadline_default(&self) -> Duration {
+        match self {
+            Command::Append(a) => a.deadline_default(),
+            Command::Commit(a) => a.deadline_default(),
+            Command::Persist(a) => a.deadline_default(),
+            Command::Recovery(a) => a.deadline_default(),
+            Command::Chaos(a) => a.deadline_default(),
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    let deadline = match cli.deadline {
+        Some(0) => {
+            eprintln!("sixfold-bench: --deadline must be at least 1 second");
+            std::process::exit(2);
+        }
+        Some(seconds) => Duration::from_secs(seconds),
+        None => cli.command.deadline_default(),
+    };
+    watchdog::start(cli.command.name(), deadline);
     let result = match cli.command {
         Command::Append(args) => append::run(&args),
         Command::Commit(args) => commit::run(&args),

@@ -29,7 +29,14 @@ pub(crate) struct PersistArgs {
     persister: PersisterMode,
 }
 
+impl PersistArgs {
+    pub(crate) fn deadline_default(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(300 + 4 * self.seconds)
+    }
+}
+
 pub(crate) fn run(args: &PersistArgs) -> anyhow::Result<()> {
+    crate::watchdog::phase("persist: appends through the core and the journal");
     let dir = args.dir.join(format!("persist-{}", std::process::id()));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -78,6 +78,15 @@ impl Measured {
     }
 }
 
+impl RecoveryArgs {
+    /// Two clusters to start and fill (the large one with gigabytes), then `runs` reopens of
+    /// each: bounded by the bytes to write, not by a --seconds.
+    pub(crate) fn deadline_default(&self) -> Duration {
+        let fill_s = (self.small_mib + self.large_mib) / 10; // ≥ 10 MiB/s even on a slow disk
+        Duration::from_secs(1200 + fill_s + 60 * self.runs as u64)
+    }
+}
+
 pub(crate) fn run(args: &RecoveryArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     anyhow::ensure!(args.inflight > 0, "--inflight must be at least 1");
@@ -177,6 +186,7 @@ fn measure_volume(
         free as f64 / f64::from(1 << 30)
     );
     let progress = |m: &str| {
+        crate::watchdog::phase(m);
         if !args.json {
             eprintln!("{m}")
         }

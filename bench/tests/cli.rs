@@ -132,3 +132,30 @@ fn chaos_prints_the_documented_json() {
     assert_eq!(json["verified"], json["acknowledged"], "{json}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Goal: a bench that outlives its overall deadline stops by itself, exits with status 3 and
+/// names the phase that stalled. Method: a 60 s raw-disk probe under a 1 s `--deadline`.
+#[test]
+fn a_bench_past_its_deadline_exits_3_naming_the_phase() {
+    let dir = test_dir("deadline");
+    let dir_arg = dir.to_str().unwrap();
+    let args = [
+        "append",
+        "--deadline",
+        "1",
+        "--dir",
+        dir_arg,
+        "--seconds",
+        "60",
+        "--inflight",
+        "1",
+    ];
+    let output = bench(&args, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("overall deadline of 1 s passed; stalled in phase \"raw disk"),
+        "stderr:\n{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,14 +1,18 @@
 //! A pipelined connection to one storage node: one QUIC connection, one bidirectional stream,
 //! many requests in flight, replies matched to requests by request id.
 //!
-//! Invariants: every request gets exactly one outcome (a reply, or an error when the
-//! connection is lost); replies with request id 0 (the node could not read the request's
-//! header) are delivered to `unsolicited`, never dropped silently.
+//! Invariants: every request gets exactly one outcome (a reply, an error when the connection
+//! is lost, or an error naming the request, the node and the deadline once
+//! [`NodeClient::request_timeout`] has passed); replies with request id 0 (the node could not
+//! read the request's header) and late replies to requests that timed out are delivered to
+//! `unsolicited`, never dropped silently. A request whose deadline passes while its bytes are
+//! half written closes the connection: the stream would be out of step with the node.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, oneshot};
@@ -17,11 +21,19 @@ use wire::{Append, ErrorReply, Frame, Message, SegmentAck};
 
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Message>>>>>;
 
+/// How long a request waits for its reply by default: far above any healthy node's latency
+/// (a group commit takes milliseconds), far below "forever".
+pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+
 pub struct NodeClient {
     connection: quinn::Connection,
     send: tokio::sync::Mutex<quinn::SendStream>,
     pending: Pending,
     next_request_id: AtomicU64,
+    /// The node's certificate name and address, for error messages.
+    server_name: String,
+    addr: SocketAddr,
+    request_timeout: Duration,
 }
 
 impl NodeClient {
@@ -32,12 +44,24 @@ impl NodeClient {
         addr: SocketAddr,
         server_name: &str,
     ) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<Message>)> {
-        let connection = endpoint
+        let connecting = endpoint
             .connect(addr, server_name)
-            .with_context(|| format!("cannot start a connection to {addr}"))?
+            .with_context(|| format!("cannot start a connection to {addr}"))?;
+        let open = async {
+            let connection = connecting
+                .await
+                .with_context(|| format!("handshake with {server_name} at {addr} failed"))?;
+            let stream = connection.open_bi().await.context("cannot open a stream")?;
+            anyhow::Ok((connection, stream))
+        };
+        let (connection, (send, recv)) = tokio::time::timeout(REQUEST_TIMEOUT_DEFAULT, open)
             .await
-            .with_context(|| format!("handshake with {server_name} at {addr} failed"))?;
-        let (send, recv) = connection.open_bi().await.context("cannot open a stream")?;
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "connecting to node {server_name} at {addr}: no handshake within \
+                     {REQUEST_TIMEOUT_DEFAULT:?}"
+                )
+            })??;
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (unsolicited_tx, unsolicited) = mpsc::unbounded_channel();
         tokio::spawn(read_replies(recv, pending.clone(), unsolicited_tx));
@@ -46,43 +70,129 @@ impl NodeClient {
             send: tokio::sync::Mutex::new(send),
             pending,
             next_request_id: AtomicU64::new(1),
+            server_name: server_name.to_string(),
+            addr,
+            request_timeout: REQUEST_TIMEOUT_DEFAULT,
         };
         Ok((client, unsolicited))
     }
 
-    /// Sends `message` and waits for its reply.
+    /// The same client with every later request failing after `timeout` without a reply.
+    #[must_use]
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        assert!(!timeout.is_zero(), "a request needs some time");
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How long a request waits for its reply before it fails.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Sends `message` and waits for its reply, at most [`Self::request_timeout`].
     pub async fn request(&self, message: Message) -> anyhow::Result<Message> {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let what = message_name(&message);
         let bytes = Frame {
             request_id,
             message,
         }
         .to_bytes();
-        self.request_raw(request_id, &bytes).await
+        self.request_named(what, request_id, &bytes).await
     }
 
     /// Sends pre-encoded bytes registered under `request_id` (tests use this to send
-    /// malformed frames) and waits for the reply with that id.
+    /// malformed frames) and waits for the reply with that id, at most
+    /// [`Self::request_timeout`].
     pub async fn request_raw(&self, request_id: u64, bytes: &[u8]) -> anyhow::Result<Message> {
+        self.request_named("raw", request_id, bytes).await
+    }
+
+    async fn request_named(
+        &self,
+        what: &str,
+        request_id: u64,
+        bytes: &[u8],
+    ) -> anyhow::Result<Message> {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = self.pending.lock().expect("pending lock");
             let map = pending
                 .as_mut()
-                .context("connection to the node is closed")?;
-            map.insert(request_id, tx);
+                .with_context(|| format!("connection to node {} is closed", self.server_name))?;
+            let previous = map.insert(request_id, tx);
+            assert!(previous.is_none(), "request ids are unique per connection");
         }
-        self.send_bytes(bytes).await?;
-        rx.await
-            .context("connection to the node closed before its reply")
+        let outcome = async {
+            self.send_until(bytes, deadline).await?;
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(reply) => reply.with_context(|| {
+                    format!(
+                        "connection to node {} closed before its reply",
+                        self.server_name
+                    )
+                }),
+                Err(_) => Err(self.timed_out(what, request_id, "no reply")),
+            }
+        }
+        .await;
+        if outcome.is_err() {
+            // A late reply then goes to `unsolicited` instead of a waiter nobody polls.
+            if let Some(map) = self.pending.lock().expect("pending lock").as_mut() {
+                map.remove(&request_id);
+            }
+        }
+        outcome
     }
 
-    /// Writes bytes to the stream without expecting a reply under any id.
+    /// The error of a request past its deadline, with what QUIC saw of the connection (so a
+    /// stall on the wire can be told from a node that never answered).
+    fn timed_out(&self, what: &str, request_id: u64, why: &str) -> anyhow::Error {
+        let path = self.connection.stats().path;
+        anyhow::anyhow!(
+            "{what} request {request_id} to node {} at {}: {why} within its deadline of {:?} \
+             (connection: rtt {:?}, {} of {} packets lost, congestion window {} bytes, MTU {}, \
+             {} black holes)",
+            self.server_name,
+            self.addr,
+            self.request_timeout,
+            path.rtt,
+            path.lost_packets,
+            path.sent_packets,
+            path.cwnd,
+            path.current_mtu,
+            path.black_holes_detected
+        )
+    }
+
+    /// Writes bytes to the stream without expecting a reply under any id, at most
+    /// [`Self::request_timeout`].
     pub async fn send_bytes(&self, bytes: &[u8]) -> anyhow::Result<()> {
-        let mut send = self.send.lock().await;
-        send.write_all(bytes)
-            .await
-            .context("cannot send to the node")
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        self.send_until(bytes, deadline).await
+    }
+
+    /// Writes `bytes` whole by `deadline`. A write cut short by the deadline leaves the stream
+    /// out of step with the node, so it closes the connection (every later request fails
+    /// at once instead of waiting for replies that a garbled stream never brings).
+    async fn send_until(&self, bytes: &[u8], deadline: tokio::time::Instant) -> anyhow::Result<()> {
+        let Ok(mut send) = tokio::time::timeout_at(deadline, self.send.lock()).await else {
+            return Err(self.timed_out("send", 0, "the stream was not free to write"));
+        };
+        match tokio::time::timeout_at(deadline, send.write_all(bytes)).await {
+            Ok(written) => {
+                written.with_context(|| format!("cannot send to node {}", self.server_name))
+            }
+            Err(_) => {
+                self.connection.close(
+                    1u32.into(),
+                    b"a request's deadline passed while it was sent",
+                );
+                Err(self.timed_out("send", 0, "not written whole (flow control?)"))
+            }
+        }
     }
 
     /// Appends a batch; the outer error is a transport failure, the inner one the node's
@@ -103,6 +213,26 @@ impl NodeClient {
 
     pub fn close(&self) {
         self.connection.close(0u32.into(), b"done");
+    }
+}
+
+/// A message's name, for error messages.
+fn message_name(message: &Message) -> &'static str {
+    match message {
+        Message::Append(_) => "Append",
+        Message::Ack(_) => "Ack",
+        Message::Error(_) => "Error",
+        Message::ReadPage(_) => "ReadPage",
+        Message::Page(_) => "Page",
+        Message::HostSegments(_) => "HostSegments",
+        Message::SetPgmrpl(_) => "SetPgmrpl",
+        Message::Done => "Done",
+        Message::GetVolumeState(_) => "GetVolumeState",
+        Message::VolumeState(_) => "VolumeState",
+        Message::Fence(_) => "Fence",
+        Message::Truncate(_) => "Truncate",
+        Message::FetchRecords(_) => "FetchRecords",
+        Message::Records(_) => "Records",
     }
 }
 

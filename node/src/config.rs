@@ -17,6 +17,8 @@ name = "node1"
 listen = "127.0.0.1:7100"
 az = "az1"
 data_dir = ".sixfold/node1"
+# Prometheus metrics over HTTP at http://ADDRESS/metrics; off unless set.
+# metrics_listen = "127.0.0.1:9100"
 
 [tls]
 ca = ".sixfold/certs/ca.pem"
@@ -44,6 +46,9 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     pub az: String,
     pub data_dir: PathBuf,
+    /// Where to serve Prometheus metrics over HTTP (`GET /metrics`); off unless set.
+    #[serde(default, deserialize_with = "metrics_listen")]
+    pub metrics_listen: Option<SocketAddr>,
     pub tls: TlsConfig,
     #[serde(default)]
     pub journal: JournalConfig,
@@ -143,6 +148,16 @@ impl Default for JournalConfig {
     }
 }
 
+/// `metrics_listen = "IP:PORT"`, with an error that names the key and shows an example.
+fn metrics_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "metrics_listen = \"{text}\" is not an IP address and port; try \"127.0.0.1:9100\""
+        ))
+    })
+}
+
 impl NodeConfig {
     /// Parses and checks a configuration; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, String> {
@@ -239,6 +254,25 @@ mod tests {
         let text = DEFAULT_CONFIG.replace("file_count = 8", "file_count = 0");
         let e = NodeConfig::parse(&text, "node.toml").unwrap_err();
         assert!(e.contains("journal.file_count"), "{e}");
+        let text = DEFAULT_CONFIG.replace("# metrics_listen", "metrics_listen");
+        let c = NodeConfig::parse(&text, "node.toml").unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        assert!(
+            NodeConfig::parse(DEFAULT_CONFIG, "node.toml")
+                .unwrap()
+                .metrics_listen
+                .is_none()
+        );
+        let text = DEFAULT_CONFIG.replace(
+            "# metrics_listen = \"127.0.0.1:9100\"",
+            "metrics_listen = \"localhost\"",
+        );
+        let e = NodeConfig::parse(&text, "node.toml").unwrap_err();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.contains("metrics_listen = \"localhost\" is not an IP address and port"),
+            "{e}"
+        );
         let text = format!("{DEFAULT_CONFIG}\nbogus = 1\n");
         let e = NodeConfig::parse(&text, "node.toml").unwrap_err();
         assert!(e.contains("bogus"), "{e}");

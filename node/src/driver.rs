@@ -13,20 +13,28 @@
 //!   core answers every frame exactly once);
 //! - a fatal I/O error goes to the core, which stops the node; the driver logs it at ERROR,
 //!   reports it through [`DriverHandle::stopped`] and keeps answering (`ShuttingDown`) until
-//!   it is shut down.
+//!   it is shut down;
+//! - the driver owns the node's metrics ([`NodeMetrics`]): it times appends (frame in → Ack
+//!   out) and groups (submitted → durable) with its clock, and copies the core's
+//!   [`crate::core::NodeStats`] in when a scrape asks, between two inputs. Its bookkeeping
+//!   holds one entry per request or group in flight, and loses it with the reply.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use wire::codec::Reader;
+use wire::frame::FrameHeader;
 use wire::{ErrorCode, ErrorReply, Frame, LogRecord, Message, PageImage, Role};
 
-use crate::core::{ConnId, JobToken, ManifestToken, NodeCore, NodeOutput, ReadToken};
+use crate::core::{ConnId, GroupId, JobToken, ManifestToken, NodeCore, NodeOutput, ReadToken};
 use crate::io::{Clock, GroupOutcome, JournalIo, ManifestStore, RecordReader};
 use crate::pagestore::{CoalesceJob, PageRead, PageStore};
 use crate::manifest::Manifest;
+use crate::metrics::NodeMetrics;
 use crate::segment::RecordLocation;
 
 /// Requests per stream that may wait for an answer at once.
@@ -60,6 +68,8 @@ enum Input {
         token: JobToken,
         result: Result<(), String>,
     },
+    /// A scrape: copy the core's counters into the metrics, then answer.
+    RefreshMetrics(oneshot::Sender<()>),
     Shutdown,
 }
 
@@ -69,6 +79,7 @@ pub struct DriverHandle {
     inputs: mpsc::UnboundedSender<Input>,
     next_conn: Arc<AtomicU64>,
     stopped: watch::Receiver<Option<String>>,
+    metrics: Arc<NodeMetrics>,
 }
 
 /// One request stream: frames go in, encoded reply frames come out of the receiver that
@@ -110,6 +121,21 @@ impl DriverHandle {
     /// Refuse new requests, finish what is waiting, then end the driver.
     pub fn shutdown(&self) {
         let _ = self.inputs.send(Input::Shutdown);
+    }
+
+    /// The node's metrics (encode them with [`NodeMetrics::encode`]).
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.metrics
+    }
+
+    /// Asks the driver to copy the core's counters into the metrics; `false` if it did not
+    /// within `timeout` (a busy or stalled driver: the metrics keep their last values).
+    pub async fn refresh_metrics(&self, timeout: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.inputs.send(Input::RefreshMetrics(tx)).is_err() {
+            return false; // The driver is gone.
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
     }
 
     /// Waits until the node stops on a fatal error; returns why.
@@ -177,6 +203,11 @@ pub struct Driver<J: JournalIo> {
     streams: HashMap<ConnId, (mpsc::UnboundedSender<Vec<u8>>, Arc<Semaphore>)>,
     stopped: watch::Sender<Option<String>>,
     shutting_down: bool,
+    metrics: Arc<NodeMetrics>,
+    /// When each request still waiting for its reply arrived (by stream and request id).
+    received: HashMap<(ConnId, u64), Instant>,
+    /// When each group being persisted was submitted.
+    submitted: HashMap<GroupId, Instant>,
 }
 
 impl<J: JournalIo> Driver<J> {
@@ -194,10 +225,12 @@ impl<J: JournalIo> Driver<J> {
         } = io;
         let (tx, rx) = mpsc::unbounded_channel();
         let (stopped_tx, stopped_rx) = watch::channel(None);
+        let metrics = Arc::new(NodeMetrics::new());
         let handle = DriverHandle {
             inputs: tx.clone(),
             next_conn: Arc::new(AtomicU64::new(1)),
             stopped: stopped_rx,
+            metrics: metrics.clone(),
         };
         let driver = Self {
             core,
@@ -211,6 +244,9 @@ impl<J: JournalIo> Driver<J> {
             streams: HashMap::new(),
             stopped: stopped_tx,
             shutting_down: false,
+            metrics,
+            received: HashMap::new(),
+            submitted: HashMap::new(),
         };
         (driver, handle)
     }
@@ -253,6 +289,10 @@ impl<J: JournalIo> Driver<J> {
             }
             Input::Frame { conn, role, frame } => {
                 let now = self.clock.now();
+                // A header the core cannot read is answered under id 0: nothing to time.
+                if let Ok(header) = FrameHeader::decode(&mut Reader::new(&frame)) {
+                    self.received.insert((conn, header.request_id), now);
+                }
                 self.core.handle_frame(now, conn, role, frame);
             }
             Input::Closed(conn) => {
@@ -267,6 +307,13 @@ impl<J: JournalIo> Driver<J> {
             Input::RecordsRead { token, result } => self.core.handle_records_read(token, result),
             Input::PageRead { token, result } => self.core.handle_page_read(token, result),
             Input::Coalesced { token, result } => self.core.handle_coalesced(token, result),
+            Input::RefreshMetrics(done) => {
+                let waited = self.core.oldest_waiting(self.clock.now());
+                self.metrics.publish(&self.core.stats(), waited);
+                // A directory listing of a few files, once per scrape.
+                self.metrics.page_store_bytes.set(self.pages.disk_bytes());
+                let _ = done.send(());
+            }
             Input::Shutdown => {
                 self.shutting_down = true;
                 self.core.begin_shutdown();
@@ -275,6 +322,10 @@ impl<J: JournalIo> Driver<J> {
     }
 
     fn handle_outcome(&mut self, outcome: GroupOutcome) {
+        if let Some(at) = self.submitted.remove(&outcome.group) {
+            let took = self.clock.now().saturating_duration_since(at);
+            self.metrics.persist_seconds.observe(took.as_secs_f64());
+        }
         match outcome.result {
             Ok(()) => self.core.handle_persisted(outcome.group),
             Err(e) => self.core.handle_fatal_io(format!(
@@ -307,6 +358,11 @@ impl<J: JournalIo> Driver<J> {
                 message,
             } => self.send_reply(conn, request_id, message),
             NodeOutput::Persist(group) => {
+                self.submitted.insert(group.id, self.clock.now());
+                self.metrics
+                    .group_appends
+                    .observe(group.entries.len() as f64);
+                self.metrics.group_bytes.observe(group.bytes as f64);
                 if let Err(e) = self.journal.submit(group) {
                     self.core
                         .handle_fatal_io(format!("cannot submit a journal write: {e}"));
@@ -332,6 +388,12 @@ impl<J: JournalIo> Driver<J> {
                 e.code,
                 e.message
             );
+        }
+        if let Some(at) = self.received.remove(&(conn, request_id))
+            && matches!(message, Message::Ack(_))
+        {
+            let took = self.clock.now().saturating_duration_since(at);
+            self.metrics.append_seconds.observe(took.as_secs_f64());
         }
         // A stream that went away no longer wants its replies.
         let Some((replies, inflight)) = self.streams.get(&conn) else {

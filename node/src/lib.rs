@@ -12,6 +12,7 @@ pub mod driver;
 pub mod io;
 pub mod journal;
 pub mod manifest;
+pub mod metrics;
 pub mod node;
 pub mod pagestore;
 pub mod segment;

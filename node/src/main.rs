@@ -62,6 +62,7 @@ fn run(config: node::NodeConfig) -> anyhow::Result<Option<String>> {
     let server_config =
         node::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
     let listen = config.listen;
+    let metrics_listen = config.metrics_listen;
     // One runtime thread serves the network and drives the node's core; the journal writer
     // runs on it too (`journal.persister = "inline"`) or beside it on its own thread, which is
     // why the node opens inside it.
@@ -73,6 +74,17 @@ fn run(config: node::NodeConfig) -> anyhow::Result<Option<String>> {
         log_recovery(&report);
         let endpoint = quinn::Endpoint::server(server_config, listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        // Bound before the node says it is ready: a port in use is a startup error.
+        let metrics = match metrics_listen {
+            Some(addr) => {
+                let listener = node::metrics::bind(addr).await?;
+                let bound = listener.local_addr()?;
+                tracing::info!("metrics on http://{bound}/metrics");
+                let driver = node.driver().clone();
+                Some(tokio::spawn(node::metrics::serve(listener, driver)))
+            }
+            None => None,
+        };
         tracing::info!(%listen, name = %node.config.name, az = %node.config.az, "serving");
         // The readiness line tests and scripts wait for.
         println!("sixfold-node ready on {}", endpoint.local_addr()?);
@@ -90,6 +102,10 @@ fn run(config: node::NodeConfig) -> anyhow::Result<Option<String>> {
         }
         endpoint.close(0u32.into(), b"shutting down");
         server.abort();
+        // The metrics server owns its connections: aborting it ends them all.
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
         // Bounded: a connection a peer abandoned mid-handshake would otherwise hold the exit
         // until its idle timeout (tens of seconds), past a supervisor's stop deadline.
         let idle = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle());

@@ -51,6 +51,8 @@ pub struct NodeSpec {
     pub persister: node::config::PersisterMode,
     /// (volume, pg, segment) triples.
     pub segments: Vec<(u64, u32, u32)>,
+    /// `metrics_listen` (port 0: any free port; [`NodeProcess::metrics_addr`] finds it).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl NodeSpec {
@@ -68,6 +70,7 @@ impl NodeSpec {
             sync: node::config::SyncMode::RwfDsync,
             persister: node::config::PersisterMode::Inline,
             segments: vec![(1, 0, 0)],
+            metrics_listen: None,
         }
     }
 
@@ -94,18 +97,22 @@ impl NodeSpec {
                 .iter()
                 .map(|s| (s.volume.0, s.pg.0, s.segment.0))
                 .collect(),
+            metrics_listen: config.metrics_listen,
         }
     }
 
     pub fn to_toml(&self) -> String {
         let mut s = format!(
-            "name = \"{}\"\nlisten = \"{}\"\naz = \"{}\"\ndata_dir = \"{}\"\n\n[tls]\n\
+            "name = \"{}\"\nlisten = \"{}\"\naz = \"{}\"\ndata_dir = \"{}\"\n{}\n[tls]\n\
              ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n[journal]\nfile_bytes = {}\n\
              file_count = {}\ninflight_groups_max = {}\nsync = \"{}\"\npersister = \"{}\"\n",
             self.name,
             self.listen,
             self.az,
             self.data_dir.display(),
+            self.metrics_listen
+                .map(|a| format!("metrics_listen = \"{a}\"\n"))
+                .unwrap_or_default(),
             self.certs_dir.join("ca.pem").display(),
             self.certs_dir.join(format!("{}.pem", self.name)).display(),
             self.certs_dir
@@ -379,6 +386,19 @@ impl NodeProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Where the node serves its metrics, as its log says (the last start's line), if it
+    /// does.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        let log = std::fs::read_to_string(&self.log).ok()?;
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("metrics on http://"))?;
+        let (_, rest) = line.split_once("http://")?;
+        let (addr, _) = rest.split_once("/metrics")?;
+        addr.parse().ok()
     }
 
     /// SIGKILL, as a crash.

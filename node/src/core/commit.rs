@@ -210,6 +210,24 @@ impl Commit {
         assert!(bytes <= GROUP_BYTES_MAX);
         (batches, bodies, offsets, bytes)
     }
+
+    /// Counters for [`super::NodeStats`]. The journal is used from its start to the next
+    /// group's position (files are filled in order and never reused yet).
+    pub(super) fn counters(&self) -> super::stats::CommitCounters {
+        let capacity = self.file_bytes * u64::from(self.file_count);
+        // Live files: from the start file (oldest live) around the ring to the head.
+        let laps = (self.position.file + self.file_count - self.start_file) % self.file_count;
+        let used = u64::from(laps) * self.file_bytes + self.position.offset;
+        assert!(used <= capacity);
+        assert!(self.next_group >= 1);
+        super::stats::CommitCounters {
+            groups_formed: self.next_group - 1,
+            appends_queued: self.queue.len() as u64,
+            groups_inflight: self.inflight.len() as u64,
+            journal_bytes_used: used,
+            journal_bytes_capacity: capacity,
+        }
+    }
 }
 
 impl NodeCore {

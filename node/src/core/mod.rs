@@ -52,6 +52,7 @@ mod commit;
 mod durability;
 mod reads;
 mod requests;
+mod stats;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::RangeInclusive;
@@ -72,6 +73,7 @@ pub use background::{
 };
 pub use commit::{GROUP_ENTRY_BYTES_MAX, PersistGroup};
 pub use requests::{FETCH_BYTES_MAX, TRUNCATIONS_PER_VOLUME_MAX};
+pub use stats::{NodeStats, SegmentStats};
 
 /// A stream requests arrive on and replies go back to; chosen by the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
