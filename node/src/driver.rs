@@ -13,7 +13,11 @@
 //!   core answers every frame exactly once);
 //! - a fatal I/O error goes to the core, which stops the node; the driver logs it at ERROR,
 //!   reports it through [`DriverHandle::stopped`] and keeps answering (`ShuttingDown`) until
-//!   it is shut down.
+//!   it is shut down;
+//! - the core's timer ([`NodeCore::poll_timeout`]) is honoured: `handle_timeout` is called
+//!   once at start and whenever it passes; peer requests go to [`crate::peers::Peers`] (or
+//!   fail at once without one) and every outcome comes back as an input, so gossip never
+//!   waits on this task.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,11 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use wire::{ErrorCode, ErrorReply, Frame, LogRecord, Message, Role};
+use wire::{ErrorCode, ErrorReply, Frame, LogRecord, Message, PeerNode, Role};
 
 use crate::core::{ConnId, ManifestToken, NodeCore, NodeOutput, ReadToken};
 use crate::io::{Clock, GroupOutcome, JournalIo, ManifestStore, RecordReader};
 use crate::manifest::Manifest;
+use crate::peers::Peers;
 use crate::segment::RecordLocation;
 
 /// Requests per stream that may wait for an answer at once.
@@ -50,6 +55,11 @@ enum Input {
     RecordsRead {
         token: ReadToken,
         result: Result<Vec<LogRecord>, String>,
+    },
+    PeerReply {
+        peer: PeerNode,
+        request_id: u64,
+        result: Result<Message, String>,
     },
     Shutdown,
 }
@@ -167,6 +177,7 @@ pub struct Driver<J: JournalIo> {
     streams: HashMap<ConnId, (mpsc::UnboundedSender<Vec<u8>>, Arc<Semaphore>)>,
     stopped: watch::Sender<Option<String>>,
     shutting_down: bool,
+    peers: Option<Peers>,
 }
 
 impl<J: JournalIo> Driver<J> {
@@ -196,21 +207,55 @@ impl<J: JournalIo> Driver<J> {
             streams: HashMap::new(),
             stopped: stopped_tx,
             shutting_down: false,
+            peers: None,
         };
         (driver, handle)
+    }
+
+    /// Lets the core reach its peers (gossip), with a client endpoint presenting the node's
+    /// certificate. Without it, every peer request fails at once.
+    pub fn enable_peers(
+        &mut self,
+        listen: std::net::SocketAddr,
+        tls: (&std::path::Path, &std::path::Path, &std::path::Path),
+    ) -> anyhow::Result<()> {
+        let loopback = self.loopback.clone();
+        let sink: crate::peers::OutcomeSink = Arc::new(move |peer, request_id, result| {
+            let _ = loopback.send(Input::PeerReply {
+                peer,
+                request_id,
+                result,
+            });
+        });
+        self.peers = Some(Peers::new(listen, tls, sink)?);
+        Ok(())
     }
 
     /// Runs until shut down and idle. `Err(reason)` if the node stopped on a fatal error.
     pub async fn run(mut self) -> Result<(), String> {
         let mut outcomes = Vec::new();
+        self.core.handle_timeout(self.clock.now());
         loop {
             self.dispatch();
             if self.shutting_down && self.core.is_idle() {
+                if let Some(peers) = &self.peers {
+                    peers.close();
+                }
                 return self.core.stopped().map_or(Ok(()), |r| Err(r.to_string()));
             }
+            let timer = self.core.poll_timeout();
+            let sleep = async move {
+                match timer {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = self.journal.ready() => {}
+                () = sleep => {
+                    self.core.handle_timeout(self.clock.now());
+                }
                 input = self.inputs.recv() => {
                     // Every handle is gone only once the node itself is gone.
                     let input = input.unwrap_or(Input::Shutdown);
@@ -250,6 +295,14 @@ impl<J: JournalIo> Driver<J> {
                     .handle_fatal_io(format!("cannot store the manifest: {e}")),
             },
             Input::RecordsRead { token, result } => self.core.handle_records_read(token, result),
+            Input::PeerReply {
+                peer,
+                request_id,
+                result,
+            } => {
+                let now = self.clock.now();
+                self.core.handle_peer_reply(now, &peer, request_id, result);
+            }
             Input::Shutdown => {
                 self.shutting_down = true;
                 self.core.begin_shutdown();
@@ -297,6 +350,20 @@ impl<J: JournalIo> Driver<J> {
             }
             NodeOutput::StoreManifest { token, manifest } => self.store_manifest(token, manifest),
             NodeOutput::ReadRecords { token, locations } => self.read_records(token, locations),
+            NodeOutput::PeerRequest {
+                peer,
+                request_id,
+                message,
+            } => match &mut self.peers {
+                Some(peers) => peers.send(peer, request_id, message),
+                None => {
+                    let _ = self.loopback.send(Input::PeerReply {
+                        peer,
+                        request_id,
+                        result: Err("this node has no peer client".into()),
+                    });
+                }
+            },
             NodeOutput::Stopped { reason } => {
                 tracing::error!(
                     "stopping: {reason}; the journal on disk is the truth, restart to recover"

@@ -13,6 +13,7 @@ pub mod io;
 pub mod journal;
 pub mod manifest;
 pub mod node;
+pub mod peers;
 pub mod segment;
 pub mod server;
 pub mod tls;

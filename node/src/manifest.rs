@@ -6,6 +6,8 @@
 //! - an epoch or a truncation range is recorded durably before any reply that depends on it
 //!   leaves the node (the core holds such replies until the manifest holding them is stored);
 //! - recorded epochs only grow, and truncation ranges are only added, never removed;
+//! - `placement` names, for PGs the node hosts, the node of each of their segments (its own
+//!   included); it is replaced per PG by a newer HostSegments, never merged;
 //! - every truncation range is non-empty (`after < through`); ranges are kept as installed
 //!   (never merged: each annuls only epochs older than its own), sorted, without duplicates, and
 //!   disjoint and sorted by `after` (overlapping or adjacent ranges are merged).
@@ -72,6 +74,19 @@ struct ManifestToml {
     volume: Vec<VolumeToml>,
     #[serde(default)]
     truncation: Vec<TruncationToml>,
+    /// Where the segments of the hosted PGs live (absent in manifests written before gossip).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    peer: Vec<PeerToml>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct PeerToml {
+    volume: u64,
+    pg: u32,
+    segment: u32,
+    node: String,
+    address: std::net::SocketAddr,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -140,6 +155,9 @@ impl Default for VolumeMeta {
 pub struct Manifest {
     pub segments: Vec<SegmentKey>,
     pub volumes: BTreeMap<VolumeId, VolumeMeta>,
+    /// The node hosting each segment of the PGs hosted here (from HostSegments): the peers
+    /// gossip talks to.
+    pub placement: BTreeMap<SegmentKey, wire::PeerNode>,
 }
 
 pub const MANIFEST_FILE: &str = "manifest.toml";
@@ -152,6 +170,22 @@ impl Manifest {
         let mut manifest = Self {
             segments: parsed.segment,
             volumes: BTreeMap::new(),
+            placement: parsed
+                .peer
+                .into_iter()
+                .map(|p| {
+                    let key = SegmentKey {
+                        volume: VolumeId(p.volume),
+                        pg: PgId(p.pg),
+                        segment: SegmentIndex(p.segment),
+                    };
+                    let node = wire::PeerNode {
+                        name: p.node,
+                        address: p.address,
+                    };
+                    (key, node)
+                })
+                .collect(),
         };
         for v in &parsed.volume {
             let meta = VolumeMeta {
@@ -196,10 +230,18 @@ impl Manifest {
                 through: t.through.0,
             })
         });
+        let peer = self.placement.iter().map(|(key, node)| PeerToml {
+            volume: key.volume.0,
+            pg: key.pg.0,
+            segment: key.segment.0,
+            node: node.name.clone(),
+            address: node.address,
+        });
         let parsed = ManifestToml {
             segment: self.segments.clone(),
             volume: volume.collect(),
             truncation: truncation.collect(),
+            peer: peer.collect(),
         };
         toml::to_string(&parsed).expect("plain tables always serialize")
     }
@@ -269,6 +311,19 @@ mod tests {
             truncations: vec![range(10, 20), range(30, 40)],
         };
         m.volumes.insert(VolumeId(1), meta);
+        let old_text = m.to_toml();
+        assert!(!old_text.contains("peer"), "no placement, no table");
+        m.placement.insert(
+            SegmentKey {
+                volume: VolumeId(1),
+                pg: PgId(2),
+                segment: SegmentIndex(4),
+            },
+            wire::PeerNode {
+                name: "node5".into(),
+                address: "127.0.0.1:7104".parse().unwrap(),
+            },
+        );
         let text = m.to_toml();
         assert_eq!(Manifest::from_toml(&text, "m").unwrap(), m);
         assert!(

@@ -5,6 +5,7 @@
 //! stale group header past its end was erased; the core answers every request (see
 //! `core`), and the driver keeps the journal's writes off the core.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::config::{NodeConfig, PersisterMode};
@@ -98,12 +99,22 @@ impl Node {
         let (sync, inflight) = (j.sync, j.inflight_groups_max);
         let files = journal.files;
         let io = (Arc::new(store), Arc::new(reader));
+        let tls = &config.tls;
+        let peers = (config.listen, (&*tls.ca, &*tls.cert, &*tls.key));
         let (driver, task) = match j.persister {
-            PersisterMode::Inline => spawn(core, UringJournal::inline(files, sync, inflight)?, io),
-            PersisterMode::Thread => {
-                spawn(core, UringJournal::on_thread(files, sync, inflight)?, io)
-            }
-            PersisterMode::StdFs => spawn(core, std_fs::start(files, sync)?, io),
+            PersisterMode::Inline => spawn(
+                core,
+                UringJournal::inline(files, sync, inflight)?,
+                io,
+                peers,
+            )?,
+            PersisterMode::Thread => spawn(
+                core,
+                UringJournal::on_thread(files, sync, inflight)?,
+                io,
+                peers,
+            )?,
+            PersisterMode::StdFs => spawn(core, std_fs::start(files, sync)?, io, peers)?,
         };
         Ok(Self {
             config,
@@ -138,13 +149,18 @@ impl Node {
 
 type Io = (Arc<FileManifestStore>, Arc<JournalReader>);
 
+/// Where the node listens, and its CA, certificate and key: what its peer client needs.
+type PeerSetup<'a> = (std::net::SocketAddr, (&'a Path, &'a Path, &'a Path));
+
 fn spawn<J: JournalIo + 'static>(
     core: NodeCore,
     journal: J,
     (store, reader): Io,
-) -> (DriverHandle, tokio::task::JoinHandle<Result<(), String>>) {
-    let (driver, handle) = Driver::new(core, journal, store, reader, Arc::new(SystemClock));
-    (handle, tokio::spawn(driver.run()))
+    (listen, tls): PeerSetup<'_>,
+) -> anyhow::Result<(DriverHandle, tokio::task::JoinHandle<Result<(), String>>)> {
+    let (mut driver, handle) = Driver::new(core, journal, store, reader, Arc::new(SystemClock));
+    driver.enable_peers(listen, tls)?;
+    Ok((handle, tokio::spawn(driver.run())))
 }
 
 /// The stored manifest plus the segments `node.toml` names, stored again if it grew.

@@ -14,9 +14,10 @@ use wire::frame::{
 use wire::record::{RECORD_PAYLOAD_BYTES_MAX, decode_records, encode_records};
 use wire::{
     Append, AppendView, ApplyError, DecodeError, Epoch, ErrorCode, ErrorReply, Fence, FetchRecords,
-    Frame, HostSegments, LogRecord, Lsn, Message, PageId, PageImage, PageReply, PgId,
-    RECORD_HEADER_BYTES, ReadPage, Records, RedoOp, SegmentAck, SegmentIndex, SegmentState,
-    SetPgmrpl, Truncate, TruncationRange, VolumeId, VolumeState, apply_record, apply_records,
+    Frame, HostSegments, LogRecord, Lsn, Message, PG_SIZE, PageId, PageImage, PageReply, PeerNode,
+    PgId, PgPlacement, RECORD_HEADER_BYTES, ReadPage, Records, RedoOp, SegmentAck, SegmentIndex,
+    SegmentState, SetPgmrpl, Truncate, TruncationRange, VolumeId, VolumeState, apply_record,
+    apply_records,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -178,16 +179,52 @@ fn arb_host_segments() -> impl Strategy<Value = HostSegments> {
         any::<u32>(),
         any::<u64>(),
         vec(segment, 0..=48),
+        arb_placement(),
     )
         .prop_map(
-            |(volume, epoch, page_size_bytes, pages_per_pg, segments)| HostSegments {
-                volume: VolumeId(volume),
-                epoch: Epoch(epoch),
-                page_size_bytes,
-                pages_per_pg,
-                segments,
+            |(volume, epoch, page_size_bytes, pages_per_pg, segments, (nodes, placement))| {
+                HostSegments {
+                    volume: VolumeId(volume),
+                    epoch: Epoch(epoch),
+                    page_size_bytes,
+                    pages_per_pg,
+                    segments,
+                    nodes,
+                    placement,
+                }
             },
         )
+}
+
+/// A node table (names up to the limit, IPv4 and IPv6 addresses) and PG placements that
+/// index into it.
+fn arb_placement() -> impl Strategy<Value = (Vec<PeerNode>, Vec<PgPlacement>)> {
+    let node = (
+        "[a-z0-9-]{0,40}",
+        any::<[u8; 16]>(),
+        any::<u16>(),
+        any::<bool>(),
+    )
+        .prop_map(|(name, ip, port, v6)| {
+            let ip: std::net::IpAddr = if v6 {
+                std::net::Ipv6Addr::from(ip).into()
+            } else {
+                std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).into()
+            };
+            PeerNode {
+                name,
+                address: std::net::SocketAddr::new(ip, port),
+            }
+        });
+    vec(node, 0..=8).prop_flat_map(|nodes| {
+        let n = nodes.len();
+        let pg = (any::<u32>(), any::<[u16; PG_SIZE]>()).prop_map(move |(pg, picks)| PgPlacement {
+            pg: PgId(pg),
+            nodes: picks.map(|p| p % u16::try_from(n.max(1)).unwrap()),
+        });
+        let count = if n == 0 { 0..=0 } else { 0..=6 };
+        (Just(nodes), vec(pg, count))
+    })
 }
 
 fn arb_set_pgmrpl() -> impl Strategy<Value = SetPgmrpl> {
@@ -260,13 +297,17 @@ fn arb_recovery_request() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<u32>(),
             l,
-            prop_oneof![Just(vec![]), arb_records()]
+            prop_oneof![Just(vec![]), arb_records()],
+            any::<u64>(),
         )
-            .prop_map(|(v, pg, s, scl, records)| Message::Records(Records {
+            .prop_map(|(v, pg, s, scl, records, epoch)| Message::Records(Records {
                 volume: VolumeId(v),
                 pg: PgId(pg),
                 segment: SegmentIndex(s),
                 scl: Lsn(scl),
+                epochs: (0..records.len() as u64)
+                    .map(|i| Epoch(epoch.wrapping_add(i % 3)))
+                    .collect(),
                 records,
             })),
     ]

@@ -26,9 +26,14 @@
 //! - [`NodeCore::handle_fatal_io`]: a journal write or sync, or a manifest store, failed. The
 //!   node stops: everything waiting and everything after gets `ShuttingDown` with the reason.
 //! - [`NodeCore::begin_shutdown`]: refuse new requests, finish what is waiting.
+//! - [`NodeCore::handle_timeout`]: time passed (call it once when serving starts, then
+//!   whenever [`NodeCore::poll_timeout`] passes); gossip polls peers and plans fetches.
+//! - [`NodeCore::handle_peer_reply`]: the reply to a [`NodeOutput::PeerRequest`], or why
+//!   none came (see `gossip`).
 //!
 //! Outputs, drained with [`NodeCore::poll_output`] after each input: replies, journal groups to
-//! write ([`NodeOutput::Persist`]), manifests to store, journal records to read, and
+//! write ([`NodeOutput::Persist`]), manifests to store, journal records to read, requests to
+//! peer nodes ([`NodeOutput::PeerRequest`], gossip), and
 //! [`NodeOutput::Stopped`] once. Group commit happens here: when outputs are polled and fewer
 //! than `inflight_groups_max` groups are being persisted, everything queued goes into the next
 //! group (up to a group's size), so a driver that feeds every input it has before polling gets
@@ -45,10 +50,13 @@
 //! - a record whose LSN lies in a truncated range is never indexed, never counted in an SCL and
 //!   never served, whether it was durable before the truncation or arrives after it;
 //! - every reply that states durable metadata (VolumeState, Done for HostSegments) leaves only
-//!   once the manifest holding that state is durable.
+//!   once the manifest holding that state is durable;
+//! - records fetched from peers by gossip go through the same journal queue and are indexed
+//!   exactly as appended ones (truncations included), but are never answered to anyone.
 
 mod commit;
 mod durability;
+mod gossip;
 mod reads;
 mod requests;
 
@@ -66,6 +74,7 @@ use crate::manifest::{Manifest, SegmentKey, VolumeMeta, truncated};
 use crate::segment::{DurableRecord, RecordLocation, Segment};
 
 pub use commit::{GROUP_ENTRY_BYTES_MAX, PersistGroup};
+pub use gossip::{GAPS_REPORTED_MAX, GOSSIP_FETCH_BYTES_MAX, Gap, GossipConfig, missing_ranges};
 pub use requests::{FETCH_BYTES_MAX, TRUNCATIONS_PER_VOLUME_MAX};
 
 /// A stream requests arrive on and replies go back to; chosen by the driver.
@@ -125,6 +134,14 @@ pub enum NodeOutput {
     ReadRecords {
         token: ReadToken,
         locations: Vec<RecordLocation>,
+    },
+    /// Send `message` (a request) to the peer node `peer` with `request_id`, and call
+    /// [`NodeCore::handle_peer_reply`] with its reply or why none came. The core keeps the
+    /// request's deadline: a driver may give up earlier, never wait forever.
+    PeerRequest {
+        peer: wire::PeerNode,
+        request_id: u64,
+        message: Message,
     },
     /// The node stopped serving for good; the driver logs the reason and exits non-zero.
     Stopped { reason: String },
@@ -230,6 +247,7 @@ pub struct NodeCore {
     commit: commit::Commit,
     durability: durability::Durability,
     reads: reads::Reads,
+    gossip: gossip::Gossip,
     outputs: VecDeque<NodeOutput>,
 }
 
@@ -275,7 +293,11 @@ impl NodeCore {
             segments.insert(key, Segment::default());
         }
         let commit = commit::Commit::new(&config);
-        Self {
+        let gossip = gossip::Gossip::new(
+            gossip::GossipConfig::for_node(&config.name),
+            manifest.placement,
+        );
+        let mut core = Self {
             config,
             phase: Phase::Recovering,
             volumes,
@@ -283,8 +305,11 @@ impl NodeCore {
             commit,
             durability: durability::Durability::default(),
             reads: reads::Reads::default(),
+            gossip,
             outputs: VecDeque::new(),
-        }
+        };
+        core.refresh_poll_targets();
+        core
     }
 
     /// Rebuilds from one durable journal entry: its records are indexed (unless they lie in a
@@ -529,6 +554,7 @@ impl NodeCore {
     /// geometry and truncations.
     pub fn manifest(&self) -> Manifest {
         let manifest = Manifest {
+            placement: self.gossip.placement().clone(),
             segments: self.segments.keys().copied().collect(),
             volumes: self
                 .volumes

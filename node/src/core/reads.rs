@@ -8,7 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use wire::{ErrorCode, ErrorReply, LogRecord, Lsn, Message, PageId, PageImage, PageReply, Records};
+use wire::{
+    Epoch, ErrorCode, ErrorReply, LogRecord, Lsn, Message, PageId, PageImage, PageReply, Records,
+};
 
 use super::{ConnId, ReadToken};
 use crate::manifest::SegmentKey;
@@ -25,6 +27,8 @@ pub(super) enum ReadKind {
     Records {
         key: SegmentKey,
         scl: Lsn,
+        /// The epoch each record was written with (one per location).
+        epochs: Vec<Epoch>,
     },
 }
 
@@ -88,11 +92,12 @@ impl Reads {
                     read_point,
                     page_size_bytes,
                 } => apply_page(page, read_point, page_size_bytes, &records),
-                ReadKind::Records { key, scl } => Ok(Message::Records(Records {
+                ReadKind::Records { key, scl, epochs } => Ok(Message::Records(Records {
                     volume: key.volume,
                     pg: key.pg,
                     segment: key.segment,
                     scl,
+                    epochs,
                     records,
                 })),
             });

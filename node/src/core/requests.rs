@@ -48,6 +48,7 @@ impl NodeCore {
             self.phase != Phase::Recovering,
             "requests come after recovery"
         );
+        self.note_now(now);
         let header = match FrameHeader::decode(&mut Reader::new(&frame)) {
             Ok(header) => header,
             Err(e) => {
@@ -231,7 +232,7 @@ impl NodeCore {
     }
 
     /// Pages per PG of `volume`, 0 while unknown.
-    fn pages_per_pg(&self, volume: VolumeId) -> u64 {
+    pub(super) fn pages_per_pg(&self, volume: VolumeId) -> u64 {
         let Some(v) = self.volumes.get(&volume) else {
             return 0;
         };
@@ -274,6 +275,7 @@ impl NodeCore {
             vdl: view.header.vdl,
             records: RecordInBody::of_view(&view),
             received: now,
+            gossip: false,
         };
         assert!(batch.records.len() == view.header.record_count as usize);
         drop(view);
@@ -391,6 +393,7 @@ impl NodeCore {
             let previous = self.segments.insert(key, Segment::default());
             assert!(previous.is_none(), "only new segments are added");
         }
+        let changed = self.install_placement(host) || changed;
         if changed {
             self.manifest_changed(host.volume);
         }
@@ -617,12 +620,18 @@ impl NodeCore {
                 segment: key.segment,
                 scl,
                 records: Vec::new(),
+                epochs: Vec::new(),
             };
             return self.reply(conn, request_id, Message::Records(records));
         }
-        let token = self
-            .reads
-            .begin(conn, request_id, &locations, ReadKind::Records { key, scl });
+        // Each record keeps the epoch it was written with: a copy is annulled exactly when
+        // the original is.
+        let epochs = locations
+            .iter()
+            .map(|l| segment.epoch_of(l.lsn).expect("fetched records are held"))
+            .collect();
+        let kind = ReadKind::Records { key, scl, epochs };
+        let token = self.reads.begin(conn, request_id, &locations, kind);
         self.outputs
             .push_back(NodeOutput::ReadRecords { token, locations });
     }
