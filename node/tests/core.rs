@@ -194,6 +194,7 @@ impl Harness {
                     self.core.handle_records_read(token, Ok(records));
                 }
                 NodeOutput::Stopped { reason } => self.stopped.push(reason),
+                NodeOutput::PeerRequest { .. } => panic!("no placement here, so no gossip"),
             }
         }
     }
