@@ -133,6 +133,17 @@ pub fn missing_ranges(scl: Lsn, beyond: impl Iterator<Item = (Lsn, Lsn)>) -> Vec
     gaps
 }
 
+/// What gossip has done since the core started (for logs, metrics and the simulator).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GossipStats {
+    /// Peer requests sent.
+    pub requests: u64,
+    /// Peer requests that failed (no reply, refused, or a reply that did not check out).
+    pub failures: u64,
+    /// Records fetched from peers and queued for the journal.
+    pub records_fetched: u64,
+}
+
 /// What the node last heard of one peer segment.
 #[derive(Clone, Copy, Debug)]
 struct PeerView {
@@ -182,6 +193,7 @@ pub(super) struct Gossip {
     last_now: Option<Instant>,
     /// Fetches may be planned (something changed since the last planning).
     plan_due: bool,
+    stats: GossipStats,
 }
 
 /// splitmix64: a small, seeded, deterministic generator for the poll jitter.
@@ -210,6 +222,7 @@ impl Gossip {
             warned: BTreeMap::new(),
             last_now: None,
             plan_due: true,
+            stats: GossipStats::default(),
         }
     }
 
@@ -314,6 +327,13 @@ impl NodeCore {
             .min();
         assert!(floor.is_none() || !g.views.is_empty());
         floor
+    }
+
+    /// What gossip has done so far.
+    pub fn gossip_stats(&self) -> GossipStats {
+        let stats = self.gossip.stats;
+        assert!(stats.failures <= stats.requests);
+        stats
     }
 
     /// The known holes of a hosted segment's chain (see [`missing_ranges`]).
@@ -443,6 +463,7 @@ impl NodeCore {
             "a node does not gossip with itself"
         );
         self.gossip.pending.insert(request_id, (deadline, pending));
+        self.gossip.stats.requests += 1;
         self.outputs.push_back(NodeOutput::PeerRequest {
             peer,
             request_id,
@@ -531,6 +552,7 @@ impl NodeCore {
     /// A request got no answer (the driver's error, or the deadline): a failed fetch frees
     /// its segment to try again (another peer, if this one stays silent).
     fn peer_request_failed(&mut self, now: Instant, pending: &Pending, why: &str) {
+        self.gossip.stats.failures += 1;
         tracing::debug!("gossip request to {} failed: {why}", peer_of(pending).name);
         if let Pending::Fetch {
             own, from, after, ..
@@ -546,6 +568,7 @@ impl NodeCore {
     /// A peer answered with an error (or something unexpected): for a fetch, that peer is
     /// not asked for this range again for a while.
     fn peer_refused(&mut self, now: Instant, pending: &Pending, why: &str, refusal: bool) {
+        self.gossip.stats.failures += 1;
         let Pending::Fetch {
             own,
             from,
@@ -837,6 +860,7 @@ impl NodeCore {
             append.records.last().map_or(Lsn::ZERO, |r| r.lsn)
         );
         self.gossip_queued(own);
+        self.gossip.stats.records_fetched += append.records.len() as u64;
         self.commit.enqueue(batch, bytes::Bytes::from(body));
     }
 

@@ -74,7 +74,9 @@ use crate::manifest::{Manifest, SegmentKey, VolumeMeta, truncated};
 use crate::segment::{DurableRecord, RecordLocation, Segment};
 
 pub use commit::{GROUP_ENTRY_BYTES_MAX, PersistGroup};
-pub use gossip::{GAPS_REPORTED_MAX, GOSSIP_FETCH_BYTES_MAX, Gap, GossipConfig, missing_ranges};
+pub use gossip::{
+    GAPS_REPORTED_MAX, GOSSIP_FETCH_BYTES_MAX, Gap, GossipConfig, GossipStats, missing_ranges,
+};
 pub use requests::{FETCH_BYTES_MAX, TRUNCATIONS_PER_VOLUME_MAX};
 
 /// A stream requests arrive on and replies go back to; chosen by the driver.
