@@ -139,7 +139,11 @@ fn a_node_that_missed_records_catches_up_through_gossip() {
         cluster.kill9(0);
         cluster.kill9(1);
         let volume = cluster.attach(VolumeConfig::default()).await.unwrap();
-        assert!(volume.vdl() >= Lsn(200), "recovery found the chain: {}", volume.debug_state());
+        assert!(
+            volume.vdl() >= Lsn(200),
+            "recovery found the chain: {}",
+            volume.debug_state()
+        );
         for i in 0..20u64 {
             let records = vec![engine::quorum::MtrRecord {
                 page: PageId(i),

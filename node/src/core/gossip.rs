@@ -34,6 +34,8 @@
 //! - a fetched batch is never answered to anyone: it is indexed when durable and only then
 //!   may the segment fetch again.
 
+#![deny(clippy::disallowed_methods)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 

@@ -89,6 +89,8 @@ pub struct CoreNode {
     pub ack_before_durable: bool,
     /// Why the node stopped, if it did (a simulator failure: no I/O error is injected).
     pub stopped: Option<String>,
+    /// Planted bug: the node never gossips.
+    pub no_gossip: bool,
     /// Requests to peers the core asked for, not yet taken by the network.
     peer_requests: Vec<(String, u64, Message)>,
     /// The placement's nodes by name (the core names its peers so).
@@ -163,6 +165,7 @@ impl CoreNode {
             buf: AlignedBuf::new(GROUP_BYTES_MAX),
             ack_before_durable: false,
             stopped: None,
+            no_gossip: false,
             peer_requests: Vec::new(),
             peers: placement.to_vec(),
             needs_start: true,
@@ -188,6 +191,11 @@ impl CoreNode {
         node::journal::erase_stale_tail(&self.journal, scan.end, scan.next_sequence)
             .expect("simulated writes do not fail");
         core.finish_recovery(scan.end, scan.next_sequence);
+        if self.no_gossip {
+            let mut config = node::core::GossipConfig::for_node(&self.config.name);
+            config.enabled = false;
+            core.configure_gossip(config);
+        }
         self.core = Some(core);
         self.needs_start = true;
     }
@@ -397,6 +405,15 @@ impl StorageNode for CoreNode {
         self.ack_before_durable = true;
     }
 
+    fn plant_no_gossip(&mut self) {
+        self.no_gossip = true;
+        if let Some(core) = self.core.as_mut() {
+            let mut config = node::core::GossipConfig::for_node(&self.config.name);
+            config.enabled = false;
+            core.configure_gossip(config);
+        }
+    }
+
     fn take_peer_requests(&mut self) -> Vec<(String, u64, Message)> {
         std::mem::take(&mut self.peer_requests)
     }
@@ -406,7 +423,10 @@ impl StorageNode for CoreNode {
             return;
         };
         let body = Bytes::copy_from_slice(frame.get(4..).unwrap_or_default());
-        assert!(conn >= PEER_CONN_BASE, "peers have connections of their own");
+        assert!(
+            conn >= PEER_CONN_BASE,
+            "peers have connections of their own"
+        );
         let conn = ConnId(conn as u64);
         core.handle_frame(now, conn, Some(Role::Node), body);
         self.drain(now, Some(rng));
@@ -433,7 +453,10 @@ impl StorageNode for CoreNode {
 
     fn scls(&self) -> Option<(Epoch, Vec<(PgId, wire::Lsn)>)> {
         let state = self.core.as_ref()?.volume_state(VolumeId(1));
-        Some((state.epoch, state.segments.iter().map(|s| (s.pg, s.scl)).collect()))
+        Some((
+            state.epoch,
+            state.segments.iter().map(|s| (s.pg, s.scl)).collect(),
+        ))
     }
 
     fn gossip_records(&self) -> u64 {

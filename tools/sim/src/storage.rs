@@ -53,6 +53,8 @@ pub trait StorageNode {
     }
     /// Planted bug: acknowledge batches before they are durable.
     fn plant_ack_before_durable(&mut self);
+    /// Planted bug: never gossip (the SCL convergence checker must notice).
+    fn plant_no_gossip(&mut self) {}
     /// A one-line description of the node's state, for traces.
     fn debug(&self) -> String {
         String::new()
@@ -64,8 +66,7 @@ pub trait StorageNode {
     /// A request frame (length prefix included) from a peer node, which presents a node
     /// certificate, on connection `conn` (at least `PEER_CONN_BASE`); its reply comes out of
     /// `take_replies` addressed to `conn`.
-    fn deliver_from_peer(&mut self, _now: Instant, _conn: usize, _frame: &[u8], _rng: &mut Rng) {
-    }
+    fn deliver_from_peer(&mut self, _now: Instant, _conn: usize, _frame: &[u8], _rng: &mut Rng) {}
     /// The reply from peer `peer` to this node's request `request_id`, or why none came.
     fn peer_reply(
         &mut self,

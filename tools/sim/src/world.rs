@@ -44,13 +44,16 @@ pub enum Bug {
     WriteQuorumOfThree,
     /// Recovery serves without recording its truncation.
     RecoverySkipsTruncation,
+    /// Nodes never gossip: a segment behind stays behind unless the writer resends.
+    NoGossip,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 3] = [
+    pub const ALL: [Bug; 4] = [
         Bug::NodeAcksBeforeDurable,
         Bug::WriteQuorumOfThree,
         Bug::RecoverySkipsTruncation,
+        Bug::NoGossip,
     ];
 
     /// The name `--plant` takes.
@@ -59,6 +62,7 @@ impl Bug {
             Bug::NodeAcksBeforeDurable => "ack-before-durable",
             Bug::WriteQuorumOfThree => "write-quorum-3",
             Bug::RecoverySkipsTruncation => "skip-truncation",
+            Bug::NoGossip => "no-gossip",
         }
     }
 }
@@ -187,6 +191,39 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// The six storage nodes: node `n` hosts segment `n` of every PG.
+fn make_nodes(layout: &VolumeLayout, model_nodes: bool) -> Vec<Box<dyn StorageNode>> {
+    let peers: Vec<wire::PeerNode> = (0..NODE_COUNT)
+        .map(|n| crate::core_node::sim_peer(&layout.node_names[n], n))
+        .collect();
+    (0..NODE_COUNT)
+        .map(|n| {
+            let hosted: Vec<(PgId, SegmentIndex)> = (0..PG_COUNT)
+                .map(|pg| (PgId(pg), SegmentIndex(n as u32)))
+                .collect();
+            let node: Box<dyn StorageNode> = if model_nodes {
+                Box::new(ModelNode::new(
+                    layout.volume,
+                    layout.epoch,
+                    PAGE_SIZE,
+                    PAGES_PER_PG,
+                    &hosted,
+                ))
+            } else {
+                Box::new(CoreNode::new(
+                    &layout.node_names[n],
+                    layout.volume,
+                    layout.epoch,
+                    (PAGE_SIZE as u32, PAGES_PER_PG),
+                    &hosted,
+                    &peers,
+                ))
+            };
+            node
+        })
+        .collect()
+}
+
 impl World {
     pub fn new(seed: u64, bug: Option<Bug>, model_nodes: bool) -> Self {
         // The virtual clock's origin: only differences from it are ever used.
@@ -203,35 +240,7 @@ impl World {
             placement: (0..PG_COUNT).map(|_| std::array::from_fn(|s| s)).collect(),
             node_names: (1..=NODE_COUNT).map(|i| format!("node{i}")).collect(),
         };
-        let peers: Vec<wire::PeerNode> = (0..NODE_COUNT)
-            .map(|n| crate::core_node::sim_peer(&layout.node_names[n], n))
-            .collect();
-        let nodes = (0..NODE_COUNT)
-            .map(|n| {
-                let hosted: Vec<(PgId, SegmentIndex)> = (0..PG_COUNT)
-                    .map(|pg| (PgId(pg), SegmentIndex(n as u32)))
-                    .collect();
-                let node: Box<dyn StorageNode> = if model_nodes {
-                    Box::new(ModelNode::new(
-                        layout.volume,
-                        layout.epoch,
-                        PAGE_SIZE,
-                        PAGES_PER_PG,
-                        &hosted,
-                    ))
-                } else {
-                    Box::new(CoreNode::new(
-                        &layout.node_names[n],
-                        layout.volume,
-                        layout.epoch,
-                        (PAGE_SIZE as u32, PAGES_PER_PG),
-                        &hosted,
-                        &peers,
-                    ))
-                };
-                node
-            })
-            .collect();
+        let nodes = make_nodes(&layout, model_nodes);
         let mut world = Self {
             rng: Rng::new(seed),
             start,
@@ -260,6 +269,11 @@ impl World {
         if bug == Some(Bug::NodeAcksBeforeDurable) {
             for node in &mut world.nodes {
                 node.plant_ack_before_durable();
+            }
+        }
+        if bug == Some(Bug::NoGossip) {
+            for node in &mut world.nodes {
+                node.plant_no_gossip();
             }
         }
         world.start_writer();
@@ -1135,7 +1149,9 @@ impl World {
                 for n in 0..NODE_COUNT {
                     self.trace(&format!("node{}: {}", n + 1, self.nodes[n].debug()));
                 }
-                return Err(format!("SCLs did not converge within 30 s of healing: {why}"));
+                return Err(format!(
+                    "SCLs did not converge within 30 s of healing: {why}"
+                ));
             }
             self.step()?;
         }
