@@ -743,6 +743,61 @@ fn huge_counts_are_refused() {
     }
 }
 
+/// Goal: a HostSegments placement from an untrusted peer cannot make the decoder allocate
+/// past what its bytes hold, nor name a node outside its table, nor carry an overlong name.
+/// Method: bodies with no segments whose node count or PG count is `u32::MAX`, one whose PG
+/// names node 1 of a one-node table, and one with a 256-byte node name.
+#[test]
+fn placement_counts_and_indexes_are_checked() {
+    let head = |body: &mut Vec<u8>| {
+        body.extend_from_slice(&[0; 20]); // volume, epoch, page_size_bytes
+        body.extend_from_slice(&0u32.to_le_bytes()); // no segments
+        body.extend_from_slice(&[0; 8]); // pages_per_pg
+    };
+    let node = |body: &mut Vec<u8>, name: &[u8]| {
+        body.extend_from_slice(&u16::try_from(name.len()).unwrap().to_le_bytes());
+        body.extend_from_slice(name);
+        let address = b"127.0.0.1:7100";
+        body.extend_from_slice(&u16::try_from(address.len()).unwrap().to_le_bytes());
+        body.extend_from_slice(address);
+    };
+    let refused = |body: &[u8], why: &'static str| {
+        assert_eq!(
+            Frame::decode(&raw_frame(KIND_HOST_SEGMENTS, 3, body)),
+            Err(DecodeError::Malformed(why))
+        );
+    };
+    let mut body = Vec::new();
+    head(&mut body);
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    body.resize(body.len() + 4096, 0);
+    refused(&body, "node count larger than the bytes can hold");
+
+    let mut body = Vec::new();
+    head(&mut body);
+    body.extend_from_slice(&1u32.to_le_bytes());
+    node(&mut body, b"node1");
+    let with_one_node = body.clone();
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    body.resize(body.len() + 4096, 0);
+    refused(&body, "placement count larger than the bytes can hold");
+
+    let mut body = with_one_node;
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes()); // pg 0
+    for segment in 0..PG_SIZE {
+        body.extend_from_slice(&u16::from(segment == 5).to_le_bytes());
+    }
+    refused(&body, "placement names a node beyond the node table");
+
+    let mut body = Vec::new();
+    head(&mut body);
+    body.extend_from_slice(&1u32.to_le_bytes());
+    node(&mut body, &[b'n'; 256]);
+    body.extend_from_slice(&0u32.to_le_bytes());
+    refused(&body, "node name longer than the limit");
+}
+
 // ---------------------------------------------------------------------------------------
 // The applicator against a model.
 

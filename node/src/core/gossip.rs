@@ -320,10 +320,8 @@ impl NodeCore {
         let g = &self.gossip;
         let floor = g
             .views
-            .iter()
-            .filter(|(peer, _)| {
-                peer.volume == key.volume && peer.pg == key.pg && peer.segment != key.segment
-            })
+            .range(pg_keys(key))
+            .filter(|(peer, _)| peer.segment != key.segment)
             .filter(|(_, view)| now.saturating_duration_since(view.heard) <= g.config.peer_fresh)
             .map(|(_, view)| view.scl)
             .min();
@@ -352,12 +350,13 @@ impl NodeCore {
     /// placement (one without says nothing about peers). Returns whether anything changed.
     pub(super) fn install_placement(&mut self, host: &wire::HostSegments) -> bool {
         let mut changed = false;
+        let hosted: BTreeSet<PgId> = self
+            .segments
+            .range(volume_keys(host.volume))
+            .map(|(key, _)| key.pg)
+            .collect();
         for pg in &host.placement {
-            let hosted = self
-                .segments
-                .range(volume_keys(host.volume))
-                .any(|(key, _)| key.pg == pg.pg);
-            if !hosted {
+            if !hosted.contains(&pg.pg) {
                 continue; // Only the placement of PGs hosted here is kept.
             }
             for (index, node) in pg.nodes.iter().enumerate() {
@@ -385,8 +384,9 @@ impl NodeCore {
     pub(super) fn refresh_poll_targets(&mut self) {
         let own = self.config.name.as_str();
         let mut targets = BTreeMap::new();
+        // The placement holds hosted PGs only (segments are never unhosted).
         for (key, node) in &self.gossip.placement {
-            if node.name == own || !self.hosts_pg(key.volume, key.pg) {
+            if node.name == own {
                 continue;
             }
             let target = (node.clone(), key.volume);
@@ -396,12 +396,6 @@ impl NodeCore {
         self.gossip.polls = targets;
         self.gossip.plan_due = true;
         assert!(self.gossip.polls.keys().all(|(n, _)| n.name != own));
-    }
-
-    fn hosts_pg(&self, volume: VolumeId, pg: PgId) -> bool {
-        self.segments
-            .range(volume_keys(volume))
-            .any(|(key, _)| key.pg == pg)
     }
 
     /// Sends `GetVolumeState` to every peer whose turn it is and that has none in flight.
@@ -597,6 +591,20 @@ impl NodeCore {
     }
 }
 
+/// Every segment key of `key`'s PG, for range queries.
+fn pg_keys(key: &SegmentKey) -> std::ops::RangeInclusive<SegmentKey> {
+    let first = SegmentKey {
+        segment: SegmentIndex(0),
+        ..*key
+    };
+    let last = SegmentKey {
+        segment: SegmentIndex(u32::MAX),
+        ..*key
+    };
+    assert!(first <= *key && *key <= last);
+    first..=last
+}
+
 fn peer_of(pending: &Pending) -> &PeerNode {
     match pending {
         Pending::State { peer, .. } | Pending::Fetch { peer, .. } => peer,
@@ -640,9 +648,8 @@ impl NodeCore {
         let fresh = self.gossip.config.peer_fresh;
         let mut ahead = 0usize;
         let mut best: Option<(Lsn, SegmentIndex)> = None;
-        for (peer, view) in &self.gossip.views {
-            let same_pg = peer.volume == own.volume && peer.pg == own.pg;
-            if !same_pg || peer.segment == own.segment || view.scl <= scl {
+        for (peer, view) in self.gossip.views.range(pg_keys(&own)) {
+            if peer.segment == own.segment || view.scl <= scl {
                 continue;
             }
             if view.epoch != epoch || now.saturating_duration_since(view.heard) > fresh {
@@ -693,8 +700,7 @@ impl NodeCore {
         let peer_scl = self
             .gossip
             .views
-            .iter()
-            .filter(|(k, _)| k.volume == own.volume && k.pg == own.pg)
+            .range(pg_keys(&own))
             .map(|(_, v)| v.scl)
             .max()
             .unwrap_or(scl);

@@ -26,8 +26,8 @@ struct Args {
     /// Run the compact reference model of the node protocol instead of the real NodeCore.
     #[arg(long)]
     model_nodes: bool,
-    /// Also flip bits on crashed nodes' disks (checks safety only; liveness and SCL
-    /// convergence are not checked in such runs yet).
+    /// Also flip bits on crashed nodes' disks (the records a flip loses come back through
+    /// gossip).
     #[arg(long)]
     bit_flips: bool,
     /// Print what the cores and the simulator do (with --seed).
