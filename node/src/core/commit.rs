@@ -249,7 +249,7 @@ impl NodeCore {
         }
         for batch in batches {
             if batch.gossip {
-                self.gossip_batch_done(batch.key); // Fetched again once there is room.
+                self.gossip_batch_refused(batch.key); // Fetched again later.
                 continue;
             }
             let text = "journal is full: no journal file has room for this batch".to_string();

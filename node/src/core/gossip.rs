@@ -195,6 +195,8 @@ pub(super) struct Gossip {
     last_now: Option<Instant>,
     /// Fetches may be planned (something changed since the last planning).
     plan_due: bool,
+    /// No fetch is planned before this (the journal refused a fetched batch: it is full).
+    hold_until: Option<Instant>,
     stats: GossipStats,
 }
 
@@ -224,6 +226,7 @@ impl Gossip {
             warned: BTreeMap::new(),
             last_now: None,
             plan_due: true,
+            hold_until: None,
             stats: GossipStats::default(),
         }
     }
@@ -631,6 +634,9 @@ impl NodeCore {
             return;
         }
         g.refused.retain(|_, (_, until)| *until > now);
+        if g.hold_until.is_some_and(|until| now < until) {
+            return; // The journal is full: fetching more would only be refused again.
+        }
         let keys: Vec<SegmentKey> = self
             .segments
             .keys()
@@ -876,6 +882,18 @@ impl NodeCore {
     fn gossip_queued(&mut self, own: SegmentKey) {
         *self.gossip.batches.entry(own).or_default() += 1;
         assert!(self.gossip.busy.contains(&own));
+    }
+
+    /// A fetched batch of `key` was refused because the journal is full: no fetch for
+    /// `refusal_ttl`, then the segment may fetch again.
+    pub(super) fn gossip_batch_refused(&mut self, key: SegmentKey) {
+        let now = self
+            .gossip
+            .last_now
+            .expect("a batch was queued at some time");
+        self.gossip.hold_until = Some(now + self.gossip.config.refusal_ttl);
+        self.gossip_batch_done(key);
+        assert!(self.gossip.hold_until.is_some());
     }
 
     /// A fetched batch of `key` was indexed (or refused for a full journal): once its last
