@@ -165,6 +165,9 @@ struct Cluster {
     nodes: Vec<Mem>,
     now: Instant,
     next_request: u64,
+    /// Nodes that refuse every FetchRecords, as a node whose chain was compacted below the
+    /// range asked will.
+    compacted: Vec<usize>,
 }
 
 impl Cluster {
@@ -180,6 +183,7 @@ impl Cluster {
             nodes,
             now,
             next_request: 1,
+            compacted: Vec::new(),
         };
         for i in 0..NODES {
             let host = HostSegments {
@@ -247,6 +251,15 @@ impl Cluster {
             for (to, request_id, message) in requests {
                 let target = (0..NODES).find(|n| peer(*n) == to);
                 let reply = match target {
+                    Some(n)
+                        if self.compacted.contains(&n)
+                            && matches!(message, Message::FetchRecords(_)) =>
+                    {
+                        Ok(Message::Error(wire::ErrorReply::new(
+                            wire::ErrorCode::BadRequest,
+                            "the range lies below the segment's base (compacted)",
+                        )))
+                    }
                     Some(n) => Ok(self.serve_peer(n, i, request_id, message)),
                     None => Err(format!("{} unreachable", to.name)),
                 };
@@ -459,4 +472,39 @@ fn a_peer_that_cannot_serve_is_passed_over() {
         Message::VolumeState(_)
     ));
     c.run_until("node1 catches up from node3", |c| c.scl(0) == Lsn(40));
+}
+
+/// Goal: a peer that refuses a range (as one that compacted it below its chain's base will)
+/// is passed over for another; when every peer refuses, the segment stays behind (and the
+/// node warns once) without hammering its peers.
+/// Method: node 2 refuses every fetch, node 3 serves: node 1 reaches 40. Then both refuse:
+/// node 1 (missing 41..=60 now) stays at 40, and sends few fetches over 20 virtual seconds.
+#[test]
+fn a_refusing_peer_is_passed_over_and_no_peer_means_a_warning() {
+    let mut c = Cluster::new();
+    for i in [1, 2] {
+        c.append(i, 1, chain(1..=40));
+    }
+    c.append(0, 1, chain(1..=5));
+    c.compacted = vec![1];
+    c.run_until("node1 catches up from node3", |c| c.scl(0) == Lsn(40));
+
+    for i in [1, 2] {
+        c.append(i, 1, chain(41..=60));
+    }
+    c.compacted = vec![1, 2];
+    let before = c.nodes[0].core.gossip_stats();
+    for _ in 0..400 {
+        c.tick(Duration::from_millis(50));
+    }
+    assert_eq!(c.scl(0), Lsn(40), "nobody could serve 41..=60");
+    let after = c.nodes[0].core.gossip_stats();
+    // Polls: 5 peers every 100 ms (±25 %) for 20 s is about 1000 requests; fetches are held
+    // back by the refusal TTL (5 s): a handful per peer.
+    let fetches = after.fetches - before.fetches;
+    assert!(fetches >= 2, "both peers were asked");
+    assert!(
+        fetches <= 20,
+        "{fetches} fetches in 20 s: refusals are not held back"
+    );
 }

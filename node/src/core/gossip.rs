@@ -140,6 +140,8 @@ pub fn missing_ranges(scl: Lsn, beyond: impl Iterator<Item = (Lsn, Lsn)>) -> Vec
 pub struct GossipStats {
     /// Peer requests sent.
     pub requests: u64,
+    /// Of which FetchRecords.
+    pub fetches: u64,
     /// Peer requests that failed (no reply, refused, or a reply that did not check out).
     pub failures: u64,
     /// Records fetched from peers and queued for the journal.
@@ -454,6 +456,7 @@ impl NodeCore {
                     through: *through,
                     bytes_max: GOSSIP_FETCH_BYTES_MAX,
                 };
+                self.gossip.stats.fetches += 1;
                 (peer.clone(), Message::FetchRecords(fetch))
             }
         };
