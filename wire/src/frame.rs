@@ -83,7 +83,8 @@
 //!     32     …  count × { u32 pg, u32 segment }
 //!      …     4  node_count    ≤ PLACEMENT_NODES_MAX: the nodes the placement names
 //!      …     …  node_count × { u16 name_len ≤ NODE_NAME_BYTES_MAX, name UTF-8,
-//!                              u16 address_len ≤ NODE_ADDRESS_BYTES_MAX, address UTF-8 "ip:port" }
+//!                              u16 address_len ≤ NODE_ADDRESS_BYTES_MAX, address UTF-8
+//!                              "ip:port" in the canonical form Rust's SocketAddr prints }
 //!      …     4  pg_count      ≤ HOST_SEGMENTS_MAX: placements of the PGs hosted
 //!      …     …  pg_count × { u32 pg, PG_SIZE × u16 node }   node: index into the node table
 //! ```
@@ -925,10 +926,17 @@ fn decode_peer_nodes(reader: &mut Reader<'_>) -> Result<Vec<PeerNode>, DecodeErr
         if len > NODE_ADDRESS_BYTES_MAX {
             return Err(DecodeError::Malformed("node address longer than the limit"));
         }
-        let address = std::str::from_utf8(reader.take(len, "node address")?)
-            .ok()
-            .and_then(|a| a.parse().ok())
-            .ok_or(DecodeError::Malformed("node address is not ip:port"))?;
+        let text = std::str::from_utf8(reader.take(len, "node address")?)
+            .map_err(|_| DecodeError::Malformed("node address is not UTF-8"))?;
+        let address: std::net::SocketAddr = text
+            .parse()
+            .map_err(|_| DecodeError::Malformed("node address is not ip:port"))?;
+        // Only the form the encoder writes, so a frame re-encodes to exactly its bytes.
+        if address.to_string() != text {
+            return Err(DecodeError::Malformed(
+                "node address is not in canonical ip:port form",
+            ));
+        }
         nodes.push(PeerNode { name, address });
     }
     Ok(nodes)

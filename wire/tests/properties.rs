@@ -796,6 +796,18 @@ fn placement_counts_and_indexes_are_checked() {
     node(&mut body, &[b'n'; 256]);
     body.extend_from_slice(&0u32.to_le_bytes());
     refused(&body, "node name longer than the limit");
+
+    // An address that parses but is not written as the encoder writes it.
+    let mut body = Vec::new();
+    head(&mut body);
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&5u16.to_le_bytes());
+    body.extend_from_slice(b"node1");
+    let address = b"127.0.0.1:07100";
+    body.extend_from_slice(&u16::try_from(address.len()).unwrap().to_le_bytes());
+    body.extend_from_slice(address);
+    body.extend_from_slice(&0u32.to_le_bytes());
+    refused(&body, "node address is not in canonical ip:port form");
 }
 
 // ---------------------------------------------------------------------------------------
