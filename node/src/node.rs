@@ -61,6 +61,10 @@ impl Node {
             journal_file_count: u32::try_from(journal.files.len())?,
         };
         let mut core = NodeCore::new(core_config, manifest);
+        let mut gossip = crate::core::GossipConfig::for_node(&config.name);
+        gossip.enabled = config.gossip.enabled;
+        gossip.poll_interval = std::time::Duration::from_millis(config.gossip.poll_interval_ms);
+        core.configure_gossip(gossip);
         // One group in memory at a time: recovery memory does not grow with the journal.
         let (mut groups, mut records) = (0, 0);
         let scan = journal.scan_with(|group| {
