@@ -333,6 +333,23 @@ mod tests {
         );
     }
 
+    /// Goal: a manifest written before placements existed still reads (no `[[peer]]`), and
+    /// a peer row with an unknown key is refused.
+    /// Method: parse a literal manifest of the old form, then one with a bogus peer key.
+    #[test]
+    fn manifest_without_placement_reads() {
+        let old = "[[segment]]\nvolume = 1\npg = 0\nsegment = 2\n\n[[volume]]\nvolume = 1\n\
+                   epoch = 3\npage_size_bytes = 8192\npages_per_pg = 1024\n";
+        let m = Manifest::from_toml(old, "m").unwrap();
+        assert_eq!(m.segments.len(), 1);
+        assert!(m.placement.is_empty());
+        let bad = format!(
+            "{old}\n[[peer]]\nvolume = 1\npg = 0\nsegment = 0\nnode = \"n\"\n\
+             address = \"127.0.0.1:1\"\nbogus = 1\n"
+        );
+        assert!(Manifest::from_toml(&bad, "m").unwrap_err().contains("bogus"));
+    }
+
     /// Goal: ranges are kept as installed, duplicates ignored, and a range annuls exactly the
     /// LSNs in `(after, through]` of older epochs.
     /// Method: add a range twice and a nested one; probe LSNs at the bounds and epochs.
