@@ -347,7 +347,11 @@ mod tests {
             "{old}\n[[peer]]\nvolume = 1\npg = 0\nsegment = 0\nnode = \"n\"\n\
              address = \"127.0.0.1:1\"\nbogus = 1\n"
         );
-        assert!(Manifest::from_toml(&bad, "m").unwrap_err().contains("bogus"));
+        assert!(
+            Manifest::from_toml(&bad, "m")
+                .unwrap_err()
+                .contains("bogus")
+        );
     }
 
     /// Goal: ranges are kept as installed, duplicates ignored, and a range annuls exactly the
