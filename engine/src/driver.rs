@@ -570,12 +570,16 @@ async fn read_replies(
     }
 }
 
-/// Tells every node of `file` which segments it hosts; each must answer Done.
+/// Tells every node of `file` which segments it hosts and where the other segments of its PGs
+/// live (the peers it gossips with); each must answer Done.
 pub async fn assign_segments(file: &VolumeFile, endpoint: &quinn::Endpoint) -> anyhow::Result<()> {
     let geometry = file.geometry();
     for node in &file.nodes {
         let (client, _) = crate::NodeClient::connect(endpoint, node.address, &node.name).await?;
+        let (nodes, placement) = file.placement_for(&node.name);
         let request = HostSegments {
+            nodes,
+            placement,
             volume: file.id(),
             epoch: file.epoch(),
             page_size_bytes: geometry.page_size_bytes,

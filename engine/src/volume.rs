@@ -131,6 +131,36 @@ impl VolumeFile {
         out
     }
 
+    /// The node table and the placement of the PGs node `node` hosts, as a HostSegments
+    /// message carries them: every node of the volume, and per hosted PG the index into that
+    /// table of each segment's node.
+    pub fn placement_for(&self, node: &str) -> (Vec<wire::PeerNode>, Vec<wire::PgPlacement>) {
+        let nodes: Vec<wire::PeerNode> = self
+            .nodes
+            .iter()
+            .map(|n| wire::PeerNode {
+                name: n.name.clone(),
+                address: n.address,
+            })
+            .collect();
+        let index: HashMap<&str, u16> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), u16::try_from(i).expect("few nodes")))
+            .collect();
+        let placement = self
+            .pgs
+            .iter()
+            .filter(|pg| pg.segments.iter().any(|name| name == node))
+            .map(|pg| wire::PgPlacement {
+                pg: PgId(pg.id),
+                nodes: std::array::from_fn(|i| index[pg.segments[i].as_str()]),
+            })
+            .collect();
+        (nodes, placement)
+    }
+
     /// The PG of a page.
     pub fn pg_of(&self, page: PageId) -> Option<PgId> {
         self.geometry().pg_of(page)

@@ -54,6 +54,38 @@ pub struct NodeConfig {
     pub journal: JournalConfig,
     #[serde(default, rename = "segment")]
     pub segments: Vec<SegmentKey>,
+    #[serde(default)]
+    pub gossip: GossipSettings,
+}
+
+/// `[gossip]`: how the node fills holes from its peers (see the README's "Gossip").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GossipSettings {
+    /// Off: the node never asks its peers for anything (it still answers them). For tests
+    /// that need a segment to stay behind.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How often each peer node is asked for its SCLs (± 25 %).
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_poll_interval_ms() -> u64 {
+    500
+}
+
+impl Default for GossipSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            poll_interval_ms: default_poll_interval_ms(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -195,6 +227,12 @@ impl NodeConfig {
             return Err(format!(
                 "journal.inflight_groups_max = {} must be between 1 and {INFLIGHT_GROUPS_MAX}",
                 j.inflight_groups_max
+            ));
+        }
+        if !(10..=60_000).contains(&self.gossip.poll_interval_ms) {
+            return Err(format!(
+                "gossip.poll_interval_ms = {} must be between 10 and 60000; try 500",
+                self.gossip.poll_interval_ms
             ));
         }
         if self.name.is_empty() {

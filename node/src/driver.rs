@@ -18,6 +18,10 @@
 //!   out) and groups (submitted → durable) with its clock, and copies the core's
 //!   [`crate::core::NodeStats`] in when a scrape asks, between two inputs. Its bookkeeping
 //!   holds one entry per request or group in flight, and loses it with the reply.
+//! - the core's timer ([`NodeCore::poll_timeout`]) is honoured: `handle_timeout` is called
+//!   once at start and whenever it passes; peer requests go to [`crate::peers::Peers`] (or
+//!   fail at once without one) and every outcome comes back as an input, so gossip never
+//!   waits on this task.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,13 +32,14 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use wire::codec::Reader;
 use wire::frame::FrameHeader;
-use wire::{ErrorCode, ErrorReply, Frame, LogRecord, Message, PageImage, Role};
+use wire::{ErrorCode, ErrorReply, Frame, LogRecord, Message, PageImage, PeerNode, Role};
 
 use crate::core::{ConnId, GroupId, JobToken, ManifestToken, NodeCore, NodeOutput, ReadToken};
 use crate::io::{Clock, GroupOutcome, JournalIo, ManifestStore, RecordReader};
-use crate::pagestore::{CoalesceJob, PageRead, PageStore};
 use crate::manifest::Manifest;
 use crate::metrics::NodeMetrics;
+use crate::pagestore::{CoalesceJob, PageRead, PageStore};
+use crate::peers::Peers;
 use crate::segment::RecordLocation;
 
 /// Requests per stream that may wait for an answer at once.
@@ -70,6 +75,11 @@ enum Input {
     },
     /// A scrape: copy the core's counters into the metrics, then answer.
     RefreshMetrics(oneshot::Sender<()>),
+    PeerReply {
+        peer: PeerNode,
+        request_id: u64,
+        result: Result<Message, String>,
+    },
     Shutdown,
 }
 
@@ -208,6 +218,7 @@ pub struct Driver<J: JournalIo> {
     received: HashMap<(ConnId, u64), Instant>,
     /// When each group being persisted was submitted.
     submitted: HashMap<GroupId, Instant>,
+    peers: Option<Peers>,
 }
 
 impl<J: JournalIo> Driver<J> {
@@ -247,21 +258,55 @@ impl<J: JournalIo> Driver<J> {
             metrics,
             received: HashMap::new(),
             submitted: HashMap::new(),
+            peers: None,
         };
         (driver, handle)
+    }
+
+    /// Lets the core reach its peers (gossip), with a client endpoint presenting the node's
+    /// certificate. Without it, every peer request fails at once.
+    pub fn enable_peers(
+        &mut self,
+        listen: std::net::SocketAddr,
+        tls: (&std::path::Path, &std::path::Path, &std::path::Path),
+    ) -> anyhow::Result<()> {
+        let loopback = self.loopback.clone();
+        let sink: crate::peers::OutcomeSink = Arc::new(move |peer, request_id, result| {
+            let _ = loopback.send(Input::PeerReply {
+                peer,
+                request_id,
+                result,
+            });
+        });
+        self.peers = Some(Peers::new(listen, tls, sink)?);
+        Ok(())
     }
 
     /// Runs until shut down and idle. `Err(reason)` if the node stopped on a fatal error.
     pub async fn run(mut self) -> Result<(), String> {
         let mut outcomes = Vec::new();
+        self.core.handle_timeout(self.clock.now());
         loop {
             self.dispatch();
             if self.shutting_down && self.core.is_idle() {
+                if let Some(peers) = &self.peers {
+                    peers.close();
+                }
                 return self.core.stopped().map_or(Ok(()), |r| Err(r.to_string()));
             }
+            let timer = self.core.poll_timeout();
+            let sleep = async move {
+                match timer {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = self.journal.ready() => {}
+                () = sleep => {
+                    self.core.handle_timeout(self.clock.now());
+                }
                 input = self.inputs.recv() => {
                     // Every handle is gone only once the node itself is gone.
                     let input = input.unwrap_or(Input::Shutdown);
@@ -313,6 +358,14 @@ impl<J: JournalIo> Driver<J> {
                 // A directory listing of a few files, once per scrape.
                 self.metrics.page_store_bytes.set(self.pages.disk_bytes());
                 let _ = done.send(());
+            }
+            Input::PeerReply {
+                peer,
+                request_id,
+                result,
+            } => {
+                let now = self.clock.now();
+                self.core.handle_peer_reply(now, &peer, request_id, result);
             }
             Input::Shutdown => {
                 self.shutting_down = true;
@@ -372,6 +425,20 @@ impl<J: JournalIo> Driver<J> {
             NodeOutput::ReadRecords { token, locations } => self.read_records(token, locations),
             NodeOutput::ReadPage { token, read } => self.read_page(token, read),
             NodeOutput::Coalesce { token, job } => self.coalesce(token, job),
+            NodeOutput::PeerRequest {
+                peer,
+                request_id,
+                message,
+            } => match &mut self.peers {
+                Some(peers) => peers.send(peer, request_id, message),
+                None => {
+                    let _ = self.loopback.send(Input::PeerReply {
+                        peer,
+                        request_id,
+                        result: Err("this node has no peer client".into()),
+                    });
+                }
+            },
             NodeOutput::Stopped { reason } => {
                 tracing::error!(
                     "stopping: {reason}; the journal on disk is the truth, restart to recover"

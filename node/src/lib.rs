@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod node;
 pub mod pagestore;
+pub mod peers;
 pub mod segment;
 pub mod server;
 pub mod tls;

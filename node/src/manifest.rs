@@ -13,6 +13,8 @@
 //! - an epoch or a truncation range is recorded durably before any reply that depends on it
 //!   leaves the node (the core holds such replies until the manifest holding them is stored);
 //! - recorded epochs only grow, and truncation ranges are only added, never removed;
+//! - `placement` names, for PGs the node hosts, the node of each of their segments (its own
+//!   included); it is replaced per PG by a newer HostSegments, never merged;
 //! - every truncation range is non-empty (`after < through`); ranges are kept as installed
 //!   (never merged: each annuls only epochs older than its own), sorted, without duplicates, and
 //!   disjoint and sorted by `after` (overlapping or adjacent ranges are merged).
@@ -83,6 +85,9 @@ struct ManifestToml {
     progress: Vec<ProgressToml>,
     #[serde(default)]
     journal: Option<JournalStartToml>,
+    /// Where the segments of the hosted PGs live (absent in manifests written before gossip).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    peer: Vec<PeerToml>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -128,6 +133,16 @@ impl Default for JournalStart {
             sequence: 1,
         }
     }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct PeerToml {
+    volume: u64,
+    pg: u32,
+    segment: u32,
+    node: String,
+    address: std::net::SocketAddr,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -199,6 +214,9 @@ pub struct Manifest {
     /// Segments whose records have begun to leave the journal (absent: nothing has yet).
     pub progress: BTreeMap<SegmentKey, Progress>,
     pub journal_start: JournalStart,
+    /// The node hosting each segment of the PGs hosted here (from HostSegments): the peers
+    /// gossip talks to.
+    pub placement: BTreeMap<SegmentKey, wire::PeerNode>,
 }
 
 pub const MANIFEST_FILE: &str = "manifest.toml";
@@ -212,34 +230,35 @@ impl Manifest {
             segments: parsed.segment,
             volumes: BTreeMap::new(),
             progress: BTreeMap::new(),
-            journal_start: parsed.journal.map_or_else(JournalStart::default, |j| JournalStart {
-                file: j.start_file,
-                sequence: j.start_sequence,
-            }),
+            journal_start: parsed
+                .journal
+                .map_or_else(JournalStart::default, |j| JournalStart {
+                    file: j.start_file,
+                    sequence: j.start_sequence,
+                }),
+            placement: parsed
+                .peer
+                .into_iter()
+                .map(|p| {
+                    let key = SegmentKey {
+                        volume: VolumeId(p.volume),
+                        pg: PgId(p.pg),
+                        segment: SegmentIndex(p.segment),
+                    };
+                    let node = wire::PeerNode {
+                        name: p.node,
+                        address: p.address,
+                    };
+                    (key, node)
+                })
+                .collect(),
         };
         if manifest.journal_start.sequence == 0 {
             return Err(format!(
                 "{origin} is corrupt: journal start_sequence is 0 (sequences start at 1)"
             ));
         }
-        for p in &parsed.progress {
-            if p.base > p.materialized {
-                return Err(format!(
-                    "{origin} is corrupt: segment {}/{}/{} has base {} above materialized {}",
-                    p.volume, p.pg, p.segment, p.base, p.materialized
-                ));
-            }
-            let key = SegmentKey {
-                volume: VolumeId(p.volume),
-                pg: PgId(p.pg),
-                segment: SegmentIndex(p.segment),
-            };
-            let progress = Progress {
-                base: Lsn(p.base),
-                materialized: Lsn(p.materialized),
-            };
-            manifest.progress.insert(key, progress);
-        }
+        manifest.progress = progress_of(&parsed.progress, origin)?;
         for v in &parsed.volume {
             let meta = VolumeMeta {
                 epoch: Epoch(v.epoch),
@@ -294,12 +313,20 @@ impl Manifest {
             start_file: self.journal_start.file,
             start_sequence: self.journal_start.sequence,
         });
+        let peer = self.placement.iter().map(|(key, node)| PeerToml {
+            volume: key.volume.0,
+            pg: key.pg.0,
+            segment: key.segment.0,
+            node: node.name.clone(),
+            address: node.address,
+        });
         let parsed = ManifestToml {
             segment: self.segments.clone(),
             volume: volume.collect(),
             truncation: truncation.collect(),
             progress: progress.collect(),
             journal,
+            peer: peer.collect(),
         };
         toml::to_string(&parsed).expect("plain tables always serialize")
     }
@@ -315,6 +342,33 @@ impl Manifest {
     pub fn hosts(&self, key: &SegmentKey) -> bool {
         self.segments.contains(key)
     }
+}
+
+/// Each segment's progress as the manifest's `[[progress]]` tables hold it.
+fn progress_of(
+    tables: &[ProgressToml],
+    origin: &str,
+) -> Result<BTreeMap<SegmentKey, Progress>, String> {
+    let mut out = BTreeMap::new();
+    for p in tables {
+        if p.base > p.materialized {
+            return Err(format!(
+                "{origin} is corrupt: segment {}/{}/{} has base {} above materialized {}",
+                p.volume, p.pg, p.segment, p.base, p.materialized
+            ));
+        }
+        let key = SegmentKey {
+            volume: VolumeId(p.volume),
+            pg: PgId(p.pg),
+            segment: SegmentIndex(p.segment),
+        };
+        let progress = Progress {
+            base: Lsn(p.base),
+            materialized: Lsn(p.materialized),
+        };
+        out.insert(key, progress);
+    }
+    Ok(out)
 }
 
 /// Adds `range` to `ranges` (kept sorted, duplicates ignored); returns whether it is new.
@@ -380,10 +434,44 @@ mod tests {
             file: 3,
             sequence: 77,
         };
+        let old_text = m.to_toml();
+        assert!(!old_text.contains("peer"), "no placement, no table");
+        m.placement.insert(
+            SegmentKey {
+                volume: VolumeId(1),
+                pg: PgId(2),
+                segment: SegmentIndex(4),
+            },
+            wire::PeerNode {
+                name: "node5".into(),
+                address: "127.0.0.1:7104".parse().unwrap(),
+            },
+        );
         let text = m.to_toml();
         assert_eq!(Manifest::from_toml(&text, "m").unwrap(), m);
         assert!(
             Manifest::from_toml("bogus = 1", "m")
+                .unwrap_err()
+                .contains("bogus")
+        );
+    }
+
+    /// Goal: a manifest written before placements existed still reads (no `[[peer]]`), and
+    /// a peer row with an unknown key is refused.
+    /// Method: parse a literal manifest of the old form, then one with a bogus peer key.
+    #[test]
+    fn manifest_without_placement_reads() {
+        let old = "[[segment]]\nvolume = 1\npg = 0\nsegment = 2\n\n[[volume]]\nvolume = 1\n\
+                   epoch = 3\npage_size_bytes = 8192\npages_per_pg = 1024\n";
+        let m = Manifest::from_toml(old, "m").unwrap();
+        assert_eq!(m.segments.len(), 1);
+        assert!(m.placement.is_empty());
+        let bad = format!(
+            "{old}\n[[peer]]\nvolume = 1\npg = 0\nsegment = 0\nnode = \"n\"\n\
+             address = \"127.0.0.1:1\"\nbogus = 1\n"
+        );
+        assert!(
+            Manifest::from_toml(&bad, "m")
                 .unwrap_err()
                 .contains("bogus")
         );

@@ -5,16 +5,17 @@
 //! stale group header past its end was erased; the core answers every request (see
 //! `core`), and the driver keeps the journal's writes off the core.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::config::{NodeConfig, PersisterMode};
 use crate::core::{CoreConfig, EntryLocation, NodeCore};
 use crate::driver::{Driver, DriverHandle, DriverIo};
-use crate::pagestore::FilePageStore;
 use crate::io::uring::UringJournal;
 use crate::io::{FileManifestStore, JournalIo, JournalReader, ManifestStore, SystemClock, std_fs};
 use crate::journal::{CorruptRange, JournalFiles};
 use crate::manifest::Manifest;
+use crate::pagestore::FilePageStore;
 
 /// What recovery found, for logs and tests.
 #[derive(Clone, Debug)]
@@ -61,6 +62,10 @@ impl Node {
             journal_file_count: u32::try_from(journal.files.len())?,
         };
         let mut core = NodeCore::new(core_config, manifest);
+        let mut gossip = crate::core::GossipConfig::for_node(&config.name);
+        gossip.enabled = config.gossip.enabled;
+        gossip.poll_interval = std::time::Duration::from_millis(config.gossip.poll_interval_ms);
+        core.configure_gossip(gossip);
         // One group in memory at a time: recovery memory does not grow with the journal.
         let (mut groups, mut records) = (0, 0);
         let start = core.journal_start();
@@ -75,8 +80,7 @@ impl Node {
                 records += core.recover_append(at, &entry.append);
             }
         })?;
-        let stale_headers_erased =
-            journal.erase_stale_tail(start, scan.end, scan.next_sequence)?;
+        let stale_headers_erased = journal.erase_stale_tail(start, scan.end, scan.next_sequence)?;
         core.finish_recovery(scan.end, scan.next_sequence);
         let report = RecoveryReport {
             groups,
@@ -107,12 +111,22 @@ impl Node {
         let j = &config.journal;
         let (sync, inflight) = (j.sync, j.inflight_groups_max);
         let files = journal.files;
+        let tls = &config.tls;
+        let peers = (config.listen, (&*tls.ca, &*tls.cert, &*tls.key));
         let (driver, task) = match j.persister {
-            PersisterMode::Inline => spawn(core, UringJournal::inline(files, sync, inflight)?, io),
-            PersisterMode::Thread => {
-                spawn(core, UringJournal::on_thread(files, sync, inflight)?, io)
-            }
-            PersisterMode::StdFs => spawn(core, std_fs::start(files, sync)?, io),
+            PersisterMode::Inline => spawn(
+                core,
+                UringJournal::inline(files, sync, inflight)?,
+                io,
+                peers,
+            )?,
+            PersisterMode::Thread => spawn(
+                core,
+                UringJournal::on_thread(files, sync, inflight)?,
+                io,
+                peers,
+            )?,
+            PersisterMode::StdFs => spawn(core, std_fs::start(files, sync)?, io, peers)?,
         };
         Ok(Self {
             config,
@@ -145,13 +159,18 @@ impl Node {
     }
 }
 
+/// Where the node listens, and its CA, certificate and key: what its peer client needs.
+type PeerSetup<'a> = (std::net::SocketAddr, (&'a Path, &'a Path, &'a Path));
+
 fn spawn<J: JournalIo + 'static>(
     core: NodeCore,
     journal: J,
     io: DriverIo,
-) -> (DriverHandle, tokio::task::JoinHandle<Result<(), String>>) {
-    let (driver, handle) = Driver::new(core, journal, io, Arc::new(SystemClock));
-    (handle, tokio::spawn(driver.run()))
+    (listen, tls): PeerSetup<'_>,
+) -> anyhow::Result<(DriverHandle, tokio::task::JoinHandle<Result<(), String>>)> {
+    let (mut driver, handle) = Driver::new(core, journal, io, Arc::new(SystemClock));
+    driver.enable_peers(listen, tls)?;
+    Ok((handle, tokio::spawn(driver.run())))
 }
 
 /// The stored manifest plus the segments `node.toml` names, stored again if it grew.

@@ -450,9 +450,12 @@ fn base_image(
     at_most: Lsn,
     buf: &mut AlignedBuf,
 ) -> Result<(usize, PageImage), String> {
-    store
-        .read_slots(slots, buf)
-        .map_err(|e| format!("page store read of {} page {}: {e}", slots.key, slots.page.0))?;
+    store.read_slots(slots, buf).map_err(|e| {
+        format!(
+            "page store read of {} page {}: {e}",
+            slots.key, slots.page.0
+        )
+    })?;
     let bytes = buf.as_slice();
     let slot_len = slots.slot_bytes();
     let decoded = [

@@ -170,6 +170,16 @@ impl Segment {
         epoch
     }
 
+    /// The records held above the SCL (waiting beyond a gap), as `(lsn, backlink)` in LSN
+    /// order: what gossip reads the segment's holes from.
+    pub fn beyond_scl(&self) -> impl Iterator<Item = (Lsn, Lsn)> + '_ {
+        assert!(self.scl == Lsn::ZERO || self.records.contains_key(&self.scl));
+        assert!(self.pages.len() <= self.records.len());
+        self.records
+            .range((Bound::Excluded(self.scl), Bound::Unbounded))
+            .map(|(lsn, held)| (*lsn, held.backlink))
+    }
+
     /// Notes a durable record (the caller has already dropped records in truncated ranges).
     pub fn observe(&mut self, record: &DurableRecord) -> Observed {
         assert!(
@@ -604,14 +614,27 @@ mod tests {
             s.records_for_read(PageId(1), Lsn(4)),
             Err(SclBelowReadPoint { scl: Lsn(3) })
         );
-        assert_eq!(lsns(s.records_for_fetch(Lsn(0), Lsn(100), 1000).unwrap()), [1, 2, 3]);
-        assert_eq!(lsns(s.records_for_fetch(Lsn(1), Lsn(2), 1000).unwrap()), [2]);
-        assert_eq!(lsns(s.records_for_fetch(Lsn(0), Lsn(100), 150).unwrap()), [1]);
+        assert_eq!(
+            lsns(s.records_for_fetch(Lsn(0), Lsn(100), 1000).unwrap()),
+            [1, 2, 3]
+        );
+        assert_eq!(
+            lsns(s.records_for_fetch(Lsn(1), Lsn(2), 1000).unwrap()),
+            [2]
+        );
+        assert_eq!(
+            lsns(s.records_for_fetch(Lsn(0), Lsn(100), 150).unwrap()),
+            [1]
+        );
         assert_eq!(
             lsns(s.records_for_fetch(Lsn(0), Lsn(100), 10).unwrap()),
             [1],
             "at least one"
         );
-        assert!(s.records_for_fetch(Lsn(3), Lsn(100), 1000).unwrap().is_empty());
+        assert!(
+            s.records_for_fetch(Lsn(3), Lsn(100), 1000)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

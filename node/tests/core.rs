@@ -71,24 +71,6 @@ fn link(epoch: Epoch, lsn: u64, backlink: u64) -> Message {
     append(epoch, vec![record(lsn, backlink, lsn % 4)])
 }
 
-/// Records read back from the harness's journal files.
-struct Files<'a>(&'a HashMap<u32, Vec<u8>>);
-
-impl node::io::RecordReader for Files<'_> {
-    fn read(&self, locations: &[node::segment::RecordLocation]) -> Result<Vec<LogRecord>, String> {
-        locations
-            .iter()
-            .map(|l| {
-                let file = self.0.get(&l.file).ok_or("no such file")?;
-                let bytes = file
-                    .get(l.offset as usize..(l.offset + u64::from(l.len)) as usize)
-                    .ok_or("beyond the file")?;
-                LogRecord::decode(&mut Reader::new(bytes)).map_err(|e| e.to_string())
-            })
-            .collect()
-    }
-}
-
 /// The harness's journal files as a scan sees them (unwritten bytes read as zeroes).
 struct Images<'a> {
     files: &'a HashMap<u32, Vec<u8>>,
@@ -149,7 +131,12 @@ impl Harness {
             segments: vec![key(0)],
             ..Manifest::default()
         };
-        Self::recover(manifest, BTreeMap::new(), HashMap::new(), Default::default())
+        Self::recover(
+            manifest,
+            BTreeMap::new(),
+            HashMap::new(),
+            Default::default(),
+        )
     }
 
     /// A core rebuilt from a durable manifest and the journal files as written, the way a
@@ -262,16 +249,17 @@ impl Harness {
                     self.core.handle_records_read(token, Ok(records));
                 }
                 NodeOutput::ReadPage { token, read } => {
-                    let reader = Files(&self.files);
+                    let reader = node::io::MemRecords(&self.files);
                     let result = node::pagestore::read_page(&read, self.pages.as_ref(), &reader);
                     self.core.handle_page_read(token, result);
                 }
                 NodeOutput::Coalesce { token, job } => {
-                    let reader = Files(&self.files);
+                    let reader = node::io::MemRecords(&self.files);
                     let result = node::pagestore::run_coalesce(&job, self.pages.as_ref(), &reader);
                     self.core.handle_coalesced(token, result);
                 }
                 NodeOutput::Stopped { reason } => self.stopped.push(reason),
+                NodeOutput::PeerRequest { .. } => panic!("no placement here, so no gossip"),
             }
         }
     }
@@ -1044,6 +1032,36 @@ fn read_bytes(h: &mut Harness, page: u64, read_point: u64) -> Vec<u8> {
     }
 }
 
+/// Appends 4 records of 6,000 bytes after `lsn` (pages `lsn % 8`), applies them to `model`,
+/// and checks the append is acknowledged once durable.
+fn append_and_model(
+    h: &mut Harness,
+    model: &mut HashMap<u64, wire::PageImage>,
+    lsn: &mut u64,
+    i: u64,
+) {
+    let page_bytes = node::manifest::DEFAULT_PAGE_SIZE_BYTES as usize;
+    let mut records = Vec::new();
+    for _ in 0..4 {
+        let next = *lsn + 1;
+        records.push(big_record(next, *lsn, next % 8, 6000));
+        *lsn = next;
+    }
+    for r in &records {
+        let image = model
+            .entry(r.page.0)
+            .or_insert_with(|| wire::PageImage::zeroed(r.page, page_bytes));
+        wire::apply_record(image, r).unwrap();
+    }
+    let id = h.send(append(Epoch(0), records));
+    h.settle();
+    assert!(
+        matches!(h.reply(id), Message::Ack(_)),
+        "append {i}: {:?}",
+        h.reply(id)
+    );
+}
+
 /// Goal: a sustained write load of several times the journal's capacity never fills it —
 /// coalescing materializes what PGMRPL allows, garbage collection recycles journal files —
 /// and reads at the newest point, after GC and after a restart from what is durable, equal a
@@ -1068,30 +1086,10 @@ fn sustained_writes_recycle_the_journal_and_reads_stay_exact() {
         HashMap::new(),
         Default::default(),
     );
-    let page_bytes = node::manifest::DEFAULT_PAGE_SIZE_BYTES as usize;
     let mut model: HashMap<u64, wire::PageImage> = HashMap::new();
     let (mut lsn, appends) = (0u64, 1600u64);
     for i in 0..appends {
-        let mut records = Vec::new();
-        for _ in 0..4 {
-            let next = lsn + 1;
-            let page = next % 8;
-            records.push(big_record(next, lsn, page, 6000));
-            lsn = next;
-        }
-        for r in &records {
-            let image = model
-                .entry(r.page.0)
-                .or_insert_with(|| wire::PageImage::zeroed(r.page, page_bytes));
-            wire::apply_record(image, r).unwrap();
-        }
-        let id = h.send(append(Epoch(0), records));
-        h.settle();
-        assert!(
-            matches!(h.reply(id), Message::Ack(_)),
-            "append {i}: {:?}",
-            h.reply(id)
-        );
+        append_and_model(&mut h, &mut model, &mut lsn, i);
         if i % 8 == 7 {
             let set = h.send(Message::SetPgmrpl(wire::SetPgmrpl {
                 volume: V,
@@ -1118,7 +1116,11 @@ fn sustained_writes_recycle_the_journal_and_reads_stay_exact() {
         segment.record_count()
     );
     for page in 0..8 {
-        assert_eq!(read_bytes(&mut h, page, lsn), model[&page].bytes, "page {page}");
+        assert_eq!(
+            read_bytes(&mut h, page, lsn),
+            model[&page].bytes,
+            "page {page}"
+        );
     }
     let mut restarted = h.restart();
     assert_eq!(restarted.core.scl(&key(0)), Some(Lsn(lsn)));

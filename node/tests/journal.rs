@@ -91,7 +91,10 @@ fn journal_with_groups(dir: &Path) -> Vec<Position> {
     let journal = JournalFiles::open_or_create(dir, FILE_BYTES, 4).unwrap();
     let lsns: Vec<u64> = (1..=GROUPS).collect();
     write_groups(journal, Position::default(), 1, &lsns);
-    let scan = JournalFiles::open_existing(dir).unwrap().scan(Default::default()).unwrap();
+    let scan = JournalFiles::open_existing(dir)
+        .unwrap()
+        .scan(Default::default())
+        .unwrap();
     assert_eq!(scan.groups.len() as u64, GROUPS);
     assert!(scan.corrupt.is_empty());
     assert!(scan.end.file >= 2, "the groups span three files");
@@ -322,7 +325,10 @@ fn a_stale_group_behind_a_torn_one_never_comes_back() {
     let dir = test_dir("stale");
     let journal = JournalFiles::open_or_create(&dir, 8 << 20, 2).unwrap();
     write_groups(journal, Position::default(), 1, &[1, 5, 9]);
-    let scan = JournalFiles::open_existing(&dir).unwrap().scan(Default::default()).unwrap();
+    let scan = JournalFiles::open_existing(&dir)
+        .unwrap()
+        .scan(Default::default())
+        .unwrap();
     let [second, third] = [scan.groups[1].position, scan.groups[2].position];
     let size = third.offset - second.offset;
     assert_eq!(scan.end.offset - third.offset, size, "equal sizes");

@@ -213,6 +213,8 @@ fn engine_only_requests() -> Vec<Message> {
             page_size_bytes: 8192,
             pages_per_pg: 0,
             segments: vec![(wire::PgId(1), wire::SegmentIndex(0))],
+            nodes: Vec::new(),
+            placement: Vec::new(),
         }),
         Message::SetPgmrpl(wire::SetPgmrpl {
             volume,

@@ -81,7 +81,16 @@
 //!     20     4  count         ≤ HOST_SEGMENTS_MAX
 //!     24     8  pages_per_pg
 //!     32     …  count × { u32 pg, u32 segment }
+//!      …     4  node_count    ≤ PLACEMENT_NODES_MAX: the nodes the placement names
+//!      …     …  node_count × { u16 name_len ≤ NODE_NAME_BYTES_MAX, name UTF-8,
+//!                              u16 address_len ≤ NODE_ADDRESS_BYTES_MAX, address UTF-8
+//!                              "ip:port" in the canonical form Rust's SocketAddr prints }
+//!      …     4  pg_count      ≤ HOST_SEGMENTS_MAX: placements of the PGs hosted
+//!      …     …  pg_count × { u32 pg, PG_SIZE × u16 node }   node: index into the node table
 //! ```
+//!
+//! The placement tells a node where its PGs' other segments live, for gossip; a node and PG
+//! count of 0 says nothing about peers (a node keeps what it knew).
 //!
 //! SetPgmrpl body: no read below `pgmrpl` will ever come for this PG.
 //!
@@ -150,7 +159,9 @@
 //!     44     4  reserved      zero
 //! ```
 //!
-//! Records body (reply to FetchRecords): the segment's SCL and the records found.
+//! Records body (reply to FetchRecords): the segment's SCL and the records found, each with
+//! the epoch it was written with on the replying node (a copy keeps that epoch, so a
+//! truncation annuls the copy exactly when it annuls the original).
 //!
 //! ```text
 //!      0     8  volume
@@ -159,7 +170,8 @@
 //!     16     8  scl
 //!     24     4  record_count  may be 0
 //!     28     4  reserved      zero
-//!     32     …  records
+//!     32     …  record_count × u64 epoch
+//!      …     …  records
 //! ```
 //!
 //! A reader checks `len` against [`FRAME_BYTES_MAX`] before allocating anything, so a peer
@@ -223,7 +235,15 @@ pub struct PageReply {
     pub bytes: Vec<u8>,
 }
 
-/// The segments of `volume` that a node hosts from now on, with the volume's geometry.
+/// Most nodes a HostSegments placement names.
+pub const PLACEMENT_NODES_MAX: usize = 4096;
+/// Longest node name in a placement.
+pub const NODE_NAME_BYTES_MAX: usize = 255;
+/// Longest node address (`ip:port`) in a placement.
+pub const NODE_ADDRESS_BYTES_MAX: usize = 64;
+
+/// The segments of `volume` that a node hosts from now on, with the volume's geometry and
+/// where the hosted PGs' six segments live.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostSegments {
     pub volume: VolumeId,
@@ -231,6 +251,24 @@ pub struct HostSegments {
     pub page_size_bytes: u32,
     pub pages_per_pg: u64,
     pub segments: Vec<(PgId, SegmentIndex)>,
+    /// The nodes `placement` names by index.
+    pub nodes: Vec<PeerNode>,
+    /// Per hosted PG, the node (an index into `nodes`) of each of its six segments.
+    pub placement: Vec<PgPlacement>,
+}
+
+/// A storage node as a placement names it: its certificate name and QUIC address.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerNode {
+    pub name: String,
+    pub address: std::net::SocketAddr,
+}
+
+/// Where one PG's six segments live: `nodes[i]` indexes the node table for segment `i`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PgPlacement {
+    pub pg: PgId,
+    pub nodes: [u16; crate::geometry::PG_SIZE],
 }
 
 /// The PG's minimum read point: nodes may coalesce and collect garbage below it.
@@ -336,6 +374,9 @@ pub struct Records {
     pub segment: SegmentIndex,
     pub scl: Lsn,
     pub records: Vec<LogRecord>,
+    /// `epochs[i]` is the epoch `records[i]` was written with on the replying node (the same
+    /// length as `records`).
+    pub epochs: Vec<Epoch>,
 }
 
 /// A segment's SCL after a batch became durable.
@@ -576,7 +617,7 @@ impl Message {
             }
             Message::ReadPage(_) => 40,
             Message::Page(page) => 24 + page.bytes.len(),
-            Message::HostSegments(host) => 32 + 8 * host.segments.len(),
+            Message::HostSegments(host) => host.encoded_len(),
             Message::SetPgmrpl(_) => 24,
             Message::Done => 0,
             Message::GetVolumeState(_) => 8,
@@ -586,7 +627,9 @@ impl Message {
             Message::Fence(_) => 24,
             Message::Truncate(_) => 40,
             Message::FetchRecords(_) => 48,
-            Message::Records(records) => 32 + records_len(&records.records),
+            Message::Records(records) => {
+                32 + 8 * records.epochs.len() + records_len(&records.records)
+            }
         }
     }
 
@@ -685,6 +728,10 @@ impl Message {
                 let count = u32::try_from(r.records.len()).expect("bounded by the frame limit");
                 out.extend_from_slice(&count.to_le_bytes());
                 out.extend_from_slice(&0u32.to_le_bytes());
+                assert!(r.epochs.len() == r.records.len(), "one epoch per record");
+                for epoch in &r.epochs {
+                    out.extend_from_slice(&epoch.0.to_le_bytes());
+                }
                 encode_records(&r.records, out);
             }
             _ => unreachable!("encode_body handles every other kind"),
@@ -785,6 +832,46 @@ impl HostSegments {
             out.extend_from_slice(&pg.0.to_le_bytes());
             out.extend_from_slice(&segment.0.to_le_bytes());
         }
+        self.encode_placement(out);
+    }
+
+    fn encode_placement(&self, out: &mut Vec<u8>) {
+        assert!(self.nodes.len() <= PLACEMENT_NODES_MAX, "too many nodes");
+        assert!(self.placement.len() <= HOST_SEGMENTS_MAX, "too many PGs");
+        let count = u32::try_from(self.nodes.len()).expect("bounded above");
+        out.extend_from_slice(&count.to_le_bytes());
+        for node in &self.nodes {
+            let address = node.address.to_string();
+            assert!(node.name.len() <= NODE_NAME_BYTES_MAX, "node name too long");
+            assert!(
+                address.len() <= NODE_ADDRESS_BYTES_MAX,
+                "socket addresses are short"
+            );
+            for text in [node.name.as_str(), address.as_str()] {
+                let len = u16::try_from(text.len()).expect("bounded above");
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(text.as_bytes());
+            }
+        }
+        let count = u32::try_from(self.placement.len()).expect("bounded above");
+        out.extend_from_slice(&count.to_le_bytes());
+        for pg in &self.placement {
+            assert!(pg.nodes.iter().all(|n| usize::from(*n) < self.nodes.len()));
+            out.extend_from_slice(&pg.pg.0.to_le_bytes());
+            for node in pg.nodes {
+                out.extend_from_slice(&node.to_le_bytes());
+            }
+        }
+    }
+
+    /// Bytes of the encoded body.
+    fn encoded_len(&self) -> usize {
+        let nodes: usize = self
+            .nodes
+            .iter()
+            .map(|n| 4 + n.name.len() + n.address.to_string().len())
+            .sum();
+        32 + 8 * self.segments.len() + 4 + nodes + 4 + PG_PLACEMENT_BYTES * self.placement.len()
     }
 
     fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
@@ -805,14 +892,85 @@ impl HostSegments {
                 SegmentIndex(reader.u32("segment")?),
             ));
         }
+        let nodes = decode_peer_nodes(reader)?;
+        let placement = decode_placement(reader, nodes.len())?;
         Ok(Self {
             volume,
             epoch,
             page_size_bytes,
             pages_per_pg,
             segments,
+            nodes,
+            placement,
         })
     }
+}
+
+/// Bytes of one PG's placement: its id and a node index per segment.
+const PG_PLACEMENT_BYTES: usize = 4 + 2 * crate::geometry::PG_SIZE;
+
+fn decode_peer_nodes(reader: &mut Reader<'_>) -> Result<Vec<PeerNode>, DecodeError> {
+    let count = reader.u32("node count")? as usize;
+    // Each node takes at least its two length fields.
+    if count > PLACEMENT_NODES_MAX || count > reader.remaining() / 4 {
+        return Err(DecodeError::Malformed(
+            "node count larger than the bytes can hold",
+        ));
+    }
+    let mut nodes = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = usize::from(reader.u16("node name length")?);
+        if len > NODE_NAME_BYTES_MAX {
+            return Err(DecodeError::Malformed("node name longer than the limit"));
+        }
+        let name = std::str::from_utf8(reader.take(len, "node name")?)
+            .map_err(|_| DecodeError::Malformed("node name is not UTF-8"))?
+            .to_string();
+        let len = usize::from(reader.u16("node address length")?);
+        if len > NODE_ADDRESS_BYTES_MAX {
+            return Err(DecodeError::Malformed("node address longer than the limit"));
+        }
+        let text = std::str::from_utf8(reader.take(len, "node address")?)
+            .map_err(|_| DecodeError::Malformed("node address is not UTF-8"))?;
+        let address: std::net::SocketAddr = text
+            .parse()
+            .map_err(|_| DecodeError::Malformed("node address is not ip:port"))?;
+        // Only the form the encoder writes, so a frame re-encodes to exactly its bytes.
+        if address.to_string() != text {
+            return Err(DecodeError::Malformed(
+                "node address is not in canonical ip:port form",
+            ));
+        }
+        nodes.push(PeerNode { name, address });
+    }
+    Ok(nodes)
+}
+
+fn decode_placement(
+    reader: &mut Reader<'_>,
+    node_count: usize,
+) -> Result<Vec<PgPlacement>, DecodeError> {
+    let count = reader.u32("placement count")? as usize;
+    if count > HOST_SEGMENTS_MAX || count > reader.remaining() / PG_PLACEMENT_BYTES {
+        return Err(DecodeError::Malformed(
+            "placement count larger than the bytes can hold",
+        ));
+    }
+    let mut placement = Vec::with_capacity(count);
+    for _ in 0..count {
+        let pg = PgId(reader.u32("placement pg")?);
+        let mut nodes = [0u16; crate::geometry::PG_SIZE];
+        for node in &mut nodes {
+            *node = reader.u16("placement node")?;
+            if usize::from(*node) >= node_count {
+                return Err(DecodeError::Malformed(
+                    "placement names a node beyond the node table",
+                ));
+            }
+        }
+        placement.push(PgPlacement { pg, nodes });
+    }
+    Ok(placement)
 }
 
 fn decode_error(reader: &mut Reader<'_>) -> Result<ErrorReply, DecodeError> {
@@ -1089,6 +1247,15 @@ fn decode_records_reply(body: &[u8]) -> Result<Records, DecodeError> {
             "records reserved bytes are not zero",
         ));
     }
+    if count as usize > reader.remaining() / (8 + RECORD_HEADER_BYTES) {
+        return Err(DecodeError::Malformed(
+            "record count larger than the bytes can hold",
+        ));
+    }
+    let mut epochs = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        epochs.push(Epoch(reader.u64("record epoch")?));
+    }
     let records = decode_records(reader.take(reader.remaining(), "records")?, count)?;
     if !records
         .windows(2)
@@ -1104,6 +1271,7 @@ fn decode_records_reply(body: &[u8]) -> Result<Records, DecodeError> {
         segment,
         scl,
         records,
+        epochs,
     })
 }
 

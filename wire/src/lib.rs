@@ -27,8 +27,8 @@ pub use apply::{ApplyError, PageImage, apply_record, apply_records};
 pub use codec::DecodeError;
 pub use frame::{
     Append, AppendHeader, AppendView, ErrorCode, ErrorReply, FRAME_BYTES_MAX, Fence, FetchRecords,
-    Frame, HostSegments, Message, PageReply, ReadPage, Records, SegmentAck, SegmentState,
-    SetPgmrpl, Truncate, TruncationRange, VolumeState,
+    Frame, HostSegments, Message, PageReply, PeerNode, PgPlacement, ReadPage, Records, SegmentAck,
+    SegmentState, SetPgmrpl, Truncate, TruncationRange, VolumeState,
 };
 pub use geometry::{Geometry, PG_SIZE, READ_QUORUM, WRITE_QUORUM};
 pub use record::{LogRecord, RECORD_HEADER_BYTES, RecordMeta, RedoOp};

@@ -14,9 +14,10 @@ use wire::frame::{
 use wire::record::{RECORD_PAYLOAD_BYTES_MAX, decode_records, encode_records};
 use wire::{
     Append, AppendView, ApplyError, DecodeError, Epoch, ErrorCode, ErrorReply, Fence, FetchRecords,
-    Frame, HostSegments, LogRecord, Lsn, Message, PageId, PageImage, PageReply, PgId,
-    RECORD_HEADER_BYTES, ReadPage, Records, RedoOp, SegmentAck, SegmentIndex, SegmentState,
-    SetPgmrpl, Truncate, TruncationRange, VolumeId, VolumeState, apply_record, apply_records,
+    Frame, HostSegments, LogRecord, Lsn, Message, PG_SIZE, PageId, PageImage, PageReply, PeerNode,
+    PgId, PgPlacement, RECORD_HEADER_BYTES, ReadPage, Records, RedoOp, SegmentAck, SegmentIndex,
+    SegmentState, SetPgmrpl, Truncate, TruncationRange, VolumeId, VolumeState, apply_record,
+    apply_records,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -180,16 +181,52 @@ fn arb_host_segments() -> impl Strategy<Value = HostSegments> {
         any::<u32>(),
         any::<u64>(),
         vec(segment, 0..=48),
+        arb_placement(),
     )
         .prop_map(
-            |(volume, epoch, page_size_bytes, pages_per_pg, segments)| HostSegments {
-                volume: VolumeId(volume),
-                epoch: Epoch(epoch),
-                page_size_bytes,
-                pages_per_pg,
-                segments,
+            |(volume, epoch, page_size_bytes, pages_per_pg, segments, (nodes, placement))| {
+                HostSegments {
+                    volume: VolumeId(volume),
+                    epoch: Epoch(epoch),
+                    page_size_bytes,
+                    pages_per_pg,
+                    segments,
+                    nodes,
+                    placement,
+                }
             },
         )
+}
+
+/// A node table (names up to the limit, IPv4 and IPv6 addresses) and PG placements that
+/// index into it.
+fn arb_placement() -> impl Strategy<Value = (Vec<PeerNode>, Vec<PgPlacement>)> {
+    let node = (
+        "[a-z0-9-]{0,40}",
+        any::<[u8; 16]>(),
+        any::<u16>(),
+        any::<bool>(),
+    )
+        .prop_map(|(name, ip, port, v6)| {
+            let ip: std::net::IpAddr = if v6 {
+                std::net::Ipv6Addr::from(ip).into()
+            } else {
+                std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).into()
+            };
+            PeerNode {
+                name,
+                address: std::net::SocketAddr::new(ip, port),
+            }
+        });
+    vec(node, 0..=8).prop_flat_map(|nodes| {
+        let n = nodes.len();
+        let pg = (any::<u32>(), any::<[u16; PG_SIZE]>()).prop_map(move |(pg, picks)| PgPlacement {
+            pg: PgId(pg),
+            nodes: picks.map(|p| p % u16::try_from(n.max(1)).unwrap()),
+        });
+        let count = if n == 0 { 0..=0 } else { 0..=6 };
+        (Just(nodes), vec(pg, count))
+    })
 }
 
 fn arb_set_pgmrpl() -> impl Strategy<Value = SetPgmrpl> {
@@ -262,13 +299,17 @@ fn arb_recovery_request() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<u32>(),
             l,
-            prop_oneof![Just(vec![]), arb_records()]
+            prop_oneof![Just(vec![]), arb_records()],
+            any::<u64>(),
         )
-            .prop_map(|(v, pg, s, scl, records)| Message::Records(Records {
+            .prop_map(|(v, pg, s, scl, records, epoch)| Message::Records(Records {
                 volume: VolumeId(v),
                 pg: PgId(pg),
                 segment: SegmentIndex(s),
                 scl: Lsn(scl),
+                epochs: (0..records.len() as u64)
+                    .map(|i| Epoch(epoch.wrapping_add(i % 3)))
+                    .collect(),
                 records,
             })),
     ]
@@ -702,6 +743,73 @@ fn huge_counts_are_refused() {
             ))
         );
     }
+}
+
+/// Goal: a HostSegments placement from an untrusted peer cannot make the decoder allocate
+/// past what its bytes hold, nor name a node outside its table, nor carry an overlong name.
+/// Method: bodies with no segments whose node count or PG count is `u32::MAX`, one whose PG
+/// names node 1 of a one-node table, and one with a 256-byte node name.
+#[test]
+fn placement_counts_and_indexes_are_checked() {
+    let head = |body: &mut Vec<u8>| {
+        body.extend_from_slice(&[0; 20]); // volume, epoch, page_size_bytes
+        body.extend_from_slice(&0u32.to_le_bytes()); // no segments
+        body.extend_from_slice(&[0; 8]); // pages_per_pg
+    };
+    let node = |body: &mut Vec<u8>, name: &[u8]| {
+        body.extend_from_slice(&u16::try_from(name.len()).unwrap().to_le_bytes());
+        body.extend_from_slice(name);
+        let address = b"127.0.0.1:7100";
+        body.extend_from_slice(&u16::try_from(address.len()).unwrap().to_le_bytes());
+        body.extend_from_slice(address);
+    };
+    let refused = |body: &[u8], why: &'static str| {
+        assert_eq!(
+            Frame::decode(&raw_frame(KIND_HOST_SEGMENTS, 3, body)),
+            Err(DecodeError::Malformed(why))
+        );
+    };
+    let mut body = Vec::new();
+    head(&mut body);
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    body.resize(body.len() + 4096, 0);
+    refused(&body, "node count larger than the bytes can hold");
+
+    let mut body = Vec::new();
+    head(&mut body);
+    body.extend_from_slice(&1u32.to_le_bytes());
+    node(&mut body, b"node1");
+    let with_one_node = body.clone();
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    body.resize(body.len() + 4096, 0);
+    refused(&body, "placement count larger than the bytes can hold");
+
+    let mut body = with_one_node;
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes()); // pg 0
+    for segment in 0..PG_SIZE {
+        body.extend_from_slice(&u16::from(segment == 5).to_le_bytes());
+    }
+    refused(&body, "placement names a node beyond the node table");
+
+    let mut body = Vec::new();
+    head(&mut body);
+    body.extend_from_slice(&1u32.to_le_bytes());
+    node(&mut body, &[b'n'; 256]);
+    body.extend_from_slice(&0u32.to_le_bytes());
+    refused(&body, "node name longer than the limit");
+
+    // An address that parses but is not written as the encoder writes it.
+    let mut body = Vec::new();
+    head(&mut body);
+    body.extend_from_slice(&1u32.to_le_bytes());
+    body.extend_from_slice(&5u16.to_le_bytes());
+    body.extend_from_slice(b"node1");
+    let address = b"127.0.0.1:07100";
+    body.extend_from_slice(&u16::try_from(address.len()).unwrap().to_le_bytes());
+    body.extend_from_slice(address);
+    body.extend_from_slice(&0u32.to_le_bytes());
+    refused(&body, "node address is not in canonical ip:port form");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -292,7 +292,11 @@ impl VolumeCore {
     ) {
         assert!(scl < through);
         let link = &mut self.links[node];
-        let filled = link.filled.get(&(pg, segment)).copied().unwrap_or(Lsn::ZERO);
+        let filled = link
+            .filled
+            .get(&(pg, segment))
+            .copied()
+            .unwrap_or(Lsn::ZERO);
         let after = scl.max(filled);
         if after >= through {
             return;
@@ -448,6 +452,26 @@ impl VolumeCore {
                 "node {} is back; catching it up",
                 self.layout.node_names[node]
             );
+            // A restarted node lost its PGMRPL (it keeps what it materialized): tell it again.
+            let serving = self.serving.as_ref().expect("serving");
+            let floors: Vec<(PgId, Lsn)> = self
+                .layout
+                .placement
+                .iter()
+                .enumerate()
+                .filter(|(_, nodes)| nodes.contains(&node))
+                .map(|(pg, _)| (PgId(pg as u32), serving.pgmrpl_sent[pg]))
+                .filter(|(_, floor)| *floor > Lsn::ZERO)
+                .collect();
+            for (pg, pgmrpl) in floors {
+                let message = Message::SetPgmrpl(SetPgmrpl {
+                    volume: self.layout.volume,
+                    pg,
+                    pgmrpl,
+                });
+                self.stats.pgmrpl_sent += 1;
+                self.send(now, node, RequestKind::Pgmrpl, Payload::Message(message));
+            }
         }
         // The SCLs it reports count like acks (an ack lost on the way is not lost for good).
         for s in &state.segments {
@@ -504,10 +528,9 @@ impl VolumeCore {
             }
         }
         for pg in updates {
+            // Down nodes too: a node refusing appends because its journal is full needs the
+            // new PGMRPL most of all (it coalesces and collects up to it, then takes appends).
             for node in self.layout.placement[pg.0 as usize] {
-                if !self.links[node].up {
-                    continue;
-                }
                 let message = Message::SetPgmrpl(SetPgmrpl {
                     volume: self.layout.volume,
                     pg,

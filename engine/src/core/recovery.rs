@@ -364,15 +364,7 @@ impl VolumeCore {
         if self.recovery.is_none() {
             return; // Fenced or failed meanwhile.
         }
-        match request {
-            RecoveryRequest::Fetch { pg } => {
-                self.recovery().pgs[pg.0 as usize].fetch_inflight = false
-            }
-            RecoveryRequest::Copy { pg, segment, .. } => {
-                self.recovery().pgs[pg.0 as usize].copy_inflight[segment.0 as usize] = false;
-            }
-            _ => self.recovery().inflight[node] = false,
-        }
+        self.recovery_answered(node, &request);
         let progressed = matches!(
             reply,
             Ok(Message::VolumeState(_) | Message::Records(_) | Message::Ack(_))
@@ -399,17 +391,8 @@ impl VolumeCore {
                 None
             }
             Ok(Message::Error(e)) if e.code == ErrorCode::Compacted => {
-                // The source's records below what was asked for left its journal (they are in
-                // its page store): as if it had none, so the next source is tried.
                 if let RecoveryRequest::Fetch { pg } = request {
-                    let empty = Records {
-                        volume: self.layout.volume,
-                        pg,
-                        segment: SegmentIndex(0),
-                        scl: Lsn::ZERO,
-                        records: Vec::new(),
-                    };
-                    self.on_fetched(now, pg, empty);
+                    self.on_fetch_compacted(now, pg);
                 }
                 None
             }
@@ -746,6 +729,33 @@ impl VolumeCore {
             state.prefix = None;
             state.prefix_failed = true;
         }
+    }
+
+    /// A recovery request is no longer in flight.
+    fn recovery_answered(&mut self, node: NodeIndex, request: &RecoveryRequest) {
+        match *request {
+            RecoveryRequest::Fetch { pg } => {
+                self.recovery().pgs[pg.0 as usize].fetch_inflight = false;
+            }
+            RecoveryRequest::Copy { pg, segment, .. } => {
+                self.recovery().pgs[pg.0 as usize].copy_inflight[segment.0 as usize] = false;
+            }
+            _ => self.recovery().inflight[node] = false,
+        }
+    }
+
+    /// The source's records below what was asked for left its journal (they are in its page
+    /// store): as if it had none, so the next source is tried.
+    fn on_fetch_compacted(&mut self, now: Instant, pg: PgId) {
+        let empty = Records {
+            volume: self.layout.volume,
+            pg,
+            segment: SegmentIndex(0),
+            scl: Lsn::ZERO,
+            records: Vec::new(),
+            epochs: Vec::new(),
+        };
+        self.on_fetched(now, pg, empty);
     }
 
     /// Appends fetched records after checking that they continue the chain.

@@ -11,8 +11,8 @@
 //!
 //! Garbage collection, after each round (and whenever the journal is under pressure,
 //! [`PRESSURE_PERCENT`]): a segment's base moves up to its `materialized` LSN, held back by
-//! [`NodeCore::gc_hold_back`] (peers that still need records, and later backup) unless the
-//! journal is under pressure. Then the journal's start moves past every file whose
+//! [`NodeCore::gc_hold_back`] (peers that still need records, and later backup) less and less
+//! as the journal fills. Then the journal's start moves past every file whose
 //! records all lie at or below their segments' bases; the new start and bases are stored in
 //! the manifest, and only once that manifest is durable may the writer reuse those files.
 //!
@@ -28,6 +28,7 @@ use wire::Lsn;
 use super::{NodeCore, NodeOutput, Phase};
 use crate::manifest::{JournalStart, SegmentKey};
 use crate::pagestore::{CoalesceJob, PageWork};
+use crate::segment::Segment;
 
 /// A coalescing round the core asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,6 +68,9 @@ pub(super) struct Background {
     start: JournalStart,
     /// A start waiting for its manifest version to be durable.
     start_pending: Option<(u64, JournalStart)>,
+    /// Per segment, where its chain will end once the appends accepted so far are durable (a
+    /// truncation forgets it: the SCL is the truth again).
+    pub(super) accepted_end: BTreeMap<SegmentKey, Lsn>,
     /// Background work is paused (benchmarks compare with and without it).
     pub(super) paused: bool,
     pub(super) stats: BackgroundStats,
@@ -84,6 +88,7 @@ impl Background {
             first_sequence: vec![None; file_count as usize],
             start,
             start_pending: None,
+            accepted_end: BTreeMap::new(),
             paused: false,
             stats: BackgroundStats::default(),
         }
@@ -145,21 +150,53 @@ impl NodeCore {
         live * 100 / count
     }
 
+    /// Where `key`'s chain will end once everything accepted so far is durable: its SCL, or the
+    /// end of the run of appends accepted since that continue it.
+    pub(super) fn chain_end(&self, key: &SegmentKey) -> Lsn {
+        let scl = self.segments.get(key).map_or(Lsn::ZERO, Segment::scl);
+        self.background
+            .accepted_end
+            .get(key)
+            .copied()
+            .unwrap_or(Lsn::ZERO)
+            .max(scl)
+    }
+
+    /// An append was accepted: if it continues the chain, the chain's future end moves.
+    pub(super) fn note_accepted(&mut self, batch: &super::commit::Batch) {
+        let end = self.chain_end(&batch.key);
+        let first = batch.records[0].backlink;
+        let last = batch.records.last().expect("appends carry records").lsn;
+        if first <= end && last > end {
+            self.background.accepted_end.insert(batch.key, last);
+        }
+    }
+
     /// How far GC must keep `key`'s records for others: peers that lag (a recovering writer
-    /// copies records from here to them) and backup. `None`: nothing holds them back.
+    /// copies records from here to them, gossip fetches them) and backup. `None`: nothing.
     ///
-    /// Until the node learns its peers' SCLs (gossip), it cannot tell whether a peer still
-    /// needs a record, so it keeps every record (`Some(0)`) until the journal is under
-    /// pressure: records then leave the index only when the alternative is `JournalFull`.
-    pub(super) fn gc_hold_back(&self, _key: &SegmentKey) -> Option<Lsn> {
-        // Hook: gossip's lowest peer SCL and backup's uploaded LSN will bound the base here.
-        Some(Lsn::ZERO)
+    /// - With all five peers heard from recently (gossip), records stay until every peer's SCL
+    ///   has passed them, up to the reserve ([`super::RESERVE_PERCENT`]): then they go.
+    /// - When a peer's needs are unknown (it is down, or gossip has no placement), every record
+    ///   stays until the journal is under pressure ([`PRESSURE_PERCENT`]): records then leave
+    ///   the index only when the alternative is `JournalFull`.
+    ///
+    /// (Backup's uploaded LSN will bound the base here too.)
+    pub(super) fn gc_hold_back(&self, key: &SegmentKey) -> Option<Lsn> {
+        let used = self.journal_used_percent();
+        if used >= super::RESERVE_PERCENT {
+            return None;
+        }
+        match self.peer_scl_floor_all(key) {
+            Some(floor) => Some(floor),
+            None if used >= PRESSURE_PERCENT => None,
+            None => Some(Lsn::ZERO),
+        }
     }
 
     /// Starts a coalescing round if one is due (see the module docs).
     pub(super) fn schedule_background(&mut self) {
-        if self.phase != Phase::Serving || !self.background.is_idle() || self.background.paused
-        {
+        if self.phase != Phase::Serving || !self.background.is_idle() || self.background.paused {
             return;
         }
         let pressure = self.journal_used_percent() >= PRESSURE_PERCENT;
@@ -257,19 +294,12 @@ impl NodeCore {
     /// Moves segment bases up to what is materialized (unless held back), then the journal
     /// start past every file no longer needed; stores both.
     fn collect_garbage(&mut self) {
-        let pressure = self.journal_used_percent() >= PRESSURE_PERCENT;
         let keys: Vec<SegmentKey> = self.segments.keys().copied().collect();
         let mut changed: Vec<wire::VolumeId> = Vec::new();
         for key in keys {
-            let hold = if pressure {
-                None
-            } else {
-                self.gc_hold_back(&key)
-            };
+            let hold = self.gc_hold_back(&key);
             let segment = self.segments.get_mut(&key).expect("listed");
-            let target = hold.map_or(segment.materialized(), |h| {
-                h.min(segment.materialized())
-            });
+            let target = hold.map_or(segment.materialized(), |h| h.min(segment.materialized()));
             // The base must be an LSN of the chain: the last record held at or below target.
             let base = segment.chain_at_or_below(target);
             let released = segment.release(base);
@@ -298,11 +328,13 @@ impl NodeCore {
             if file == head {
                 break;
             }
-            let needed = self.background.files[file as usize].iter().any(|(key, lsn)| {
-                self.segments
-                    .get(key)
-                    .is_some_and(|s| *lsn > s.progress().base)
-            });
+            let needed = self.background.files[file as usize]
+                .iter()
+                .any(|(key, lsn)| {
+                    self.segments
+                        .get(key)
+                        .is_some_and(|s| *lsn > s.progress().base)
+                });
             if needed {
                 break;
             }

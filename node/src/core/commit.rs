@@ -50,6 +50,8 @@ pub(super) struct Batch {
     pub(super) vdl: Lsn,
     pub(super) records: Vec<RecordInBody>,
     pub(super) received: Instant,
+    /// Records gossip fetched from a peer: indexed when durable, never answered.
+    pub(super) gossip: bool,
 }
 
 /// A group being persisted: its batches, each with where its body lies.
@@ -140,10 +142,14 @@ impl Commit {
         let inflight = std::mem::take(&mut self.inflight);
         assert!(self.queue.is_empty());
         assert!(self.inflight.is_empty());
-        let queued = queued.into_iter().map(|(b, _)| (b.conn, b.request_id));
+        let queued = queued
+            .into_iter()
+            .filter(|(b, _)| !b.gossip)
+            .map(|(b, _)| (b.conn, b.request_id));
         let inflight = inflight
             .into_iter()
             .flat_map(|g| g.batches)
+            .filter(|(b, _)| !b.gossip)
             .map(|(b, _)| (b.conn, b.request_id));
         queued.chain(inflight)
     }
@@ -296,6 +302,10 @@ impl NodeCore {
             );
         }
         for batch in batches {
+            if batch.gossip {
+                self.gossip_batch_refused(batch.key); // Fetched again later.
+                continue;
+            }
             let text = "journal is full: no journal file has room for this batch".to_string();
             self.reply_error(batch.conn, batch.request_id, ErrorCode::JournalFull, text);
         }
@@ -334,6 +344,9 @@ impl NodeCore {
             self.segments.contains_key(&batch.key),
             "segments are never unhosted"
         );
+        if batch.gossip {
+            return self.gossip_batch_done(batch.key); // Nobody waits for it.
+        }
         let answer = Answer::Ack {
             key: batch.key,
             epoch: batch.epoch,

@@ -26,9 +26,14 @@
 //! - [`NodeCore::handle_fatal_io`]: a journal write or sync, or a manifest store, failed. The
 //!   node stops: everything waiting and everything after gets `ShuttingDown` with the reason.
 //! - [`NodeCore::begin_shutdown`]: refuse new requests, finish what is waiting.
+//! - [`NodeCore::handle_timeout`]: time passed (call it once when serving starts, then
+//!   whenever [`NodeCore::poll_timeout`] passes); gossip polls peers and plans fetches.
+//! - [`NodeCore::handle_peer_reply`]: the reply to a [`NodeOutput::PeerRequest`], or why
+//!   none came (see `gossip`).
 //!
 //! Outputs, drained with [`NodeCore::poll_output`] after each input: replies, journal groups to
-//! write ([`NodeOutput::Persist`]), manifests to store, journal records to read, and
+//! write ([`NodeOutput::Persist`]), manifests to store, journal records to read, requests to
+//! peer nodes ([`NodeOutput::PeerRequest`], gossip), and
 //! [`NodeOutput::Stopped`] once. Group commit happens here: when outputs are polled and fewer
 //! than `inflight_groups_max` groups are being persisted, everything queued goes into the next
 //! group (up to a group's size), so a driver that feeds every input it has before polling gets
@@ -45,11 +50,14 @@
 //! - a record whose LSN lies in a truncated range is never indexed, never counted in an SCL and
 //!   never served, whether it was durable before the truncation or arrives after it;
 //! - every reply that states durable metadata (VolumeState, Done for HostSegments) leaves only
-//!   once the manifest holding that state is durable.
+//!   once the manifest holding that state is durable;
+//! - records fetched from peers by gossip go through the same journal queue and are indexed
+//!   exactly as appended ones (truncations included), but are never answered to anyone.
 
 mod background;
 mod commit;
 mod durability;
+mod gossip;
 mod reads;
 mod requests;
 mod stats;
@@ -72,7 +80,10 @@ pub use background::{
     BackgroundStats, JobToken, PRESSURE_PERCENT, ROUND_RECORDS_MAX, ROUND_RECORDS_MIN,
 };
 pub use commit::{GROUP_ENTRY_BYTES_MAX, PersistGroup};
-pub use requests::{FETCH_BYTES_MAX, TRUNCATIONS_PER_VOLUME_MAX};
+pub use gossip::{
+    GAPS_REPORTED_MAX, GOSSIP_FETCH_BYTES_MAX, Gap, GossipConfig, GossipStats, missing_ranges,
+};
+pub use requests::{FETCH_BYTES_MAX, RESERVE_PERCENT, TRUNCATIONS_PER_VOLUME_MAX};
 pub use stats::{NodeStats, SegmentStats};
 
 /// A stream requests arrive on and replies go back to; chosen by the driver.
@@ -139,6 +150,14 @@ pub enum NodeOutput {
     /// Carry out a coalescing round ([`crate::pagestore::run_coalesce`]), then call
     /// [`NodeCore::handle_coalesced`].
     Coalesce { token: JobToken, job: CoalesceJob },
+    /// Send `message` (a request) to the peer node `peer` with `request_id`, and call
+    /// [`NodeCore::handle_peer_reply`] with its reply or why none came. The core keeps the
+    /// request's deadline: a driver may give up earlier, never wait forever.
+    PeerRequest {
+        peer: wire::PeerNode,
+        request_id: u64,
+        message: Message,
+    },
     /// The node stopped serving for good; the driver logs the reason and exits non-zero.
     Stopped { reason: String },
 }
@@ -244,6 +263,7 @@ pub struct NodeCore {
     durability: durability::Durability,
     reads: reads::Reads,
     background: background::Background,
+    gossip: gossip::Gossip,
     outputs: VecDeque<NodeOutput>,
 }
 
@@ -301,7 +321,11 @@ impl NodeCore {
             crate::manifest::JournalStart::default()
         };
         let background = background::Background::new(config.journal_file_count, start);
-        Self {
+        let gossip = gossip::Gossip::new(
+            gossip::GossipConfig::for_node(&config.name),
+            manifest.placement,
+        );
+        let mut core = Self {
             config,
             phase: Phase::Recovering,
             volumes,
@@ -310,8 +334,11 @@ impl NodeCore {
             durability: durability::Durability::default(),
             reads: reads::Reads::default(),
             background,
+            gossip,
             outputs: VecDeque::new(),
-        }
+        };
+        core.refresh_poll_targets();
+        core
     }
 
     /// During recovery: a durable group with `sequence` was found at `at` (call before its
@@ -575,6 +602,7 @@ impl NodeCore {
     /// geometry and truncations.
     pub fn manifest(&self) -> Manifest {
         let manifest = Manifest {
+            placement: self.gossip.placement().clone(),
             segments: self.segments.keys().copied().collect(),
             volumes: self
                 .volumes

@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use wire::{ErrorCode, ErrorReply, LogRecord, Lsn, Message, PageId, PageImage, PageReply, Records};
+use wire::{
+    Epoch, ErrorCode, ErrorReply, LogRecord, Lsn, Message, PageId, PageImage, PageReply, Records,
+};
 
 use super::{ConnId, ReadToken};
 use crate::manifest::SegmentKey;
@@ -25,6 +27,8 @@ pub(super) enum ReadKind {
     Records {
         key: SegmentKey,
         scl: Lsn,
+        /// The epoch each record was written with (one per location).
+        epochs: Vec<Epoch>,
     },
 }
 
@@ -82,15 +86,18 @@ impl Reads {
         let reply = result
             .map_err(|e| ErrorReply::new(ErrorCode::Internal, format!("journal read failed: {e}")))
             .and_then(|records| check_identity(&read.locations, records))
-            .and_then(|records| match read.kind {
-                ReadKind::Page { .. } => unreachable!("page reads complete with complete_page"),
-                ReadKind::Records { key, scl } => Ok(Message::Records(Records {
+            .map(|records| {
+                let ReadKind::Records { key, scl, epochs } = read.kind else {
+                    unreachable!("page reads complete with complete_page")
+                };
+                Message::Records(Records {
                     volume: key.volume,
                     pg: key.pg,
                     segment: key.segment,
                     scl,
+                    epochs,
                     records,
-                })),
+                })
             });
         assert!(!self.pending.contains_key(&token));
         (read.conn, read.request_id, reply)

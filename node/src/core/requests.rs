@@ -25,6 +25,9 @@ use crate::segment::Segment;
 /// The frame kind of an Append (see `wire::frame`).
 pub(super) const KIND_APPEND: u8 = 1;
 
+/// Journal use (percent of its files) from which only appends that continue a chain are taken.
+pub const RESERVE_PERCENT: u64 = 75;
+
 /// Most truncation ranges a volume keeps (each recovery adds one; adjacent ones merge).
 pub const TRUNCATIONS_PER_VOLUME_MAX: usize = 4096;
 
@@ -49,6 +52,7 @@ impl NodeCore {
             self.phase != Phase::Recovering,
             "requests come after recovery"
         );
+        self.note_now(now);
         let header = match FrameHeader::decode(&mut Reader::new(&frame)) {
             Ok(header) => header,
             Err(e) => {
@@ -232,7 +236,7 @@ impl NodeCore {
     }
 
     /// Pages per PG of `volume`, 0 while unknown.
-    fn pages_per_pg(&self, volume: VolumeId) -> u64 {
+    pub(super) fn pages_per_pg(&self, volume: VolumeId) -> u64 {
         let Some(v) = self.volumes.get(&volume) else {
             return 0;
         };
@@ -275,10 +279,39 @@ impl NodeCore {
             vdl: view.header.vdl,
             records: RecordInBody::of_view(&view),
             received: now,
+            gossip: false,
         };
         assert!(batch.records.len() == view.header.record_count as usize);
         drop(view);
+        if let Err(e) = self.check_reserve(&batch) {
+            return self.reply(conn, request_id, Message::Error(e));
+        }
+        self.note_accepted(&batch);
         self.commit.enqueue(batch, body);
+    }
+
+    /// Near a full journal ([`RESERVE_PERCENT`]), only appends that continue their segment's
+    /// chain (from its SCL, or from an append accepted before) are taken: they are what lets
+    /// VDL, then PGMRPL, then garbage collection move on. Records beyond a gap would fill the
+    /// last of the journal with what can be neither coalesced nor collected until the gap is
+    /// filled, and a journal full of them stalls every writer for good.
+    fn check_reserve(&self, batch: &Batch) -> Result<(), ErrorReply> {
+        if self.journal_used_percent() < RESERVE_PERCENT {
+            return Ok(());
+        }
+        let first = batch.records[0].backlink;
+        let end = self.chain_end(&batch.key);
+        if first <= end {
+            return Ok(());
+        }
+        Err(ErrorReply::new(
+            ErrorCode::JournalFull,
+            format!(
+                "journal nearly full: {} takes only records that continue its chain (at {end}), \
+                 this batch starts after {first}",
+                batch.key
+            ),
+        ))
     }
 
     /// Checks an append's segment, epoch and pages; returns its segment.
@@ -392,6 +425,7 @@ impl NodeCore {
             let previous = self.segments.insert(key, Segment::default());
             assert!(previous.is_none(), "only new segments are added");
         }
+        let changed = self.install_placement(host) || changed;
         if changed {
             self.manifest_changed(host.volume);
         }
@@ -527,6 +561,9 @@ impl NodeCore {
 
     fn apply_truncation(&mut self, volume: VolumeId, t: &Truncation) {
         let mut dropped = 0;
+        self.background
+            .accepted_end
+            .retain(|key, _| key.volume != volume);
         assert!(t.after < t.through, "only non-empty ranges are applied");
         for (key, segment) in self.segments.range_mut(volume_keys(volume)) {
             let before = segment.scl();
@@ -598,9 +635,7 @@ impl NodeCore {
             page: read.page,
             read_point: read.read_point,
         };
-        let token = self
-            .reads
-            .begin(conn, request_id, &page_read.records, kind);
+        let token = self.reads.begin(conn, request_id, &page_read.records, kind);
         self.outputs.push_back(NodeOutput::ReadPage {
             token,
             read: page_read,
@@ -639,12 +674,18 @@ impl NodeCore {
                 segment: key.segment,
                 scl,
                 records: Vec::new(),
+                epochs: Vec::new(),
             };
             return self.reply(conn, request_id, Message::Records(records));
         }
-        let token = self
-            .reads
-            .begin(conn, request_id, &locations, ReadKind::Records { key, scl });
+        // Each record keeps the epoch it was written with: a copy is annulled exactly when
+        // the original is.
+        let epochs = locations
+            .iter()
+            .map(|l| segment.epoch_of(l.lsn).expect("fetched records are held"))
+            .collect();
+        let kind = ReadKind::Records { key, scl, epochs };
+        let token = self.reads.begin(conn, request_id, &locations, kind);
         self.outputs
             .push_back(NodeOutput::ReadRecords { token, locations });
     }

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 pub use aligned::{AlignedBuf, DIRECT_IO_ALIGN};
 pub use manifest::{FileManifestStore, ManifestStore};
-pub use reader::{JournalReader, RecordReader};
+pub use reader::{JournalReader, MemRecords, RecordReader};
 
 use crate::core::{GroupId, PersistGroup};
 use crate::journal::format::{self, GROUP_HEADER_BYTES};

@@ -57,3 +57,22 @@ impl RecordReader for JournalReader {
         Ok(out)
     }
 }
+
+/// Journal files held in memory (file index → bytes), for tests and simulators.
+pub struct MemRecords<'a>(pub &'a std::collections::HashMap<u32, Vec<u8>>);
+
+impl RecordReader for MemRecords<'_> {
+    fn read(&self, locations: &[RecordLocation]) -> Result<Vec<LogRecord>, String> {
+        locations
+            .iter()
+            .map(|l| {
+                let file = self.0.get(&l.file).ok_or("no such journal file")?;
+                let end = l.offset + u64::from(l.len);
+                let bytes = file
+                    .get(l.offset as usize..end as usize)
+                    .ok_or("beyond the journal file")?;
+                LogRecord::decode(&mut Reader::new(bytes)).map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+}

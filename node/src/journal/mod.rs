@@ -38,8 +38,8 @@ use std::path::{Path, PathBuf};
 use wire::frame::Append;
 
 use crate::io::raw::{open_direct, prewrite};
-use crate::manifest::JournalStart;
 use crate::io::{AlignedBuf, DIRECT_IO_ALIGN};
+use crate::manifest::JournalStart;
 use format::{GROUP_BYTES_MAX, GROUP_HEADER_BYTES, GROUP_MAGIC, GroupHeader};
 
 /// Most block groups the persister keeps in flight; bounds the tail a crash can leave.

@@ -19,16 +19,16 @@ use node::core::{
     ConnId, CoreConfig, EntryLocation, GroupId, JobToken, ManifestToken, NodeOutput, ReadToken,
 };
 use node::io::{AlignedBuf, RecordReader, encode_group};
-use node::pagestore::{CoalesceJob, MemPageStore, PageRead};
 use node::journal::format::GROUP_BYTES_MAX;
 use node::journal::{JournalStorage, Position};
 use node::manifest::{Manifest, SegmentKey, VolumeMeta};
+use node::pagestore::{CoalesceJob, MemPageStore, PageRead};
 use node::segment::RecordLocation;
 use wire::codec::Reader;
-use wire::{Epoch, LogRecord, PgId, Role, SegmentIndex, VolumeId};
+use wire::{Epoch, LogRecord, Message, PeerNode, PgId, Role, SegmentIndex, VolumeId};
 
 use crate::rng::Rng;
-use crate::storage::{Outgoing, StorageNode, WriterId};
+use crate::storage::{Outgoing, PEER_CONN_BASE, StorageNode, WriterId};
 
 const FILE_BYTES: u64 = GROUP_BYTES_MAX as u64;
 const FILE_COUNT: u32 = 4;
@@ -113,15 +113,35 @@ pub struct CoreNode {
     pub ack_before_durable: bool,
     /// Why the node stopped, if it did (a simulator failure: no I/O error is injected).
     pub stopped: Option<String>,
+    /// Planted bug: the node never gossips.
+    pub no_gossip: bool,
+    /// Requests to peers the core asked for, not yet taken by the network.
+    peer_requests: Vec<(String, u64, Message)>,
+    /// The placement's nodes by name (the core names its peers so).
+    peers: Vec<PeerNode>,
+    /// The core has not yet been given the time since it (re)started.
+    needs_start: bool,
+    /// Records fetched by gossip in earlier lives of this node.
+    gossip_records_before: u64,
+}
+
+/// The simulated placement's node `i`: its name, and an address nobody dials.
+pub fn sim_peer(name: &str, i: usize) -> PeerNode {
+    PeerNode {
+        name: name.to_string(),
+        address: std::net::SocketAddr::from(([10, 0, 0, u8::try_from(i + 1).expect("few")], 7100)),
+    }
 }
 
 impl CoreNode {
+    /// Node `name` hosting `hosted`; `placement[s]` is the node of segment `s` of every PG.
     pub fn new(
         name: &str,
         volume: VolumeId,
         epoch: Epoch,
         geometry: (u32, u64),
         hosted: &[(PgId, SegmentIndex)],
+        placement: &[PeerNode],
     ) -> Self {
         let mut manifest = Manifest::default();
         for (pg, segment) in hosted {
@@ -130,6 +150,14 @@ impl CoreNode {
                 pg: *pg,
                 segment: *segment,
             });
+            for (s, node) in placement.iter().enumerate() {
+                let key = SegmentKey {
+                    volume,
+                    pg: *pg,
+                    segment: SegmentIndex(u32::try_from(s).expect("PG_SIZE is small")),
+                };
+                manifest.placement.insert(key, node.clone());
+            }
         }
         let meta = VolumeMeta {
             epoch,
@@ -164,6 +192,11 @@ impl CoreNode {
             buf: AlignedBuf::new(GROUP_BYTES_MAX),
             ack_before_durable: false,
             stopped: None,
+            no_gossip: false,
+            peer_requests: Vec::new(),
+            peers: placement.to_vec(),
+            needs_start: true,
+            gossip_records_before: 0,
         };
         node.recover();
         node
@@ -187,7 +220,13 @@ impl CoreNode {
         node::journal::erase_stale_tail(&self.journal, start, scan.end, scan.next_sequence)
             .expect("simulated writes do not fail");
         core.finish_recovery(scan.end, scan.next_sequence);
+        if self.no_gossip {
+            let mut config = node::core::GossipConfig::for_node(&self.config.name);
+            config.enabled = false;
+            core.configure_gossip(config);
+        }
         self.core = Some(core);
+        self.needs_start = true;
     }
 
     /// Carries out what the core asks for.
@@ -248,6 +287,11 @@ impl CoreNode {
                     self.round = Some((now + Duration::from_millis(2), token, job));
                 }
                 NodeOutput::Stopped { reason } => self.stopped = Some(reason),
+                NodeOutput::PeerRequest {
+                    peer,
+                    request_id,
+                    message,
+                } => self.peer_requests.push((peer.name, request_id, message)),
             }
         }
         if !persisted_now.is_empty() {
@@ -301,8 +345,12 @@ impl StorageNode for CoreNode {
     }
 
     fn advance(&mut self, now: Instant) {
-        if self.core.is_none() {
+        let Some(core) = self.core.as_mut() else {
             return;
+        };
+        if self.needs_start || core.poll_timeout().is_some_and(|t| t <= now) {
+            self.needs_start = false;
+            core.handle_timeout(now);
         }
         while self.writes.front().is_some_and(|w| w.at <= now) {
             let write = self.writes.pop_front().expect("checked");
@@ -361,6 +409,7 @@ impl StorageNode for CoreNode {
             self.reads.front().map(|r| r.0),
             self.page_reads.front().map(|r| r.0),
             self.round.as_ref().map(|r| r.0),
+            self.core.as_ref().and_then(NodeCore::poll_timeout),
         ]
         .into_iter()
         .flatten()
@@ -382,7 +431,11 @@ impl StorageNode for CoreNode {
                 .write_all_at(write.position.file, torn, write.position.offset)
                 .expect("simulated writes do not fail");
         }
+        if let Some(core) = &self.core {
+            self.gossip_records_before += core.gossip_stats().records_fetched;
+        }
         self.core = None;
+        self.peer_requests.clear();
         self.writes.clear();
         self.manifest_store = None;
         self.reads.clear();
@@ -398,6 +451,68 @@ impl StorageNode for CoreNode {
 
     fn plant_ack_before_durable(&mut self) {
         self.ack_before_durable = true;
+    }
+
+    fn plant_no_gossip(&mut self) {
+        self.no_gossip = true;
+        if let Some(core) = self.core.as_mut() {
+            let mut config = node::core::GossipConfig::for_node(&self.config.name);
+            config.enabled = false;
+            core.configure_gossip(config);
+        }
+    }
+
+    fn take_peer_requests(&mut self) -> Vec<(String, u64, Message)> {
+        std::mem::take(&mut self.peer_requests)
+    }
+
+    fn deliver_from_peer(&mut self, now: Instant, conn: usize, frame: &[u8], rng: &mut Rng) {
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        let body = Bytes::copy_from_slice(frame.get(4..).unwrap_or_default());
+        assert!(
+            conn >= PEER_CONN_BASE,
+            "peers have connections of their own"
+        );
+        let conn = ConnId(conn as u64);
+        core.handle_frame(now, conn, Some(Role::Node), body);
+        self.drain(now, Some(rng));
+    }
+
+    fn peer_reply(
+        &mut self,
+        now: Instant,
+        peer: &str,
+        request_id: u64,
+        reply: Result<Message, String>,
+    ) {
+        let Some(core) = self.core.as_mut() else {
+            return;
+        };
+        let peer = self
+            .peers
+            .iter()
+            .find(|p| p.name == peer)
+            .expect("replies come from placed nodes");
+        core.handle_peer_reply(now, peer, request_id, reply);
+        self.drain(now, None);
+    }
+
+    fn scls(&self) -> Option<(Epoch, Vec<(PgId, wire::Lsn)>)> {
+        let state = self.core.as_ref()?.volume_state(VolumeId(1));
+        Some((
+            state.epoch,
+            state.segments.iter().map(|s| (s.pg, s.scl)).collect(),
+        ))
+    }
+
+    fn gossip_records(&self) -> u64 {
+        let now = self
+            .core
+            .as_ref()
+            .map_or(0, |c| c.gossip_stats().records_fetched);
+        self.gossip_records_before + now
     }
 
     fn debug(&self) -> String {

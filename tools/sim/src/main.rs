@@ -20,14 +20,14 @@ struct Args {
     #[arg(long, default_value_t = 8_000)]
     fault_ms: u64,
     /// Plant a bug to see the checkers catch it: ack-before-durable, write-quorum-3,
-    /// skip-truncation.
+    /// skip-truncation, no-gossip.
     #[arg(long, value_parser = parse_bug)]
     plant: Option<sim::Bug>,
     /// Run the compact reference model of the node protocol instead of the real NodeCore.
     #[arg(long)]
     model_nodes: bool,
-    /// Also flip bits on crashed nodes' disks (checks safety only: a lost record may need
-    /// gossip, which does not exist yet, before commits can resume).
+    /// Also flip bits on crashed nodes' disks (the records a flip loses come back through
+    /// gossip).
     #[arg(long)]
     bit_flips: bool,
     /// Print what the cores and the simulator do (with --seed).

@@ -27,6 +27,10 @@ pub struct Outgoing {
     pub message: Message,
 }
 
+/// Connection ids at or above this carry requests from peer nodes (gossip): the id less this
+/// base is the asking node's index. Replies to them go back to that node, not to a writer.
+pub const PEER_CONN_BASE: usize = 1 << 20;
+
 /// A storage node as the simulator drives it.
 pub trait StorageNode {
     /// A request frame (length prefix included) from writer `from`.
@@ -49,9 +53,37 @@ pub trait StorageNode {
     }
     /// Planted bug: acknowledge batches before they are durable.
     fn plant_ack_before_durable(&mut self);
+    /// Planted bug: never gossip (the SCL convergence checker must notice).
+    fn plant_no_gossip(&mut self) {}
     /// A one-line description of the node's state, for traces.
     fn debug(&self) -> String {
         String::new()
+    }
+    /// Requests this node wants sent to its peers (gossip): (peer name, request id, message).
+    fn take_peer_requests(&mut self) -> Vec<(String, u64, Message)> {
+        Vec::new()
+    }
+    /// A request frame (length prefix included) from a peer node, which presents a node
+    /// certificate, on connection `conn` (at least `PEER_CONN_BASE`); its reply comes out of
+    /// `take_replies` addressed to `conn`.
+    fn deliver_from_peer(&mut self, _now: Instant, _conn: usize, _frame: &[u8], _rng: &mut Rng) {}
+    /// The reply from peer `peer` to this node's request `request_id`, or why none came.
+    fn peer_reply(
+        &mut self,
+        _now: Instant,
+        _peer: &str,
+        _request_id: u64,
+        _reply: Result<Message, String>,
+    ) {
+    }
+    /// The node's epoch for the volume and each hosted segment's SCL (None: crashed, or a
+    /// model that does not gossip).
+    fn scls(&self) -> Option<(Epoch, Vec<(PgId, Lsn)>)> {
+        None
+    }
+    /// Records this node's gossip has fetched from peers, over all its lives.
+    fn gossip_records(&self) -> u64 {
+        0
     }
 }
 
@@ -272,12 +304,17 @@ impl ModelNode {
             bytes += record.encoded_len();
             records.push(record.clone());
         }
+        let epochs = records
+            .iter()
+            .map(|r: &LogRecord| segment.records.get(&r.lsn).map_or(self.epoch, |(_, e)| *e))
+            .collect();
         Message::Records(Records {
             volume: self.volume,
             pg: f.pg,
             segment: f.segment,
             scl: segment.scl(),
             records,
+            epochs,
         })
     }
 

@@ -5,8 +5,12 @@
 //! delay and reordering happen throughout; writers crash and new writers recover the volume,
 //! sometimes while the old one still runs (it must be fenced).
 //!
+//! Nodes gossip over the same simulated network (with its faults): each node's peer requests
+//! go to the named node as requests from a node certificate, and the replies come back.
+//!
 //! After the fault phase everything heals; a writer must then commit again (liveness), and
-//! every page must read back equal to the model.
+//! every page must read back equal to the model. Then the writer stops writing, and the SCLs
+//! of all live segments must converge to their PG's highest SCL (gossip's liveness).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -22,7 +26,7 @@ use wire::{Epoch, Geometry, Lsn, PageId, PgId, RedoOp, SegmentIndex, VolumeId};
 use crate::core_node::CoreNode;
 use crate::model::Model;
 use crate::rng::Rng;
-use crate::storage::{ModelNode, StorageNode, WriterId};
+use crate::storage::{ModelNode, Outgoing, PEER_CONN_BASE, StorageNode, WriterId};
 
 const NODE_COUNT: usize = 6;
 const PG_COUNT: u32 = 2;
@@ -40,13 +44,16 @@ pub enum Bug {
     WriteQuorumOfThree,
     /// Recovery serves without recording its truncation.
     RecoverySkipsTruncation,
+    /// Nodes never gossip: a segment behind stays behind unless the writer resends.
+    NoGossip,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 3] = [
+    pub const ALL: [Bug; 4] = [
         Bug::NodeAcksBeforeDurable,
         Bug::WriteQuorumOfThree,
         Bug::RecoverySkipsTruncation,
+        Bug::NoGossip,
     ];
 
     /// The name `--plant` takes.
@@ -55,6 +62,7 @@ impl Bug {
             Bug::NodeAcksBeforeDurable => "ack-before-durable",
             Bug::WriteQuorumOfThree => "write-quorum-3",
             Bug::RecoverySkipsTruncation => "skip-truncation",
+            Bug::NoGossip => "no-gossip",
         }
     }
 }
@@ -67,9 +75,9 @@ pub struct Options {
     pub bug: Option<Bug>,
     /// Run the compact reference model of the node protocol instead of the real NodeCore.
     pub model_nodes: bool,
-    /// Flip bits on crashed nodes' disks. A flip can lose records that only peers could give
-    /// back (gossip does not exist yet), so such runs check safety but not that commits
-    /// resume.
+    /// Flip bits on crashed nodes' disks. A flip can lose records in the middle of a node's
+    /// journal; its peers give them back through gossip, so such runs are checked like any
+    /// other (safety, commits resuming, SCLs converging).
     pub bit_flips: bool,
     /// Virtual time with faults.
     pub fault_ms: u64,
@@ -99,6 +107,8 @@ pub struct Report {
     pub node_crashes: u64,
     pub final_vdl: u64,
     pub steps: u64,
+    /// Records the nodes' gossip fetched from peers.
+    pub gossip_records: u64,
 }
 
 /// A message in flight.
@@ -112,6 +122,21 @@ enum Envelope {
     ToWriter {
         writer: WriterId,
         node: usize,
+        request_id: u64,
+        reply: Result<Vec<u8>, String>,
+    },
+    /// A gossip request from node `from` (in its life `life`) to node `to`.
+    ToPeer {
+        from: usize,
+        life: u64,
+        to: usize,
+        frame: Vec<u8>,
+    },
+    /// The reply to node `to`'s gossip request, for its life `life` only.
+    FromPeer {
+        to: usize,
+        life: u64,
+        from: usize,
         request_id: u64,
         reply: Result<Vec<u8>, String>,
     },
@@ -154,10 +179,49 @@ pub struct World {
     bit_flips: bool,
     /// The first checker failure seen while handling completions.
     failure: Option<String>,
+    /// Each node's life (bumped by every restart): a gossip reply reaches only the life that
+    /// asked, as a restarted process's connections are new.
+    lives: Vec<u64>,
+    /// The writers write (off while the SCLs' convergence is checked).
+    writing: bool,
+    model_nodes: bool,
 }
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
+}
+
+/// The six storage nodes: node `n` hosts segment `n` of every PG.
+fn make_nodes(layout: &VolumeLayout, model_nodes: bool) -> Vec<Box<dyn StorageNode>> {
+    let peers: Vec<wire::PeerNode> = (0..NODE_COUNT)
+        .map(|n| crate::core_node::sim_peer(&layout.node_names[n], n))
+        .collect();
+    (0..NODE_COUNT)
+        .map(|n| {
+            let hosted: Vec<(PgId, SegmentIndex)> = (0..PG_COUNT)
+                .map(|pg| (PgId(pg), SegmentIndex(n as u32)))
+                .collect();
+            let node: Box<dyn StorageNode> = if model_nodes {
+                Box::new(ModelNode::new(
+                    layout.volume,
+                    layout.epoch,
+                    PAGE_SIZE,
+                    PAGES_PER_PG,
+                    &hosted,
+                ))
+            } else {
+                Box::new(CoreNode::new(
+                    &layout.node_names[n],
+                    layout.volume,
+                    layout.epoch,
+                    (PAGE_SIZE as u32, PAGES_PER_PG),
+                    &hosted,
+                    &peers,
+                ))
+            };
+            node
+        })
+        .collect()
 }
 
 impl World {
@@ -176,31 +240,7 @@ impl World {
             placement: (0..PG_COUNT).map(|_| std::array::from_fn(|s| s)).collect(),
             node_names: (1..=NODE_COUNT).map(|i| format!("node{i}")).collect(),
         };
-        let nodes = (0..NODE_COUNT)
-            .map(|n| {
-                let hosted: Vec<(PgId, SegmentIndex)> = (0..PG_COUNT)
-                    .map(|pg| (PgId(pg), SegmentIndex(n as u32)))
-                    .collect();
-                let node: Box<dyn StorageNode> = if model_nodes {
-                    Box::new(ModelNode::new(
-                        layout.volume,
-                        layout.epoch,
-                        PAGE_SIZE,
-                        PAGES_PER_PG,
-                        &hosted,
-                    ))
-                } else {
-                    Box::new(CoreNode::new(
-                        &layout.node_names[n],
-                        layout.volume,
-                        layout.epoch,
-                        (PAGE_SIZE as u32, PAGES_PER_PG),
-                        &hosted,
-                    ))
-                };
-                node
-            })
-            .collect();
+        let nodes = make_nodes(&layout, model_nodes);
         let mut world = Self {
             rng: Rng::new(seed),
             start,
@@ -222,10 +262,18 @@ impl World {
             bug,
             bit_flips: false,
             failure: None,
+            lives: vec![0; NODE_COUNT],
+            writing: true,
+            model_nodes,
         };
         if bug == Some(Bug::NodeAcksBeforeDurable) {
             for node in &mut world.nodes {
                 node.plant_ack_before_durable();
+            }
+        }
+        if bug == Some(Bug::NoGossip) {
+            for node in &mut world.nodes {
+                node.plant_no_gossip();
             }
         }
         world.start_writer();
@@ -283,9 +331,6 @@ impl World {
         // Healed means: commits go through again, and no writer is still recovering (a newer
         // one finishing later would fence the one the final check reads through).
         while self.model.acked_count() <= acked_before + 2 || self.recovering_writer() {
-            if self.now >= heal_end && self.bit_flips {
-                break; // Safety only: a flipped bit may have lost what only gossip restores.
-            }
             if self.now >= heal_end {
                 for n in 0..NODE_COUNT {
                     self.trace(&format!("node{}: {}", n + 1, self.nodes[n].debug()));
@@ -322,6 +367,10 @@ impl World {
             self.step()?;
         }
         self.final_check()?;
+        if !self.model_nodes {
+            self.check_convergence()?;
+        }
+        self.report.gossip_records = self.nodes.iter().map(|n| n.gossip_records()).sum();
         self.report.commits_acked = self.model.acked_count() as u64;
         self.report.recoveries = self.model.recoveries;
         self.report.final_vdl = self.writers[self.current].vdl.0;
@@ -359,7 +408,7 @@ impl World {
                 self.pump(w);
             }
         }
-        if now >= self.next_op {
+        if self.writing && now >= self.next_op {
             self.workload()?;
         }
         if self.faults_on && now >= self.next_fault {
@@ -369,7 +418,11 @@ impl World {
     }
 
     fn next_event(&self) -> Instant {
-        let mut next = self.next_op;
+        let mut next = if self.writing {
+            self.next_op
+        } else {
+            self.now + ms(10)
+        };
         if self.faults_on {
             next = next.min(self.next_fault);
         }
@@ -495,6 +548,19 @@ impl World {
                     .handle_reply(now, node, request_id, reply);
                 self.pump(writer);
             }
+            Envelope::ToPeer {
+                from,
+                life,
+                to,
+                frame,
+            } => self.deliver_to_peer(from, life, to, &frame),
+            Envelope::FromPeer {
+                to,
+                life,
+                from,
+                request_id,
+                reply,
+            } => self.deliver_peer_reply(to, life, from, request_id, reply),
         }
         match self.failure.take() {
             Some(e) => Err(e),
@@ -504,6 +570,10 @@ impl World {
 
     fn collect_replies(&mut self, node: usize) {
         for out in self.nodes[node].take_replies() {
+            if out.to >= PEER_CONN_BASE {
+                self.reply_to_peer(node, out);
+                continue;
+            }
             if self.cut[node] || out.to >= self.writers.len() {
                 continue;
             }
@@ -519,6 +589,7 @@ impl World {
                 reply: Ok(frame),
             });
         }
+        self.collect_peer_requests(node);
     }
 
     fn complete(&mut self, w: WriterId, completion: Completion) -> Result<(), String> {
@@ -815,6 +886,7 @@ impl World {
         self.trace(&format!("node{} back", node + 1));
         self.heal_at[node] = None;
         if self.down[node] {
+            self.lives[node] += 1;
             if self.bit_flips && self.faults_on && self.rng.chance(0.2) {
                 self.trace(&format!("bit flip on node{}'s disk", node + 1));
                 self.nodes[node].flip_a_bit(&mut self.rng);
@@ -863,9 +935,6 @@ impl World {
     /// Every page, read from storage at the final VDL, equals the model.
     fn final_check(&mut self) -> Result<(), String> {
         let w = self.current;
-        if self.bit_flips && *self.writers[w].core.phase() != Phase::Serving {
-            return Ok(()); // Stalled on a record only gossip could give back.
-        }
         let pages = PAGES_PER_PG * u64::from(PG_COUNT);
         for page in 0..pages {
             let vdl = self.writers[w].core.vdl();
@@ -915,6 +984,30 @@ impl Envelope {
                 request_id: *request_id,
                 reply: reply.clone(),
             },
+            Envelope::ToPeer {
+                from,
+                life,
+                to,
+                frame,
+            } => Envelope::ToPeer {
+                from: *from,
+                life: *life,
+                to: *to,
+                frame: frame.clone(),
+            },
+            Envelope::FromPeer {
+                to,
+                life,
+                from,
+                request_id,
+                reply,
+            } => Envelope::FromPeer {
+                to: *to,
+                life: *life,
+                from: *from,
+                request_id: *request_id,
+                reply: reply.clone(),
+            },
         }
     }
 }
@@ -934,4 +1027,157 @@ pub fn run_seed(options: &Options) -> Result<Report, String> {
             .unwrap_or_default();
         Err(format!("panicked: {message}"))
     })
+}
+
+// Gossip between the nodes, over the simulated network.
+impl World {
+    /// Puts node `node`'s gossip requests on the network. A request to a node that is down or
+    /// cut off (or from one cut off) fails soon, as the real driver's connection attempt does.
+    fn collect_peer_requests(&mut self, node: usize) {
+        for (peer, request_id, message) in self.nodes[node].take_peer_requests() {
+            let to = self
+                .layout
+                .node_names
+                .iter()
+                .position(|n| *n == peer)
+                .expect("peers are placed nodes");
+            let life = self.lives[node];
+            if self.down[to] || self.cut[to] || self.cut[node] {
+                let delay = Duration::from_micros(self.rng.between(100, 2000));
+                let reply = Err(format!("{peer} unreachable"));
+                let envelope = Envelope::FromPeer {
+                    to: node,
+                    life,
+                    from: to,
+                    request_id,
+                    reply,
+                };
+                self.send_later(delay, envelope);
+                continue;
+            }
+            let frame = wire::Frame {
+                request_id,
+                message,
+            }
+            .to_bytes();
+            self.transmit(Envelope::ToPeer {
+                from: node,
+                life,
+                to,
+                frame,
+            });
+        }
+    }
+
+    fn deliver_to_peer(&mut self, from: usize, life: u64, to: usize, frame: &[u8]) {
+        if self.down[to] || self.cut[to] || self.cut[from] {
+            return; // Lost: the asker's deadline notices.
+        }
+        let now = self.now;
+        // The connection names the asker and its life, so the reply finds its way back.
+        let conn = PEER_CONN_BASE + usize::try_from(life).expect("few lives") * NODE_COUNT + from;
+        self.nodes[to].deliver_from_peer(now, conn, frame, &mut self.rng);
+        self.collect_replies(to);
+    }
+
+    fn reply_to_peer(&mut self, node: usize, out: Outgoing) {
+        let asker = (out.to - PEER_CONN_BASE) % NODE_COUNT;
+        let life = ((out.to - PEER_CONN_BASE) / NODE_COUNT) as u64;
+        if self.cut[node] {
+            return;
+        }
+        let frame = wire::Frame {
+            request_id: out.request_id,
+            message: out.message,
+        }
+        .to_bytes();
+        self.transmit(Envelope::FromPeer {
+            to: asker,
+            life,
+            from: node,
+            request_id: out.request_id,
+            reply: Ok(frame),
+        });
+    }
+
+    fn deliver_peer_reply(
+        &mut self,
+        to: usize,
+        life: u64,
+        from: usize,
+        request_id: u64,
+        reply: Result<Vec<u8>, String>,
+    ) {
+        if self.down[to] || self.lives[to] != life {
+            return; // The asker crashed meanwhile: its new life never asked.
+        }
+        let reply = match reply {
+            Ok(frame) => match wire::Frame::decode(&frame) {
+                Ok(frame) => Ok(frame.message),
+                Err(e) => Err(format!("undecodable reply: {e}")),
+            },
+            Err(e) => Err(e),
+        };
+        let now = self.now;
+        let peer = self.layout.node_names[from].clone();
+        self.nodes[to].peer_reply(now, &peer, request_id, reply);
+        self.collect_replies(to);
+    }
+
+    /// Gossip's liveness: the writers write on for two virtual seconds (so every node hears
+    /// the current epoch and its truncations), then stop; within 30 virtual seconds every
+    /// live segment must reach its PG's highest SCL, every node at the writer's epoch.
+    fn check_convergence(&mut self) -> Result<(), String> {
+        let write_until = self.now + ms(2_000);
+        while self.now < write_until {
+            self.step()?;
+        }
+        self.writing = false;
+        let deadline = self.now + ms(30_000);
+        loop {
+            let diverged = self.divergence();
+            let Some(why) = diverged else {
+                return Ok(());
+            };
+            if self.now >= deadline {
+                for n in 0..NODE_COUNT {
+                    self.trace(&format!("node{}: {}", n + 1, self.nodes[n].debug()));
+                }
+                return Err(format!(
+                    "SCLs did not converge within 30 s of healing: {why}"
+                ));
+            }
+            self.step()?;
+        }
+    }
+
+    /// Why the live segments' SCLs do not (yet) agree, if they do not.
+    fn divergence(&self) -> Option<String> {
+        let epoch = self.writers[self.current].core.epoch();
+        let mut by_pg: BTreeMap<PgId, Vec<(usize, Lsn)>> = BTreeMap::new();
+        for (n, node) in self.nodes.iter().enumerate() {
+            let (node_epoch, scls) = node.scls()?;
+            if node_epoch != epoch {
+                return Some(format!(
+                    "node{} is at epoch {:#x}, the writer at {:#x}",
+                    n + 1,
+                    node_epoch.0,
+                    epoch.0
+                ));
+            }
+            for (pg, scl) in scls {
+                by_pg.entry(pg).or_default().push((n, scl));
+            }
+        }
+        for (pg, scls) in by_pg {
+            let highest = scls.iter().map(|(_, scl)| *scl).max().unwrap_or(Lsn::ZERO);
+            if let Some((n, scl)) = scls.iter().find(|(_, scl)| *scl < highest) {
+                return Some(format!(
+                    "pg {pg}: node{} has SCL {scl}, the PG's highest is {highest}",
+                    n + 1
+                ));
+            }
+        }
+        None
+    }
 }

@@ -37,9 +37,9 @@ fn seeds_150_to_200() {
 }
 
 /// Goal: a node's own recovery never loses what it must keep, whatever a flipped bit hits:
-/// no acknowledged commit is lost, every read matches the model. Method: seeds with bit flips
-/// on crashed nodes' journals (safety only: a record lost that way may need peer gossip,
-/// which does not exist yet, before commits resume).
+/// no acknowledged commit is lost, every read matches the model, and what a flip lost comes
+/// back from peers (gossip): commits resume and SCLs converge. Method: seeds with bit flips
+/// on crashed nodes' journals.
 #[test]
 fn seeds_with_bit_flips() {
     let failures: Vec<String> = (0..60)

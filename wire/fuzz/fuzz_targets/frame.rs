@@ -2,7 +2,7 @@
 //!
 //! Invariant: a decoded frame re-encodes to exactly its input, and its decoded lengths add up
 //! to the input's length: every field of every kind (Append, Ack, Error, ReadPage, Page,
-//! HostSegments, SetPgmrpl, Done) is decoded exactly, reserved fields must be zero and no
+//! HostSegments with its placement, SetPgmrpl, Done, …) is decoded exactly, reserved fields must be zero and no
 //! trailing byte is allowed. One exception: an error reply's message is decoded lossily (invalid
 //! UTF-8 becomes U+FFFD, then the message is cut to the limit on a char boundary), so when
 //! the input's message bytes are not UTF-8 the re-encoding differs from the input; it must
