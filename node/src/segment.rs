@@ -173,7 +173,7 @@ impl Segment {
     /// The records held above the SCL (waiting beyond a gap), as `(lsn, backlink)` in LSN
     /// order: what gossip reads the segment's holes from.
     pub fn beyond_scl(&self) -> impl Iterator<Item = (Lsn, Lsn)> + '_ {
-        assert!(self.scl == Lsn::ZERO || self.records.contains_key(&self.scl));
+        assert!(self.scl == self.base || self.records.contains_key(&self.scl));
         assert!(self.pages.len() <= self.records.len());
         self.records
             .range((Bound::Excluded(self.scl), Bound::Unbounded))
