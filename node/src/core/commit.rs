@@ -118,10 +118,6 @@ impl Commit {
         self.journal_full_reported = false;
     }
 
-    pub(super) fn inflight_len(&self) -> usize {
-        self.inflight.len()
-    }
-
     pub(super) fn start_at(&mut self, end: Position, next_sequence: u64, start_file: u32) {
         assert!(end.offset.is_multiple_of(DIRECT_IO_ALIGN as u64));
         assert!(end.file < self.file_count);

@@ -77,7 +77,8 @@ use crate::pagestore::{CoalesceJob, PageRead};
 use crate::segment::{DurableRecord, Observed, RecordLocation, Segment};
 
 pub use background::{
-    BackgroundStats, JobToken, PRESSURE_PERCENT, ROUND_RECORDS_MAX, ROUND_RECORDS_MIN,
+    BackgroundStats, COALESCE_PERCENT, IDLE_AFTER, JobToken, PRESSURE_PERCENT, ROUND_RECORDS_MAX,
+    ROUND_RECORDS_MIN,
 };
 pub use commit::{GROUP_ENTRY_BYTES_MAX, PersistGroup};
 pub use gossip::{

@@ -287,6 +287,7 @@ impl NodeCore {
             return self.reply(conn, request_id, Message::Error(e));
         }
         self.note_accepted(&batch);
+        self.background.last_append = Some(now);
         self.commit.enqueue(batch, body);
     }
 
