@@ -276,6 +276,10 @@ impl NodeMetrics {
         self.appends_queued.set(stats.appends_queued);
         self.coalesce_backlog_records
             .set(stats.coalesce_backlog_records);
+        self.gossip_gaps.set(stats.gossip_gaps);
+        let fetched = stats.gossip_records_fetched;
+        self.gossip_records_fetched
+            .inc_by(fetched.saturating_sub(self.gossip_records_fetched.get()));
         let gc_runs = stats.background.gc_runs;
         self.gc_runs
             .inc_by(gc_runs.saturating_sub(self.gc_runs.get()));

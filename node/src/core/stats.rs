@@ -32,6 +32,10 @@ pub struct NodeStats {
     pub coalesce_backlog_records: u64,
     /// Coalescing rounds, GC passes and journal files recycled since start.
     pub background: super::BackgroundStats,
+    /// Records fetched from peers by gossip since start.
+    pub gossip_records_fetched: u64,
+    /// Known holes in the hosted segments' chains (ranges missing below records held).
+    pub gossip_gaps: u64,
 }
 
 /// One hosted segment's counters.
@@ -77,6 +81,12 @@ impl NodeCore {
             segments,
             coalesce_backlog_records: self.coalesce_backlog() as u64,
             background: self.background_stats(),
+            gossip_records_fetched: self.gossip_stats().records_fetched,
+            gossip_gaps: self
+                .segments
+                .keys()
+                .map(|key| self.gaps(key).len() as u64)
+                .sum(),
         }
     }
 }
