@@ -6,6 +6,7 @@ mod chaos;
 mod commit;
 mod persist;
 mod recovery;
+mod soak;
 mod stats;
 mod watchdog;
 
@@ -45,6 +46,9 @@ enum Command {
     /// Nodes killed and restarted and the writer crashed and recovered under a
     /// self-verifying workload: no acknowledged commit may be lost.
     Chaos(chaos::ChaosArgs),
+    /// Commits without pause until many times a node's journal is written: disk use must stay
+    /// flat once journals are recycled.
+    Soak(soak::SoakArgs),
 }
 
 /// Where the node under test comes from.
@@ -70,6 +74,7 @@ impl Command {
             Command::Persist(_) => "persist",
             Command::Recovery(_) => "recovery",
             Command::Chaos(_) => "chaos",
+            Command::Soak(_) => "soak",
         }
     }
 
@@ -82,6 +87,7 @@ impl Command {
             Command::Persist(a) => a.deadline_default(),
             Command::Recovery(a) => a.deadline_default(),
             Command::Chaos(a) => a.deadline_default(),
+            Command::Soak(a) => a.deadline_default(),
         }
     }
 }
@@ -103,6 +109,7 @@ fn main() {
         Command::Persist(args) => persist::run(&args),
         Command::Recovery(args) => recovery::run(&args),
         Command::Chaos(args) => chaos::run(&args),
+        Command::Soak(args) => soak::run(&args),
     };
     if let Err(e) = result {
         eprintln!("sixfold-bench: {e:#}");

@@ -256,3 +256,18 @@ fn create_volume(specs: &[NodeSpec], options: &ClusterOptions) -> anyhow::Result
     )
     .map_err(anyhow::Error::msg)
 }
+
+/// Bytes a directory tree occupies on disk (allocated blocks, so sparse files count as such).
+pub fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_dir() {
+            total += disk_bytes(&entry.path());
+        } else {
+            total += meta.blocks() * 512;
+        }
+    }
+    total
+}

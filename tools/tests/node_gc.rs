@@ -6,14 +6,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
 use common::{cleanup, runtime, test_dir};
 use engine::quorum::MtrRecord;
 use engine::{VolumeClient, VolumeConfig};
 use node::journal::format::GROUP_BYTES_MAX;
-use tools::cluster::{ClusterOptions, LocalCluster};
+use tools::cluster::{ClusterOptions, LocalCluster, disk_bytes};
 use wire::{PageId, PgId, RedoOp, SegmentIndex};
 
 const PAGE_SIZE: usize = 8192;
@@ -21,21 +20,6 @@ const PAGE_SIZE: usize = 8192;
 const PAGES: u64 = 96;
 /// Bytes each MTR record writes.
 const RECORD_BYTES: usize = 6000;
-
-/// Bytes a directory tree occupies on disk (allocated blocks, so sparse files count as such).
-fn disk_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let Ok(meta) = entry.metadata() else { continue };
-        if meta.is_dir() {
-            total += disk_bytes(&entry.path());
-        } else {
-            total += meta.blocks() * 512;
-        }
-    }
-    total
-}
 
 /// Commits MTRs of two large writes until `bytes` have been written; returns the model.
 async fn write_load(

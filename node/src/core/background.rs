@@ -184,23 +184,23 @@ impl NodeCore {
     /// How far GC must keep `key`'s records for others: peers that lag (a recovering writer
     /// copies records from here to them, gossip fetches them) and backup. `None`: nothing.
     ///
-    /// - With all five peers heard from recently (gossip), records stay until every peer's SCL
-    ///   has passed them, up to the reserve ([`super::RESERVE_PERCENT`]): then they go.
-    /// - When a peer's needs are unknown (it is down, or gossip has no placement), every record
-    ///   stays until the journal is under pressure ([`PRESSURE_PERCENT`]): records then leave
-    ///   the index only when the alternative is `JournalFull`.
+    /// - Below [`PRESSURE_PERCENT`] every record stays indexed: a peer that restarts may find
+    ///   it lost records it had acknowledged (a flipped bit in its journal), and until segment
+    ///   rebuild exists only records still held here can fill that hole.
+    /// - From there to [`super::RESERVE_PERCENT`], records stay until every peer's SCL has
+    ///   passed them if all five peers were heard from recently (gossip), else they go.
+    /// - From the reserve on, nothing holds them back: the alternative is `JournalFull`.
     ///
     /// (Backup's uploaded LSN will bound the base here too.)
     pub(super) fn gc_hold_back(&self, key: &SegmentKey) -> Option<Lsn> {
         let used = self.journal_used_percent();
+        if used < PRESSURE_PERCENT {
+            return Some(Lsn::ZERO);
+        }
         if used >= super::RESERVE_PERCENT {
             return None;
         }
-        match self.peer_scl_floor_all(key) {
-            Some(floor) => Some(floor),
-            None if used >= PRESSURE_PERCENT => None,
-            None => Some(Lsn::ZERO),
-        }
+        self.peer_scl_floor_all(key)
     }
 
     /// Whether no append arrived for [`IDLE_AFTER`] (as of the latest time the core was given).
