@@ -144,8 +144,8 @@ impl NodeCore {
     /// Records of each segment still to be coalesced (up to its PGMRPL and SCL).
     pub fn coalesce_backlog(&self) -> usize {
         self.segments
-            .values()
-            .map(|s| s.coalesce_backlog(s.pgmrpl()))
+            .iter()
+            .map(|(key, s)| s.coalesce_backlog(self.coalesce_target(key, s)))
             .sum()
     }
 
@@ -203,6 +203,17 @@ impl NodeCore {
         self.peer_scl_floor_all(key)
     }
 
+    /// How far `key` may be coalesced: its PGMRPL, but never past a VDL some writer reported
+    /// (the volume's VDL hint). PGMRPL comes without an epoch: a node back from a crash may
+    /// hear a new writer's PGMRPL before that writer's truncation, while its chain still runs
+    /// through records the truncation will annul; every truncation starts above every VDL a
+    /// writer ever reported, so the hint keeps coalescing below it (found by the simulator,
+    /// seed 464: a page image with an annulled record baked in).
+    fn coalesce_target(&self, key: &SegmentKey, segment: &Segment) -> Lsn {
+        let hint = self.volumes.get(&key.volume).map_or(Lsn::ZERO, |v| v.vdl);
+        segment.pgmrpl().min(hint)
+    }
+
     /// Whether no append arrived for [`IDLE_AFTER`] (as of the latest time the core was given).
     fn foreground_idle(&self) -> bool {
         match (self.background.last_append, self.gossip_now()) {
@@ -220,8 +231,8 @@ impl NodeCore {
         }
         let waiting = self
             .segments
-            .values()
-            .any(|s| s.materialized() < s.pgmrpl().min(s.scl()));
+            .iter()
+            .any(|(key, s)| s.materialized() < self.coalesce_target(key, s).min(s.scl()));
         let last = self.background.last_append?;
         (waiting && !self.foreground_idle()).then_some(last + IDLE_AFTER)
     }
@@ -242,10 +253,13 @@ impl NodeCore {
             .segments
             .iter()
             .filter(|(key, segment)| {
-                let target = segment.pgmrpl();
+                let target = self.coalesce_target(key, segment);
                 self.background.failed.get(key).is_none_or(|t| target > *t)
             })
-            .map(|(key, segment)| (segment.coalesce_backlog(segment.pgmrpl()), *key))
+            .map(|(key, segment)| {
+                let target = self.coalesce_target(key, segment);
+                (segment.coalesce_backlog(target), *key)
+            })
             .filter(|(backlog, _)| *backlog >= minimum)
             .max();
         let Some((_, key)) = chosen else {
@@ -259,7 +273,8 @@ impl NodeCore {
             return;
         };
         let segment = &self.segments[&key];
-        let Some(plan) = segment.coalesce_plan(segment.pgmrpl(), ROUND_RECORDS_MAX) else {
+        let target = self.coalesce_target(&key, segment);
+        let Some(plan) = segment.coalesce_plan(target, ROUND_RECORDS_MAX) else {
             return;
         };
         let meta = &self.volumes[&key.volume].meta;
@@ -291,9 +306,14 @@ impl NodeCore {
         if self.stopped().is_some() {
             return;
         }
-        let Some(segment) = self.segments.get_mut(&key) else {
+        let Some(target) = self
+            .segments
+            .get(&key)
+            .map(|s| self.coalesce_target(&key, s))
+        else {
             return;
         };
+        let segment = self.segments.get_mut(&key).expect("checked above");
         match result {
             Ok(()) => {
                 let before = segment.materialized();
@@ -311,7 +331,6 @@ impl NodeCore {
             }
             Err(why) => {
                 self.background.stats.rounds_failed += 1;
-                let target = segment.pgmrpl();
                 if self.background.failed.insert(key, target).is_none() {
                     tracing::warn!("{key}: coalescing stopped: {why}");
                 }
