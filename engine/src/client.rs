@@ -93,7 +93,7 @@ impl NodeClient {
     /// Sends `message` and waits for its reply, at most [`Self::request_timeout`].
     pub async fn request(&self, message: Message) -> anyhow::Result<Message> {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let what = message_name(&message);
+        let what = message.name();
         let bytes = Frame {
             request_id,
             message,
@@ -213,26 +213,6 @@ impl NodeClient {
 
     pub fn close(&self) {
         self.connection.close(0u32.into(), b"done");
-    }
-}
-
-/// A message's name, for error messages.
-fn message_name(message: &Message) -> &'static str {
-    match message {
-        Message::Append(_) => "Append",
-        Message::Ack(_) => "Ack",
-        Message::Error(_) => "Error",
-        Message::ReadPage(_) => "ReadPage",
-        Message::Page(_) => "Page",
-        Message::HostSegments(_) => "HostSegments",
-        Message::SetPgmrpl(_) => "SetPgmrpl",
-        Message::Done => "Done",
-        Message::GetVolumeState(_) => "GetVolumeState",
-        Message::VolumeState(_) => "VolumeState",
-        Message::Fence(_) => "Fence",
-        Message::Truncate(_) => "Truncate",
-        Message::FetchRecords(_) => "FetchRecords",
-        Message::Records(_) => "Records",
     }
 }
 

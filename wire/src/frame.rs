@@ -584,6 +584,26 @@ impl Frame {
 }
 
 impl Message {
+    /// The message kind's name, for error messages and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Append(_) => "Append",
+            Message::Ack(_) => "Ack",
+            Message::Error(_) => "Error",
+            Message::ReadPage(_) => "ReadPage",
+            Message::Page(_) => "Page",
+            Message::HostSegments(_) => "HostSegments",
+            Message::SetPgmrpl(_) => "SetPgmrpl",
+            Message::Done => "Done",
+            Message::GetVolumeState(_) => "GetVolumeState",
+            Message::VolumeState(_) => "VolumeState",
+            Message::Fence(_) => "Fence",
+            Message::Truncate(_) => "Truncate",
+            Message::FetchRecords(_) => "FetchRecords",
+            Message::Records(_) => "Records",
+        }
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Message::Append(_) => KIND_APPEND,

@@ -245,7 +245,7 @@ impl VolumeCore {
                 self.mark_down(now, node, &why);
             }
             Ok(other) => {
-                let why = format!("it answered an append with {}", message_name(&other));
+                let why = format!("it answered an append with {}", other.name());
                 self.mark_down(now, node, &why);
             }
             Err(e) => self.mark_down(now, node, &e),
@@ -589,24 +589,4 @@ fn enqueue(link: &mut Link, batch: QueuedBatch) {
     }
     link.queued_bytes += bytes;
     link.queue.push_back(batch);
-}
-
-/// A message kind's name, for error messages.
-pub(super) fn message_name(message: &Message) -> &'static str {
-    match message {
-        Message::Append(_) => "Append",
-        Message::Ack(_) => "Ack",
-        Message::Error(_) => "Error",
-        Message::ReadPage(_) => "ReadPage",
-        Message::Page(_) => "Page",
-        Message::HostSegments(_) => "HostSegments",
-        Message::SetPgmrpl(_) => "SetPgmrpl",
-        Message::Done => "Done",
-        Message::GetVolumeState(_) => "GetVolumeState",
-        Message::VolumeState(_) => "VolumeState",
-        Message::Fence(_) => "Fence",
-        Message::Truncate(_) => "Truncate",
-        Message::FetchRecords(_) => "FetchRecords",
-        Message::Records(_) => "Records",
-    }
 }

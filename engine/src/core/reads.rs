@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use wire::{Lsn, Message, PageId, PageImage, PgId, ReadPage, SegmentIndex};
 
-use super::links::message_name;
 use super::{Completion, Payload, ReadId, ReadStart, RequestKind, VolumeCore, VolumeError};
 
 #[derive(Debug)]
@@ -187,7 +186,7 @@ impl VolumeCore {
                 bytes: reply.bytes,
             }),
             Ok(Message::Error(e)) => Err(format!("refused: {:?}: {}", e.code, e.message)),
-            Ok(other) => Err(format!("sent {} to a read", message_name(&other))),
+            Ok(other) => Err(format!("sent {} to a read", other.name())),
             Err(e) => Err(e),
         };
         match outcome {

@@ -39,7 +39,6 @@ use wire::{
     READ_QUORUM, Records, SegmentIndex, Truncate, TruncationRange, VolumeState, WRITE_QUORUM,
 };
 
-use super::links::message_name;
 use super::{NodeIndex, Payload, Phase, RecentWrites, RequestKind, Serving, VolumeCore};
 use crate::cache::BufferCache;
 use crate::quorum::Writer;
@@ -415,7 +414,7 @@ impl VolumeCore {
                 None
             }
             Ok(other) => {
-                tracing::warn!("recovery: node answered {}", message_name(&other));
+                tracing::warn!("recovery: node answered {}", other.name());
                 None
             }
             Err(_) => None,

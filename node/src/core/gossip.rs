@@ -545,7 +545,7 @@ impl NodeCore {
                 self.peer_refused(now, &pending, &why, refusal);
             }
             (Ok(other), _) => {
-                let why = format!("unexpected reply {}", message_name(&other));
+                let why = format!("unexpected reply {}", other.name());
                 self.peer_refused(now, &pending, &why, true);
             }
             (Err(why), _) => self.peer_request_failed(now, &pending, &why),
@@ -656,15 +656,6 @@ fn pg_keys(key: &SegmentKey) -> std::ops::RangeInclusive<SegmentKey> {
 fn peer_of(pending: &Pending) -> &PeerNode {
     match pending {
         Pending::State { peer, .. } | Pending::Fetch { peer, .. } => peer,
-    }
-}
-
-fn message_name(message: &Message) -> &'static str {
-    match message {
-        Message::VolumeState(_) => "VolumeState",
-        Message::Records(_) => "Records",
-        Message::Error(_) => "Error",
-        _ => "of another kind",
     }
 }
 
