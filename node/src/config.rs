@@ -56,6 +56,50 @@ pub struct NodeConfig {
     pub segments: Vec<SegmentKey>,
     #[serde(default)]
     pub gossip: GossipSettings,
+    #[serde(default)]
+    pub scrub: ScrubSettings,
+}
+
+/// `[scrub]`: how the node re-reads its page store and journal to find damage (see the
+/// README's "Background work").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScrubSettings {
+    /// Off: no scrub rounds (damage a read finds is still repaired).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Time between two scrub rounds.
+    #[serde(default = "default_scrub_interval_ms")]
+    pub interval_ms: u64,
+    /// Written pages a round reads back.
+    #[serde(default = "default_scrub_pages")]
+    pub pages_per_round: usize,
+    /// Journal records a round reads back.
+    #[serde(default = "default_scrub_records")]
+    pub records_per_round: usize,
+}
+
+fn default_scrub_interval_ms() -> u64 {
+    1000
+}
+
+fn default_scrub_pages() -> usize {
+    32
+}
+
+fn default_scrub_records() -> usize {
+    512
+}
+
+impl Default for ScrubSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_ms: default_scrub_interval_ms(),
+            pages_per_round: default_scrub_pages(),
+            records_per_round: default_scrub_records(),
+        }
+    }
 }
 
 /// `[gossip]`: how the node fills holes from its peers (see the README's "Gossip").
@@ -233,6 +277,22 @@ impl NodeConfig {
             return Err(format!(
                 "gossip.poll_interval_ms = {} must be between 10 and 60000; try 500",
                 self.gossip.poll_interval_ms
+            ));
+        }
+        let scrub = &self.scrub;
+        if !(10..=3_600_000).contains(&scrub.interval_ms) {
+            return Err(format!(
+                "scrub.interval_ms = {} must be between 10 and 3600000; try 1000",
+                scrub.interval_ms
+            ));
+        }
+        if !(1..=4096).contains(&scrub.pages_per_round)
+            || !(1..=65536).contains(&scrub.records_per_round)
+        {
+            return Err(format!(
+                "scrub.pages_per_round = {} must be 1..=4096 and scrub.records_per_round = {} \
+                 1..=65536; try 32 and 512",
+                scrub.pages_per_round, scrub.records_per_round
             ));
         }
         if self.name.is_empty() {

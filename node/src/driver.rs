@@ -38,7 +38,7 @@ use crate::core::{ConnId, GroupId, JobToken, ManifestToken, NodeCore, NodeOutput
 use crate::io::{Clock, GroupOutcome, JournalIo, ManifestStore, RecordReader};
 use crate::manifest::Manifest;
 use crate::metrics::NodeMetrics;
-use crate::pagestore::{CoalesceJob, PageRead, PageStore};
+use crate::pagestore::{CoalesceJob, PageRead, PageStore, ScrubJob, ScrubReport};
 use crate::peers::Peers;
 use crate::segment::RecordLocation;
 
@@ -72,6 +72,10 @@ enum Input {
     Coalesced {
         token: JobToken,
         result: Result<(), String>,
+    },
+    Scrubbed {
+        token: JobToken,
+        report: ScrubReport,
     },
     /// A scrape: copy the core's counters into the metrics, then answer.
     RefreshMetrics(oneshot::Sender<()>),
@@ -352,6 +356,7 @@ impl<J: JournalIo> Driver<J> {
             Input::RecordsRead { token, result } => self.core.handle_records_read(token, result),
             Input::PageRead { token, result } => self.core.handle_page_read(token, result),
             Input::Coalesced { token, result } => self.core.handle_coalesced(token, result),
+            Input::Scrubbed { token, report } => self.core.handle_scrubbed(token, report),
             Input::RefreshMetrics(done) => {
                 let waited = self.core.oldest_waiting(self.clock.now());
                 self.metrics.publish(&self.core.stats(), waited);
@@ -425,6 +430,7 @@ impl<J: JournalIo> Driver<J> {
             NodeOutput::ReadRecords { token, locations } => self.read_records(token, locations),
             NodeOutput::ReadPage { token, read } => self.read_page(token, read),
             NodeOutput::Coalesce { token, job } => self.coalesce(token, job),
+            NodeOutput::Scrub { token, job } => self.scrub(token, job),
             NodeOutput::PeerRequest {
                 peer,
                 request_id,
@@ -520,6 +526,25 @@ impl<J: JournalIo> Driver<J> {
             .await;
             let result = done.unwrap_or_else(|e| Err(format!("the round failed: {e}")));
             let _ = loopback.send(Input::Coalesced { token, result });
+        });
+    }
+}
+
+impl<J: JournalIo> Driver<J> {
+    /// Runs a scrub job off the runtime thread.
+    fn scrub(&self, token: JobToken, job: ScrubJob) {
+        let (pages, reader) = (self.pages.clone(), self.reader.clone());
+        let loopback = self.loopback.clone();
+        tokio::spawn(async move {
+            let done = tokio::task::spawn_blocking(move || {
+                crate::pagestore::run_scrub(&job, pages.as_ref(), reader.as_ref())
+            })
+            .await;
+            let report = done.unwrap_or_else(|e| ScrubReport {
+                repair_error: Some(format!("the scrub job failed: {e}")),
+                ..ScrubReport::default()
+            });
+            let _ = loopback.send(Input::Scrubbed { token, report });
         });
     }
 }

@@ -98,6 +98,8 @@ pub struct NodeMetrics {
     pub coalesce_backlog_records: U64Gauge,
     pub gc_runs: Counter,
     pub scrub_pages_checked: Counter,
+    pub scrub_records_checked: Counter,
+    pub scrub_damaged: Counter,
     pub scrub_repaired: Counter,
     pub acks_throttled: Counter,
     /// Segments with a series, so a segment no longer hosted loses its series.
@@ -137,12 +139,15 @@ impl NodeMetrics {
             coalesce_backlog_records: U64Gauge::default(),
             gc_runs: Counter::default(),
             scrub_pages_checked: Counter::default(),
+            scrub_records_checked: Counter::default(),
+            scrub_damaged: Counter::default(),
             scrub_repaired: Counter::default(),
             acks_throttled: Counter::default(),
             exported: Mutex::new(BTreeSet::new()),
         };
         m.register_foreground();
         m.register_background();
+        m.register_scrub();
         m
     }
 
@@ -191,6 +196,35 @@ impl NodeMetrics {
         );
     }
 
+    /// Scrub's counters.
+    fn register_scrub(&mut self) {
+        let counters: [(&str, &str, &Counter); 4] = [
+            (
+                "node_scrub_pages_checked",
+                "Page-store pages re-read and verified by scrub",
+                &self.scrub_pages_checked,
+            ),
+            (
+                "node_scrub_records_checked",
+                "Journal records re-read and verified by scrub",
+                &self.scrub_records_checked,
+            ),
+            (
+                "node_scrub_damaged",
+                "Damaged pages and journal records found (by scrub or a read)",
+                &self.scrub_damaged,
+            ),
+            (
+                "node_scrub_repaired",
+                "Damaged pages and journal records replaced from a peer",
+                &self.scrub_repaired,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            self.registry.register(name, help, counter.clone());
+        }
+    }
+
     /// Segment, journal and background families (gossip, coalescing, GC, scrub and throttling
     /// read 0 until that work exists).
     fn register_background(&mut self) {
@@ -225,23 +259,13 @@ impl NodeMetrics {
         for (name, help, gauge) in gauges {
             r.register(name, help, gauge.clone());
         }
-        let counters: [(&str, &str, &Counter); 5] = [
+        let counters: [(&str, &str, &Counter); 3] = [
             (
                 "node_gossip_records_fetched",
                 "Records fetched from peers by gossip",
                 &self.gossip_records_fetched,
             ),
             ("node_gc_runs", "Garbage-collection passes", &self.gc_runs),
-            (
-                "node_scrub_pages_checked",
-                "Pages and journal blocks re-read and verified by scrub",
-                &self.scrub_pages_checked,
-            ),
-            (
-                "node_scrub_repaired",
-                "Bad copies found by scrub and replaced from a peer",
-                &self.scrub_repaired,
-            ),
             (
                 "node_acks_throttled",
                 "Acks delayed by back-pressure",
@@ -280,6 +304,20 @@ impl NodeMetrics {
         let fetched = stats.gossip_records_fetched;
         self.gossip_records_fetched
             .inc_by(fetched.saturating_sub(self.gossip_records_fetched.get()));
+        let scrub = &stats.scrub;
+        let follow = |counter: &Counter, total: u64| {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        };
+        follow(&self.scrub_pages_checked, scrub.pages_checked);
+        follow(&self.scrub_records_checked, scrub.records_checked);
+        follow(
+            &self.scrub_damaged,
+            scrub.pages_damaged + scrub.records_damaged,
+        );
+        follow(
+            &self.scrub_repaired,
+            scrub.pages_repaired + scrub.records_repaired,
+        );
         let gc_runs = stats.background.gc_runs;
         self.gc_runs
             .inc_by(gc_runs.saturating_sub(self.gc_runs.get()));

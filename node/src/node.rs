@@ -66,6 +66,12 @@ impl Node {
         gossip.enabled = config.gossip.enabled;
         gossip.poll_interval = std::time::Duration::from_millis(config.gossip.poll_interval_ms);
         core.configure_gossip(gossip);
+        core.configure_scrub(crate::core::ScrubConfig {
+            enabled: config.scrub.enabled,
+            interval: std::time::Duration::from_millis(config.scrub.interval_ms),
+            pages_per_round: config.scrub.pages_per_round,
+            records_per_round: config.scrub.records_per_round,
+        });
         // One group in memory at a time: recovery memory does not grow with the journal.
         let (mut groups, mut records) = (0, 0);
         let start = core.journal_start();

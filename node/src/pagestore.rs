@@ -209,6 +209,9 @@ pub trait PageStore: Send + Sync {
     fn write_durable(&self, key: &SegmentKey, writes: &[(u64, AlignedBuf)]) -> io::Result<()>;
     /// Bytes the store occupies on disk (for metrics and the soak bench).
     fn disk_bytes(&self) -> u64;
+    /// The lowest offset at or after `from` in the segment's file that holds data (was ever
+    /// written), if any: scrub skips the holes of the sparse file.
+    fn next_data(&self, key: &SegmentKey, from: u64) -> io::Result<Option<u64>>;
 }
 
 /// Page files under `<data_dir>/pages`, O_DIRECT, written through one io_uring.
@@ -336,6 +339,27 @@ impl PageStore for FilePageStore {
             .map(|m| m.blocks() * 512)
             .sum()
     }
+
+    fn next_data(&self, key: &SegmentKey, from: u64) -> io::Result<Option<u64>> {
+        let Some(file) = self.file(key, false)? else {
+            return Ok(None);
+        };
+        let Ok(from) = libc::off_t::try_from(from) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek on a descriptor this store keeps open; no memory is passed.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), from, libc::SEEK_DATA) };
+        if at < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None), // No data at or after `from`.
+                _ => Err(e),
+            };
+        }
+        Ok(Some(
+            u64::try_from(at).expect("lseek returned a non-negative offset"),
+        ))
+    }
 }
 
 /// A page store in memory, for simulators and tests: writes land whole and are durable at
@@ -397,6 +421,16 @@ impl PageStore for MemPageStore {
     fn disk_bytes(&self) -> u64 {
         let files = self.files.lock().expect("page files lock");
         files.values().map(|f| f.len() as u64).sum()
+    }
+
+    fn next_data(&self, key: &SegmentKey, from: u64) -> io::Result<Option<u64>> {
+        let files = self.files.lock().expect("page files lock");
+        let Some(file) = files.get(key) else {
+            return Ok(None);
+        };
+        let start = usize::try_from(from).unwrap_or(usize::MAX).min(file.len());
+        let found = file[start..].iter().position(|b| *b != 0);
+        Ok(found.map(|at| (start + at) as u64))
     }
 }
 
@@ -497,6 +531,127 @@ fn apply(
             .map_err(|e| format!("record {} does not apply: {e}", record.lsn))?;
     }
     Ok(image)
+}
+
+/// A scrub round of one segment, with the page repairs that are ready: write each repaired
+/// image into both of its page's slots (durably), then read back up to `pages_max` written
+/// pages from page index `pages_from` on and every record in `records`, checking CRCs.
+#[derive(Clone, Debug)]
+pub struct ScrubJob {
+    pub key: SegmentKey,
+    pub page_bytes: usize,
+    pub pages_per_pg: u64,
+    /// Images fetched from a peer for damaged pages (each at an LSN no lower than what the
+    /// segment has materialized, no higher than its PGMRPL).
+    pub repairs: Vec<PageImage>,
+    /// The page index the check starts from (`None`: no page check this round).
+    pub pages_from: Option<u64>,
+    pub pages_max: usize,
+    pub records: Vec<RecordLocation>,
+}
+
+/// What a scrub round found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// Why the repairs could not be written (then none counts as written).
+    pub repair_error: Option<String>,
+    pub pages_checked: usize,
+    /// Where the next page check starts (`None`: the file's end was reached; start over).
+    pub pages_next: Option<u64>,
+    pub bad_pages: Vec<(PageId, String)>,
+    pub records_checked: usize,
+    pub bad_records: Vec<(Lsn, String)>,
+}
+
+/// Carries out a scrub round (blocking); see [`ScrubJob`].
+pub fn run_scrub(job: &ScrubJob, store: &dyn PageStore, reader: &dyn RecordReader) -> ScrubReport {
+    let mut report = ScrubReport::default();
+    if !job.repairs.is_empty() {
+        report.repair_error = write_repairs(job, store).err();
+    }
+    if let Some(from) = job.pages_from {
+        check_pages(job, from, store, &mut report);
+    }
+    for location in &job.records {
+        report.records_checked += 1;
+        if let Err(why) = reader.read(std::slice::from_ref(location)) {
+            report.bad_records.push((location.lsn, why));
+        }
+    }
+    assert!(report.records_checked == job.records.len());
+    report
+}
+
+/// Writes each repaired image into both slots of its page (the damaged one and the other,
+/// which then cannot hold an older image that reads might mix up), then syncs.
+fn write_repairs(job: &ScrubJob, store: &dyn PageStore) -> Result<(), String> {
+    let mut writes = Vec::with_capacity(2 * job.repairs.len());
+    for image in &job.repairs {
+        if image.bytes.len() != job.page_bytes {
+            return Err(format!(
+                "repair of page {} has the wrong size",
+                image.page.0
+            ));
+        }
+        let slots = PageSlots::new(job.key, image.page, job.page_bytes, job.pages_per_pg);
+        for slot in 0..2 {
+            let mut buf = AlignedBuf::new(slots.slot_bytes());
+            encode_slot(image, &mut buf);
+            writes.push((slots.slot_offset(slot), buf));
+        }
+    }
+    store
+        .write_durable(&job.key, &writes)
+        .map_err(|e| format!("page store write of {} failed: {e}", job.key))
+}
+
+/// Reads back written pages from page index `from` on, as many as the job allows.
+fn check_pages(job: &ScrubJob, from: u64, store: &dyn PageStore, report: &mut ScrubReport) {
+    let pair_bytes = 2 * slot_bytes(job.page_bytes) as u64;
+    let first_page = if job.pages_per_pg > 0 {
+        u64::from(job.key.pg.0) * job.pages_per_pg
+    } else {
+        0
+    };
+    let mut buf = AlignedBuf::new(pair_bytes as usize);
+    let mut index = from;
+    report.pages_next = Some(from);
+    while report.pages_checked < job.pages_max {
+        let next = match store.next_data(&job.key, index.saturating_mul(pair_bytes)) {
+            Ok(Some(offset)) => offset / pair_bytes,
+            Ok(None) => {
+                report.pages_next = None;
+                return;
+            }
+            Err(e) => {
+                let why = format!("page store of {} unreadable: {e}", job.key);
+                report.bad_pages.push((PageId(first_page + index), why));
+                report.pages_next = Some(index + 1);
+                return;
+            }
+        };
+        if job.pages_per_pg > 0 && next >= job.pages_per_pg {
+            report.pages_next = None;
+            return;
+        }
+        let page = PageId(first_page + next);
+        let slots = PageSlots::new(job.key, page, job.page_bytes, job.pages_per_pg);
+        report.pages_checked += 1;
+        index = next + 1;
+        report.pages_next = Some(index);
+        if let Err(e) = store.read_slots(&slots, &mut buf) {
+            report.bad_pages.push((page, format!("unreadable: {e}")));
+            continue;
+        }
+        let len = slots.slot_bytes();
+        let bytes = buf.as_slice();
+        for half in [&bytes[..len], &bytes[len..2 * len]] {
+            if let Slot::Bad(why) = decode_slot(half, page, job.page_bytes) {
+                report.bad_pages.push((page, why));
+                break;
+            }
+        }
+    }
 }
 
 /// A page read: the newest image at or below `read_point` plus the records above it.

@@ -57,6 +57,9 @@ struct Held {
     page: PageId,
     epoch: Epoch,
     location: RecordLocation,
+    /// Its journal copy failed its CRC when read back (scrub or a read): never served, and
+    /// replaced by the next durable copy of the same record ([`Observed::Repaired`]).
+    damaged: bool,
 }
 
 /// What [`Segment::observe`] did with a record.
@@ -70,6 +73,8 @@ pub enum Observed {
     Foreign,
     /// At or below the base: already materialized in the page store.
     Released,
+    /// Held with a damaged journal copy: this durable copy replaces it.
+    Repaired,
 }
 
 /// The work of one coalescing round of a segment: every record in `(materialized, through]`,
@@ -170,6 +175,49 @@ impl Segment {
         epoch
     }
 
+    /// Marks the held record `lsn` as damaged in the journal (it failed its CRC when read
+    /// back): it is no longer served. Returns whether it was held and not yet marked.
+    pub fn mark_damaged(&mut self, lsn: Lsn) -> bool {
+        match self.records.get_mut(&lsn) {
+            Some(held) if !held.damaged => {
+                held.damaged = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The held records whose journal copy is damaged, as `(lsn, backlink)`.
+    pub fn damaged(&self) -> impl Iterator<Item = (Lsn, Lsn)> + '_ {
+        self.records
+            .iter()
+            .filter(|(_, held)| held.damaged)
+            .map(|(lsn, held)| (*lsn, held.backlink))
+    }
+
+    /// Whether the record `lsn` is held with a damaged journal copy.
+    pub fn is_damaged(&self, lsn: Lsn) -> bool {
+        self.records.get(&lsn).is_some_and(|held| held.damaged)
+    }
+
+    /// Whether any of `locations` is a record whose journal copy is damaged.
+    pub fn any_damaged(&self, locations: &[RecordLocation]) -> bool {
+        locations
+            .iter()
+            .any(|l| self.records.get(&l.lsn).is_some_and(|held| held.damaged))
+    }
+
+    /// Up to `count` locations of the records held above `after`, in LSN order, damaged ones
+    /// excepted: what a scrub round reads back next.
+    pub fn records_to_scrub(&self, after: Lsn, count: usize) -> Vec<RecordLocation> {
+        self.records
+            .range((Bound::Excluded(after), Bound::Unbounded))
+            .filter(|(_, held)| !held.damaged)
+            .take(count)
+            .map(|(_, held)| held.location)
+            .collect()
+    }
+
     /// The records held above the SCL (waiting beyond a gap), as `(lsn, backlink)` in LSN
     /// order: what gossip reads the segment's holes from.
     pub fn beyond_scl(&self) -> impl Iterator<Item = (Lsn, Lsn)> + '_ {
@@ -195,6 +243,12 @@ impl Segment {
             return Observed::Released;
         }
         if let Some(held) = self.records.get_mut(&record.lsn) {
+            if held.damaged && record.backlink == held.backlink && record.page == held.page {
+                held.damaged = false;
+                held.location = record.location;
+                held.epoch = held.epoch.max(record.epoch);
+                return Observed::Repaired;
+            }
             // The same record again; sent under a newer epoch (a recovering writer re-tags the
             // records it adopted), it now counts as that epoch's, so older truncations spare it.
             if record.epoch > held.epoch && record.backlink == held.backlink {
@@ -211,6 +265,7 @@ impl Segment {
             page: record.page,
             epoch: record.epoch,
             location: record.location,
+            damaged: false,
         };
         assert!(record.location.len > 0, "a record has a header");
         self.records.insert(record.lsn, held);
@@ -316,7 +371,8 @@ impl Segment {
     }
 
     /// Locations of the chain's records with LSNs in `(after, min(through, SCL)]`, in LSN
-    /// order, as many as fit in `bytes_max` encoded bytes, but at least one if any qualifies.
+    /// order, as many as fit in `bytes_max` encoded bytes, but at least one if any qualifies;
+    /// they stop before the first record whose journal copy is damaged.
     /// Refused if records after `after` already left the index (`after` below the base).
     pub fn records_for_fetch(
         &self,
@@ -335,6 +391,9 @@ impl Segment {
         let mut bytes = 0usize;
         let range = (Bound::Excluded(after), Bound::Included(end));
         for held in self.records.range(range).map(|(_, held)| held) {
+            if held.damaged {
+                break; // Never served; a peer that needs it asks another segment.
+            }
             let len = held.location.len as usize;
             if !out.is_empty() && bytes + len > bytes_max {
                 break;

@@ -258,6 +258,11 @@ impl Harness {
                     let result = node::pagestore::run_coalesce(&job, self.pages.as_ref(), &reader);
                     self.core.handle_coalesced(token, result);
                 }
+                NodeOutput::Scrub { token, job } => {
+                    let reader = node::io::MemRecords(&self.files);
+                    let report = node::pagestore::run_scrub(&job, self.pages.as_ref(), &reader);
+                    self.core.handle_scrubbed(token, report);
+                }
                 NodeOutput::Stopped { reason } => self.stopped.push(reason),
                 NodeOutput::PeerRequest { .. } => panic!("no placement here, so no gossip"),
             }

@@ -64,8 +64,8 @@ pub(super) struct Background {
     /// The round in flight: its segment and how far it goes.
     inflight: Option<(JobToken, SegmentKey, Lsn)>,
     /// Segments whose last round failed, with the target it had: not tried again until
-    /// their target moves.
-    failed: BTreeMap<SegmentKey, Lsn>,
+    /// their target moves (or a repair makes the segment whole again).
+    pub(super) failed: BTreeMap<SegmentKey, Lsn>,
     /// Per journal file, per segment, the highest LSN indexed from that file.
     files: Vec<BTreeMap<SegmentKey, Lsn>>,
     /// Per journal file, the sequence of its first group in the current lap.
@@ -109,6 +109,12 @@ impl Background {
 
     pub(super) fn is_idle(&self) -> bool {
         self.inflight.is_none()
+    }
+
+    /// A token for a new background job (coalescing or scrub).
+    pub(super) fn issue_token(&mut self) -> JobToken {
+        self.next_token += 1;
+        JobToken(self.next_token)
     }
 
     /// A record of `key` up to `lsn` was indexed from `file`.
@@ -209,7 +215,7 @@ impl NodeCore {
     /// through records the truncation will annul; every truncation starts above every VDL a
     /// writer ever reported, so the hint keeps coalescing below it (found by the simulator,
     /// seed 464: a page image with an annulled record baked in).
-    fn coalesce_target(&self, key: &SegmentKey, segment: &Segment) -> Lsn {
+    pub(super) fn coalesce_target(&self, key: &SegmentKey, segment: &Segment) -> Lsn {
         let hint = self.volumes.get(&key.volume).map_or(Lsn::ZERO, |v| v.vdl);
         segment.pgmrpl().min(hint)
     }
@@ -226,7 +232,7 @@ impl NodeCore {
     /// When background work wants the core's timer: once the foreground turns idle, if some
     /// segment has records to coalesce.
     pub(super) fn background_timeout(&self) -> Option<Instant> {
-        if self.phase != Phase::Serving || self.background.paused || !self.background.is_idle() {
+        if self.phase != Phase::Serving || self.background.paused || !self.jobs_idle() {
             return None;
         }
         let waiting = self
@@ -239,7 +245,7 @@ impl NodeCore {
 
     /// Starts a coalescing round if one is due (see the module docs).
     pub(super) fn schedule_background(&mut self) {
-        if self.phase != Phase::Serving || !self.background.is_idle() || self.background.paused {
+        if self.phase != Phase::Serving || !self.jobs_idle() || self.background.paused {
             return;
         }
         let used = self.journal_used_percent();
@@ -289,8 +295,7 @@ impl NodeCore {
                 .map(|(page, records)| PageWork { page, records })
                 .collect(),
         };
-        self.background.next_token += 1;
-        let token = JobToken(self.background.next_token);
+        let token = self.background.issue_token();
         self.background.inflight = Some((token, key, plan.through));
         assert!(!job.pages.is_empty());
         self.outputs.push_back(NodeOutput::Coalesce { token, job });

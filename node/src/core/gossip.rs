@@ -40,8 +40,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use wire::{
-    Append, Epoch, ErrorCode, FetchRecords, Geometry, LogRecord, Lsn, Message, PeerNode, PgId,
-    Records, SegmentIndex, VolumeId, VolumeState,
+    Append, Epoch, ErrorCode, FetchRecords, Geometry, LogRecord, Lsn, Message, PageId, PeerNode,
+    PgId, Records, SegmentIndex, VolumeId, VolumeState,
 };
 
 use super::commit::Batch;
@@ -176,6 +176,15 @@ enum Pending {
         through: Lsn,
         epoch: Epoch,
     },
+    /// A damaged page of `own`, asked of the peer segment `from` as of `read_point`.
+    Page {
+        peer: PeerNode,
+        own: SegmentKey,
+        from: SegmentIndex,
+        page: PageId,
+        read_point: Lsn,
+        epoch: Epoch,
+    },
 }
 
 /// Gossip's state inside the core.
@@ -201,7 +210,7 @@ pub(super) struct Gossip {
     /// The latest time the core was given; a fetch may be planned at once from it.
     last_now: Option<Instant>,
     /// Fetches may be planned (something changed since the last planning).
-    plan_due: bool,
+    pub(super) plan_due: bool,
     /// No fetch is planned before this (the journal refused a fetched batch: it is full).
     hold_until: Option<Instant>,
     stats: GossipStats,
@@ -281,12 +290,14 @@ impl NodeCore {
     /// When [`NodeCore::handle_timeout`] wants to be called next, if ever. A driver calls it
     /// once when it starts serving, and again whenever this time passes.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let background = self.background_timeout();
-        let gossip = self.gossip_timeout();
-        match (background, gossip) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.background_timeout(),
+            self.gossip_timeout(),
+            self.scrub_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The latest time the core was given, if any.
@@ -328,6 +339,7 @@ impl NodeCore {
         }
         self.poll_peers(now);
         self.plan_fetches(now);
+        self.plan_repairs(now);
         assert!(self.gossip.pending.values().all(|(d, _)| *d > now));
     }
 
@@ -367,6 +379,91 @@ impl NodeCore {
             .map(|(_, view)| view.scl)
             .collect();
         (fresh.len() == wire::PG_SIZE - 1).then(|| fresh.into_iter().min().expect("five"))
+    }
+
+    /// The peer segments of `key`'s PG heard from within `peer_fresh` (as of the last time
+    /// the core was given): `(segment, epoch, SCL)`.
+    pub(super) fn fresh_peer_views(
+        &self,
+        key: &SegmentKey,
+    ) -> impl Iterator<Item = (SegmentIndex, Epoch, Lsn)> + '_ {
+        let g = &self.gossip;
+        let now = g.last_now;
+        let own = key.segment;
+        g.views
+            .range(pg_keys(key))
+            .filter(move |(peer, _)| peer.segment != own)
+            .filter(move |(_, view)| {
+                now.is_some_and(|now| {
+                    now.saturating_duration_since(view.heard) <= g.config.peer_fresh
+                })
+            })
+            .map(|(peer, view)| (peer.segment, view.epoch, view.scl))
+    }
+
+    /// Asks the peer segment `from` for `page` of `own` as of `read_point` (a repair).
+    pub(super) fn send_page_repair(
+        &mut self,
+        now: Instant,
+        own: SegmentKey,
+        from: SegmentIndex,
+        page: PageId,
+        read_point: Lsn,
+        epoch: Epoch,
+    ) {
+        let peer_key = SegmentKey {
+            segment: from,
+            ..own
+        };
+        let peer = self.gossip.placement[&peer_key].clone();
+        let deadline = now + self.gossip.config.fetch_timeout;
+        let pending = Pending::Page {
+            peer,
+            own,
+            from,
+            page,
+            read_point,
+            epoch,
+        };
+        self.send_peer_request(deadline, pending);
+    }
+
+    /// Fetches the damaged record `lsn` of `own` again, from a peer that has it (unless a
+    /// fetch of `own` is under way).
+    pub(super) fn plan_record_repair(
+        &mut self,
+        now: Instant,
+        own: SegmentKey,
+        lsn: Lsn,
+        backlink: Lsn,
+    ) {
+        if !self.gossip.config.enabled || self.gossip.busy.contains(&own) {
+            return;
+        }
+        let sources = self.repair_sources(&own, lsn);
+        let from = sources.into_iter().find(|from| {
+            let refused = self.gossip.refused.get(&(own, *from));
+            !refused.is_some_and(|(after, until)| *after == backlink && now < *until)
+        });
+        let Some(from) = from else {
+            return;
+        };
+        let peer_key = SegmentKey {
+            segment: from,
+            ..own
+        };
+        let peer = self.gossip.placement[&peer_key].clone();
+        self.gossip.busy.insert(own);
+        let deadline = now + self.gossip.config.fetch_timeout;
+        let pending = Pending::Fetch {
+            peer,
+            own,
+            from,
+            after: backlink,
+            through: lsn,
+            epoch: self.epoch(own.volume),
+        };
+        self.send_peer_request(deadline, pending);
     }
 
     /// What gossip has done so far.
@@ -494,6 +591,24 @@ impl NodeCore {
                 self.gossip.stats.fetches += 1;
                 (peer.clone(), Message::FetchRecords(fetch))
             }
+            Pending::Page {
+                peer,
+                own,
+                from,
+                page,
+                read_point,
+                epoch,
+            } => {
+                let read = wire::ReadPage {
+                    volume: own.volume,
+                    epoch: *epoch,
+                    pg: own.pg,
+                    segment: *from,
+                    page: *page,
+                    read_point: *read_point,
+                };
+                (peer.clone(), Message::ReadPage(read))
+            }
         };
         assert!(
             peer.name != self.config.name,
@@ -525,7 +640,7 @@ impl NodeCore {
         let Some((_, pending)) = self.gossip.pending.remove(&request_id) else {
             return; // Expired, or a duplicate.
         };
-        let (Pending::State { peer: asked, .. } | Pending::Fetch { peer: asked, .. }) = &pending;
+        let asked = peer_of(&pending);
         assert!(
             asked == peer,
             "the driver reports replies from the peer asked"
@@ -538,6 +653,17 @@ impl NodeCore {
             }
             (Ok(Message::Records(records)), Pending::Fetch { .. }) => {
                 self.handle_records(now, &pending, records);
+            }
+            (
+                Ok(Message::Page(reply)),
+                Pending::Page {
+                    own,
+                    page,
+                    read_point,
+                    ..
+                },
+            ) => {
+                self.handle_page_repair(now, *own, (*page, *read_point), reply);
             }
             (Ok(Message::Error(e)), _) => {
                 let why = format!("{:?}: {}", e.code, e.message);
@@ -552,6 +678,7 @@ impl NodeCore {
         }
         self.gossip.plan_due = true;
         self.plan_fetches(now);
+        self.plan_repairs(now);
     }
 
     /// Notes the SCL of every segment the placement says `peer` hosts.
@@ -598,6 +725,9 @@ impl NodeCore {
     fn peer_request_failed(&mut self, now: Instant, pending: &Pending, why: &str) {
         self.gossip.stats.failures += 1;
         tracing::debug!("gossip request to {} failed: {why}", peer_of(pending).name);
+        if let Pending::Page { own, page, .. } = pending {
+            self.page_repair_failed(now, *own, *page, why);
+        }
         if let Pending::Fetch {
             own, from, after, ..
         } = pending
@@ -613,6 +743,9 @@ impl NodeCore {
     /// not asked for this range again for a while.
     fn peer_refused(&mut self, now: Instant, pending: &Pending, why: &str, refusal: bool) {
         self.gossip.stats.failures += 1;
+        if let Pending::Page { own, page, .. } = pending {
+            return self.page_repair_failed(now, *own, *page, why);
+        }
         let Pending::Fetch {
             own,
             from,
@@ -655,7 +788,9 @@ fn pg_keys(key: &SegmentKey) -> std::ops::RangeInclusive<SegmentKey> {
 
 fn peer_of(pending: &Pending) -> &PeerNode {
     match pending {
-        Pending::State { peer, .. } | Pending::Fetch { peer, .. } => peer,
+        Pending::State { peer, .. } | Pending::Fetch { peer, .. } | Pending::Page { peer, .. } => {
+            peer
+        }
     }
 }
 
@@ -859,7 +994,8 @@ impl NodeCore {
         let truncations = &self.volumes[&own.volume].meta.truncations;
         let mut runs: Vec<(Epoch, Vec<LogRecord>)> = Vec::new();
         for (record, epoch) in records.records.into_iter().zip(records.epochs) {
-            if record.lsn <= segment.scl() || segment.holds(record.lsn) {
+            let repairs = segment.is_damaged(record.lsn);
+            if !repairs && (record.lsn <= segment.scl() || segment.holds(record.lsn)) {
                 continue;
             }
             if truncated(truncations, record.lsn, epoch) {

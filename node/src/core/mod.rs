@@ -60,6 +60,7 @@ mod durability;
 mod gossip;
 mod reads;
 mod requests;
+mod scrub;
 mod stats;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -73,7 +74,7 @@ use wire::{
 
 use crate::journal::Position;
 use crate::manifest::{Manifest, SegmentKey, VolumeMeta, truncated};
-use crate::pagestore::{CoalesceJob, PageRead};
+use crate::pagestore::{CoalesceJob, PageRead, ScrubJob};
 use crate::segment::{DurableRecord, Observed, RecordLocation, Segment};
 
 pub use background::{
@@ -85,6 +86,7 @@ pub use gossip::{
     GAPS_REPORTED_MAX, GOSSIP_FETCH_BYTES_MAX, Gap, GossipConfig, GossipStats, missing_ranges,
 };
 pub use requests::{FETCH_BYTES_MAX, RESERVE_PERCENT, TRUNCATIONS_PER_VOLUME_MAX};
+pub use scrub::{ScrubConfig, ScrubStats};
 pub use stats::{NodeStats, SegmentStats};
 
 /// A stream requests arrive on and replies go back to; chosen by the driver.
@@ -151,6 +153,9 @@ pub enum NodeOutput {
     /// Carry out a coalescing round ([`crate::pagestore::run_coalesce`]), then call
     /// [`NodeCore::handle_coalesced`].
     Coalesce { token: JobToken, job: CoalesceJob },
+    /// Carry out a scrub job ([`crate::pagestore::run_scrub`]: repairs to write, pages and
+    /// records to check), then call [`NodeCore::handle_scrubbed`] with its report.
+    Scrub { token: JobToken, job: ScrubJob },
     /// Send `message` (a request) to the peer node `peer` with `request_id`, and call
     /// [`NodeCore::handle_peer_reply`] with its reply or why none came. The core keeps the
     /// request's deadline: a driver may give up earlier, never wait forever.
@@ -265,6 +270,7 @@ pub struct NodeCore {
     reads: reads::Reads,
     background: background::Background,
     gossip: gossip::Gossip,
+    scrub: scrub::Scrub,
     outputs: VecDeque<NodeOutput>,
 }
 
@@ -336,6 +342,7 @@ impl NodeCore {
             reads: reads::Reads::default(),
             background,
             gossip,
+            scrub: scrub::Scrub::new(),
             outputs: VecDeque::new(),
         };
         core.refresh_poll_targets();
@@ -425,11 +432,20 @@ impl NodeCore {
             }
             let durable = record.durable(epoch, at.file, at.body_offset);
             let observed = segment.observe(&durable);
-            if matches!(observed, Observed::Indexed | Observed::Duplicate) {
+            if matches!(
+                observed,
+                Observed::Indexed | Observed::Duplicate | Observed::Repaired
+            ) {
                 self.background.note_record(at.file, key, record.lsn);
             }
-            if observed == Observed::Indexed {
-                indexed += 1;
+            match observed {
+                Observed::Indexed => indexed += 1,
+                Observed::Repaired => {
+                    self.scrub.stats.records_repaired += 1;
+                    self.background.failed.remove(&key); // Coalescing may go on.
+                    tracing::info!("{key}: journal record {} repaired from a peer", record.lsn);
+                }
+                _ => {}
             }
         }
         assert!(volume.vdl >= before, "the VDL hint never goes down");
@@ -442,6 +458,7 @@ impl NodeCore {
         if self.outputs.is_empty() && matches!(self.phase, Phase::Serving | Phase::ShuttingDown) {
             self.form_groups();
             self.schedule_background();
+            self.schedule_scrub();
         }
         let output = self.outputs.pop_front();
         assert!(self.phase != Phase::Recovering || output.is_none());
@@ -529,6 +546,11 @@ impl NodeCore {
             "a stopped node waits for nothing"
         );
         waited
+    }
+
+    /// The hosted segments' keys.
+    pub fn segment_keys(&self) -> Vec<SegmentKey> {
+        self.segments.keys().copied().collect()
     }
 
     /// A hosted segment (its SCL, the records it holds, its PGMRPL).
@@ -674,7 +696,10 @@ impl NodeCore {
         if self.stopped().is_some() {
             return; // Everyone waiting was answered when the node stopped.
         }
-        let (conn, request_id, reply) = self.reads.complete_page(token, result);
+        let (conn, request_id, reply, damaged) = self.reads.complete_page(token, result);
+        if let Some((key, page, why)) = damaged {
+            self.note_damaged_page(key, page, &why);
+        }
         self.reply_result(conn, request_id, reply);
     }
 

@@ -17,10 +17,14 @@ use super::{ConnId, ReadToken};
 use crate::manifest::SegmentKey;
 use crate::segment::RecordLocation;
 
+/// A page found damaged by a read: its segment, the page and why.
+pub(super) type Damage = (SegmentKey, PageId, String);
+
 /// What a read makes of its records.
 #[derive(Clone, Debug)]
 pub(super) enum ReadKind {
     Page {
+        key: SegmentKey,
         page: PageId,
         read_point: Lsn,
     },
@@ -84,7 +88,7 @@ impl Reads {
             .expect("a read is completed once, after it was asked for");
         assert!(!read.locations.is_empty());
         let reply = result
-            .map_err(|e| ErrorReply::new(ErrorCode::Internal, format!("journal read failed: {e}")))
+            .map_err(|e| ErrorReply::new(ErrorCode::Corrupt, format!("journal read failed: {e}")))
             .and_then(|records| check_identity(&read.locations, records))
             .map(|records| {
                 let ReadKind::Records { key, scl, epochs } = read.kind else {
@@ -108,13 +112,22 @@ impl Reads {
         &mut self,
         token: ReadToken,
         result: Result<PageImage, (bool, String)>,
-    ) -> (ConnId, u64, Result<Message, ErrorReply>) {
+    ) -> (ConnId, u64, Result<Message, ErrorReply>, Option<Damage>) {
         let read = self
             .pending
             .remove(&token)
             .expect("a read is completed once, after it was asked for");
-        let ReadKind::Page { page, read_point } = read.kind else {
+        let ReadKind::Page {
+            key,
+            page,
+            read_point,
+        } = read.kind
+        else {
             panic!("a page read completes as one");
+        };
+        let damage = match &result {
+            Err((true, why)) => Some((key, page, why.clone())),
+            _ => None,
         };
         let reply = match result {
             Ok(image) if image.page == page && image.lsn <= read_point => {
@@ -135,12 +148,14 @@ impl Reads {
                 ErrorCode::Corrupt,
                 format!("page {} is damaged on this segment: {why}", page.0),
             )),
+            // A journal record that does not read back: this segment cannot serve the page
+            // now (scrub finds and repairs the record); the reader goes elsewhere.
             Err((false, why)) => Err(ErrorReply::new(
-                ErrorCode::Internal,
-                format!("page {} read failed: {why}", page.0),
+                ErrorCode::Corrupt,
+                format!("page {} read failed on this segment: {why}", page.0),
             )),
         };
-        (read.conn, read.request_id, reply)
+        (read.conn, read.request_id, reply, damage)
     }
 
     /// Every requester still waiting (the node is stopping).

@@ -118,7 +118,8 @@ impl NodeCore {
         let (what, allowed) = match &m {
             Message::GetVolumeState(_) => ("GetVolumeState", ENGINE_OR_NODE),
             Message::FetchRecords(_) => ("FetchRecords", ENGINE_OR_NODE),
-            Message::ReadPage(_) => ("ReadPage", ENGINE),
+            // Nodes read pages of their peers to repair damaged ones.
+            Message::ReadPage(_) => ("ReadPage", ENGINE_OR_NODE),
             Message::HostSegments(_) => ("HostSegments", ENGINE),
             Message::SetPgmrpl(_) => ("SetPgmrpl", ENGINE),
             Message::Fence(_) => ("Fence", ENGINE),
@@ -602,7 +603,21 @@ impl NodeCore {
                     format!("page {} is not in pg {}", read.page.0, read.pg),
                 ));
             }
-            self.segments[&key]
+            let segment = &self.segments[&key];
+            if read.read_point < segment.materialized() {
+                // The page store may hold only images newer than the read point: the records
+                // between left the journal. Readers never go below PGMRPL, so only a peer
+                // repairing a page asks this; it asks another segment.
+                return Err(ErrorReply::new(
+                    ErrorCode::Compacted,
+                    format!(
+                        "{key} has materialized through {}, above read point {}",
+                        segment.materialized(),
+                        read.read_point
+                    ),
+                ));
+            }
+            let locations = segment
                 .records_for_read(read.page, read.read_point)
                 .map_err(|e| {
                     ErrorReply::new(
@@ -612,7 +627,14 @@ impl NodeCore {
                             e.scl, read.read_point
                         ),
                     )
-                })
+                })?;
+            if segment.any_damaged(&locations) {
+                return Err(ErrorReply::new(
+                    ErrorCode::Corrupt,
+                    format!("{key}: a record of page {} is damaged here", read.page.0),
+                ));
+            }
+            Ok(locations)
         });
         let locations = match checked {
             Ok(locations) => locations,
@@ -633,6 +655,7 @@ impl NodeCore {
             records: locations,
         };
         let kind = ReadKind::Page {
+            key,
             page: read.page,
             read_point: read.read_point,
         };

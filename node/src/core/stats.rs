@@ -34,6 +34,8 @@ pub struct NodeStats {
     pub background: super::BackgroundStats,
     /// Records fetched from peers by gossip since start.
     pub gossip_records_fetched: u64,
+    /// Pages and records scrub checked, found damaged and repaired since start.
+    pub scrub: super::ScrubStats,
     /// Known holes in the hosted segments' chains (ranges missing below records held).
     pub gossip_gaps: u64,
 }
@@ -82,6 +84,7 @@ impl NodeCore {
             coalesce_backlog_records: self.coalesce_backlog() as u64,
             background: self.background_stats(),
             gossip_records_fetched: self.gossip_stats().records_fetched,
+            scrub: self.scrub_stats(),
             gossip_gaps: self
                 .segments
                 .keys()

@@ -22,7 +22,7 @@ use node::io::{AlignedBuf, RecordReader, encode_group};
 use node::journal::format::GROUP_BYTES_MAX;
 use node::journal::{JournalStorage, Position};
 use node::manifest::{Manifest, SegmentKey, VolumeMeta};
-use node::pagestore::{CoalesceJob, MemPageStore, PageRead};
+use node::pagestore::{CoalesceJob, MemPageStore, PageRead, ScrubJob};
 use node::segment::RecordLocation;
 use wire::codec::Reader;
 use wire::{Epoch, LogRecord, Message, PeerNode, PgId, Role, SegmentIndex, VolumeId};
@@ -106,6 +106,7 @@ pub struct CoreNode {
     reads: VecDeque<(Instant, ReadToken, Vec<RecordLocation>)>,
     page_reads: VecDeque<(Instant, ReadToken, PageRead)>,
     round: Option<(Instant, JobToken, CoalesceJob)>,
+    scrub_job: Option<(Instant, JobToken, ScrubJob)>,
     pages: MemPageStore,
     replies: Vec<Outgoing>,
     buf: AlignedBuf,
@@ -183,6 +184,7 @@ impl CoreNode {
             },
             page_reads: VecDeque::new(),
             round: None,
+            scrub_job: None,
             pages: MemPageStore::default(),
             manifest,
             writes: VecDeque::new(),
@@ -220,6 +222,12 @@ impl CoreNode {
         node::journal::erase_stale_tail(&self.journal, start, scan.end, scan.next_sequence)
             .expect("simulated writes do not fail");
         core.finish_recovery(scan.end, scan.next_sequence);
+        // Scrub often: faults last seconds of virtual time, and damage must be repaired
+        // before the convergence check gives up.
+        core.configure_scrub(node::core::ScrubConfig {
+            interval: Duration::from_millis(250),
+            ..node::core::ScrubConfig::default()
+        });
         if self.no_gossip {
             let mut config = node::core::GossipConfig::for_node(&self.config.name);
             config.enabled = false;
@@ -286,6 +294,10 @@ impl CoreNode {
                     assert!(self.round.is_none(), "one round at a time");
                     self.round = Some((now + Duration::from_millis(2), token, job));
                 }
+                NodeOutput::Scrub { token, job } => {
+                    assert!(self.round.is_none() && self.scrub_job.is_none(), "one job");
+                    self.scrub_job = Some((now + Duration::from_millis(1), token, job));
+                }
                 NodeOutput::Stopped { reason } => self.stopped = Some(reason),
                 NodeOutput::PeerRequest {
                     peer,
@@ -325,10 +337,70 @@ impl CoreNode {
     }
 }
 
+impl CoreNode {
+    /// Flips a bit inside a record the running node holds (not in padding nobody reads).
+    fn flip_live_record(&mut self, rng: &mut Rng) {
+        let core = self.core.as_ref().expect("running");
+        let locations: Vec<RecordLocation> = core
+            .segment_keys()
+            .into_iter()
+            .filter_map(|key| core.segment(&key))
+            .flat_map(|s| s.records_to_scrub(wire::Lsn::ZERO, usize::MAX))
+            .collect();
+        if locations.is_empty() {
+            return;
+        }
+        let l = locations[rng.below(locations.len() as u64) as usize];
+        let at = l.offset as usize + rng.below(u64::from(l.len)) as usize;
+        let mut files = self.journal.files();
+        files[l.file as usize][at] ^= 1 << rng.below(8);
+    }
+
+    /// Flips a bit in the header or image of a page-store slot (not in its padding).
+    fn flip_live_page(&mut self, rng: &mut Rng) {
+        let slot = node::pagestore::slot_bytes(crate::world::PAGE_SIZE) as u64;
+        let used = (node::pagestore::SLOT_HEADER_BYTES + crate::world::PAGE_SIZE) as u64;
+        let files: Vec<(SegmentKey, u64)> = self
+            .pages
+            .lengths()
+            .into_iter()
+            .filter(|(_, len)| *len >= slot)
+            .collect();
+        if files.is_empty() {
+            return;
+        }
+        let (key, len) = files[rng.below(files.len() as u64) as usize];
+        let offset = rng.below(len / slot) * slot + rng.below(used);
+        self.pages.flip_bit(&key, offset, rng.below(8) as u8);
+    }
+}
+
 impl StorageNode for CoreNode {
     fn flip_a_bit(&mut self, rng: &mut Rng) {
         assert!(self.core.is_none(), "bits flip on a crashed node's disk");
         self.flip(rng);
+    }
+
+    fn flip_a_live_bit(&mut self, rng: &mut Rng) {
+        if self.core.is_none() {
+            return;
+        }
+        if rng.chance(0.5) {
+            self.flip_live_record(rng);
+        } else {
+            self.flip_live_page(rng);
+        }
+    }
+
+    fn damage_outstanding(&self) -> usize {
+        self.core.as_ref().map_or(0, NodeCore::damage_outstanding)
+    }
+
+    fn damage_repaired(&self) -> u64 {
+        self.core.as_ref().map_or(0, |c| {
+            let s = c.scrub_stats();
+            s.pages_repaired + s.records_repaired
+        })
     }
 
     fn stopped(&self) -> Option<&str> {
@@ -391,6 +463,14 @@ impl StorageNode for CoreNode {
                 .expect("running")
                 .handle_page_read(token, result);
         }
+        if self.scrub_job.as_ref().is_some_and(|r| r.0 <= now) {
+            let (_, token, job) = self.scrub_job.take().expect("checked");
+            let report = node::pagestore::run_scrub(&job, &self.pages, &self.journal);
+            self.core
+                .as_mut()
+                .expect("running")
+                .handle_scrubbed(token, report);
+        }
         if self.round.as_ref().is_some_and(|r| r.0 <= now) {
             let (_, token, job) = self.round.take().expect("checked");
             let result = node::pagestore::run_coalesce(&job, &self.pages, &self.journal);
@@ -409,6 +489,7 @@ impl StorageNode for CoreNode {
             self.reads.front().map(|r| r.0),
             self.page_reads.front().map(|r| r.0),
             self.round.as_ref().map(|r| r.0),
+            self.scrub_job.as_ref().map(|r| r.0),
             self.core.as_ref().and_then(NodeCore::poll_timeout),
         ]
         .into_iter()
@@ -441,6 +522,7 @@ impl StorageNode for CoreNode {
         self.reads.clear();
         self.page_reads.clear();
         self.round = None;
+        self.scrub_job = None;
         self.replies.clear();
     }
 
@@ -520,7 +602,19 @@ impl StorageNode for CoreNode {
             return "crashed".into();
         };
         let state = core.volume_state(VolumeId(1));
-        let mut out = format!("epoch {:#x} vdl {}; ", state.epoch.0, state.vdl);
+        let scrub = core.scrub_stats();
+        let mut out = format!(
+            "epoch {:#x} vdl {}; scrub: {} pages {} records checked, damaged {}+{}, repaired \
+             {}+{}; ",
+            state.epoch.0,
+            state.vdl,
+            scrub.pages_checked,
+            scrub.records_checked,
+            scrub.pages_damaged,
+            scrub.records_damaged,
+            scrub.pages_repaired,
+            scrub.records_repaired
+        );
         for s in &state.segments {
             let key = SegmentKey {
                 volume: VolumeId(1),

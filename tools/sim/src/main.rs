@@ -67,6 +67,7 @@ fn main() {
         std::panic::set_hook(Box::new(|_| {}));
     }
     let mut failures = 0u64;
+    let mut repaired = 0u64;
     for seed in &seeds {
         let mut options = sim::Options::seed(*seed);
         options.fault_ms = args.fault_ms;
@@ -75,6 +76,7 @@ fn main() {
         options.bit_flips = args.bit_flips;
         match sim::run_seed(&options) {
             Ok(report) => {
+                repaired += report.damage_repaired;
                 if args.seed.is_some() {
                     println!("seed {seed}: ok {report:?}");
                 }
@@ -82,14 +84,22 @@ fn main() {
             Err(e) => {
                 failures += 1;
                 println!("seed {seed}: FAILED: {e}");
+                let flips = if args.bit_flips { " --bit-flips" } else { "" };
                 println!(
-                    "  replay: sixfold-sim --seed {seed} --fault-ms {}",
+                    "  replay: sixfold-sim --seed {seed} --fault-ms {}{flips}",
                     args.fault_ms
                 );
             }
         }
     }
-    println!("seeds={} failures={failures}", seeds.len());
+    if args.bit_flips {
+        println!(
+            "seeds={} failures={failures} damage_repaired={repaired}",
+            seeds.len()
+        );
+    } else {
+        println!("seeds={} failures={failures}", seeds.len());
+    }
     if failures > 0 {
         std::process::exit(1);
     }

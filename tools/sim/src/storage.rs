@@ -47,6 +47,17 @@ pub trait StorageNode {
     fn restart(&mut self);
     /// Flips a bit on a crashed node's disk (only where a disk is simulated).
     fn flip_a_bit(&mut self, _rng: &mut Rng) {}
+    /// Flips a bit in a running node's page store or journal (only where a disk is
+    /// simulated): scrub must find it and repair it from a peer, and nobody may be served it.
+    fn flip_a_live_bit(&mut self, _rng: &mut Rng) {}
+    /// Damaged pages and records the node knows of and has not repaired yet.
+    fn damage_outstanding(&self) -> usize {
+        0
+    }
+    /// Damaged pages and records repaired since the node last started.
+    fn damage_repaired(&self) -> u64 {
+        0
+    }
     /// Why the node stopped serving, if it did.
     fn stopped(&self) -> Option<&str> {
         None

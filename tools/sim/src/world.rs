@@ -31,7 +31,7 @@ use crate::storage::{ModelNode, Outgoing, PEER_CONN_BASE, StorageNode, WriterId}
 const NODE_COUNT: usize = 6;
 const PG_COUNT: u32 = 2;
 const PAGES_PER_PG: u64 = 8;
-const PAGE_SIZE: usize = 256;
+pub(crate) const PAGE_SIZE: usize = 256;
 /// Most commits one writer keeps waiting.
 const COMMITS_INFLIGHT_MAX: usize = 16;
 
@@ -109,6 +109,8 @@ pub struct Report {
     pub steps: u64,
     /// Records the nodes' gossip fetched from peers.
     pub gossip_records: u64,
+    /// Damaged pages and records the running nodes repaired (with `bit_flips`).
+    pub damage_repaired: u64,
 }
 
 /// A message in flight.
@@ -370,7 +372,15 @@ impl World {
         if !self.model_nodes {
             self.check_convergence()?;
         }
+        for n in 0..NODE_COUNT {
+            self.trace(&format!(
+                "node{} at the end: {}",
+                n + 1,
+                self.nodes[n].debug()
+            ));
+        }
         self.report.gossip_records = self.nodes.iter().map(|n| n.gossip_records()).sum();
+        self.report.damage_repaired = self.nodes.iter().map(|n| n.damage_repaired()).sum();
         self.report.commits_acked = self.model.acked_count() as u64;
         self.report.recoveries = self.model.recoveries;
         self.report.final_vdl = self.writers[self.current].vdl.0;
@@ -818,6 +828,11 @@ impl World {
 
     fn fault(&mut self) {
         self.next_fault = self.now + ms(self.rng.between(100, 800));
+        if self.bit_flips && self.rng.chance(0.15) {
+            let node = self.rng.below(NODE_COUNT as u64) as usize;
+            self.trace(&format!("bit flip on running node{}'s disk", node + 1));
+            self.nodes[node].flip_a_live_bit(&mut self.rng);
+        }
         let roll = self.rng.below(100);
         let healthy: Vec<usize> = (0..NODE_COUNT)
             .filter(|n| !self.down[*n] && !self.cut[*n])
@@ -1167,6 +1182,16 @@ impl World {
             }
             for (pg, scl) in scls {
                 by_pg.entry(pg).or_default().push((n, scl));
+            }
+        }
+        if self.bit_flips {
+            let damaged = (0..NODE_COUNT).find(|n| self.nodes[*n].damage_outstanding() > 0);
+            if let Some(n) = damaged {
+                return Some(format!(
+                    "node{} has {} damaged pages or records not yet repaired",
+                    n + 1,
+                    self.nodes[n].damage_outstanding()
+                ));
             }
         }
         for (pg, scls) in by_pg {
