@@ -66,6 +66,13 @@ impl Node {
         gossip.enabled = config.gossip.enabled;
         gossip.poll_interval = std::time::Duration::from_millis(config.gossip.poll_interval_ms);
         core.configure_gossip(gossip);
+        if config.background.paused {
+            tracing::warn!(
+                "background work paused ([background] paused = true): nothing is coalesced \
+                 or collected, and the journal fills"
+            );
+            core.set_background_paused(true);
+        }
         // One group in memory at a time: recovery memory does not grow with the journal.
         let (mut groups, mut records) = (0, 0);
         let start = core.journal_start();
