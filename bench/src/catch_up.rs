@@ -152,14 +152,7 @@ async fn outage(
     let ready = Instant::now();
     let caught_up = wait_caught_up(cluster, volume, &targets, deadline(down)).await?;
     let elapsed = ready.elapsed().as_secs_f64();
-    let gossip_records_fetched = match cluster.metrics_addr(NODE) {
-        Some(addr) => crate::scrape::scrape(addr)
-            .await
-            .ok()
-            .and_then(|m| m.value("node_gossip_records_fetched_total"))
-            .map(|v| v as u64),
-        None => None,
-    };
+    let gossip_records_fetched = gossip_records_fetched(cluster).await;
     let records_per_s = caught_up.then(|| missed_records as f64 / elapsed.max(1e-3));
     let mb_per_s = records_per_s.map(|r| r * args.record_bytes as f64 / 1e6);
     Ok(CatchUp {
@@ -177,6 +170,15 @@ async fn outage(
         journal_bytes: 0,
         errors: 0,
     })
+}
+
+/// Records node6 fetched by gossip since its restart, from its metrics.
+async fn gossip_records_fetched(cluster: &LocalCluster) -> Option<u64> {
+    let metrics = crate::scrape::scrape(cluster.metrics_addr(NODE)?)
+        .await
+        .ok()?;
+    let fetched = metrics.value("node_gossip_records_fetched_total")?;
+    Some(fetched as u64)
 }
 
 /// node6's segment of every PG.

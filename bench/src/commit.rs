@@ -55,13 +55,16 @@ pub(crate) struct CommitArgs {
     /// 16) is measured.
     #[arg(long)]
     pub(crate) slow_nodes: Option<usize>,
-    /// With --slow-nodes: the slow nodes' extra delay each way, in milliseconds.
-    #[arg(long, default_value_t = 5, requires = "slow_nodes")]
-    pub(crate) delay_ms: u64,
+    /// With --slow-nodes: the slow nodes' extra delay each way, in milliseconds [default: 5].
+    #[arg(long)]
+    pub(crate) delay_ms: Option<u64>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
 }
+
+/// The slow nodes' extra delay each way unless --delay-ms says otherwise.
+pub(crate) const DELAY_MS_DEFAULT: u64 = 5;
 
 /// Payload bytes of each transaction's one record.
 pub(crate) const RECORD_BYTES: usize = 4096;
@@ -164,13 +167,14 @@ pub(crate) fn run(args: &CommitArgs) -> anyhow::Result<()> {
         (None, Some(_)) => vec![16],
         (None, None) => vec![1, 16, 64],
     };
-    if let Some(slow) = args.slow_nodes {
-        anyhow::ensure!(
-            (1..PG_SIZE).contains(&slow),
+    match (args.slow_nodes, args.delay_ms) {
+        (Some(slow), _) if !(1..PG_SIZE).contains(&slow) => anyhow::bail!(
             "--slow-nodes must be between 1 and {} (2 is what a 4/6 quorum can hide)",
             PG_SIZE - 1
-        );
-        anyhow::ensure!(args.delay_ms >= 1, "--delay-ms must be at least 1");
+        ),
+        (Some(_), Some(0)) => anyhow::bail!("--delay-ms must be at least 1"),
+        (None, Some(_)) => anyhow::bail!("--delay-ms needs --slow-nodes"),
+        _ => {}
     }
     let run_dir = args.dir.join(format!("commit-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)

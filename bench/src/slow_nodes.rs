@@ -59,7 +59,8 @@ pub(crate) fn run_in(args: &CommitArgs, levels: &[usize], run_dir: &Path) -> any
         .iter()
         .map(|n| n.name.clone())
         .collect();
-    let delay = Duration::from_millis(args.delay_ms);
+    let delay_ms = args.delay_ms.unwrap_or(commit::DELAY_MS_DEFAULT);
+    let delay = Duration::from_millis(delay_ms);
     let measured = runtime.block_on(measure_both(
         (&cluster, file),
         &proxies,
@@ -76,6 +77,7 @@ pub(crate) fn run_in(args: &CommitArgs, levels: &[usize], run_dir: &Path) -> any
     stopped?;
     let report = Report {
         args,
+        delay_ms,
         raw: &raw,
         pairs: &pairs,
         slow_names: &slow_names,
@@ -140,6 +142,7 @@ async fn measure_both(
 
 struct Report<'a> {
     args: &'a CommitArgs,
+    delay_ms: u64,
     raw: &'a Summary,
     pairs: &'a [(CommitLevel, CommitLevel)],
     slow_names: &'a [String],
@@ -187,7 +190,7 @@ impl Report<'_> {
             "baseline": baseline,
             "slow": slow,
             "slow_nodes": self.slow_names,
-            "delay_ms": self.args.delay_ms,
+            "delay_ms": self.delay_ms,
             "raw": self.raw,
             "record_bytes": commit::RECORD_BYTES,
             "engine_runtime": commit::runtime_name(self.args.engine_threads),
@@ -211,7 +214,7 @@ impl Report<'_> {
         let slow_label = format!(
             "{} +{} ms each way",
             self.slow_names.join("+"),
-            self.args.delay_ms
+            self.delay_ms
         );
         for (b, s) in self.pairs {
             for (c, what) in [(b, "baseline (proxies at 0 ms)"), (s, slow_label.as_str())] {
