@@ -202,7 +202,6 @@ fn remove_dir(dir: &Path) {
 /// The soak itself, then the background-on window (its last `--compare-seconds`, or a few
 /// seconds for the rate if the comparison is off and the catch-up is on).
 async fn soak(args: &SoakArgs, run_dir: &Path) -> anyhow::Result<Outcome> {
-    crate::watchdog::phase("starting six nodes");
     progress(
         args,
         &format!(

@@ -38,6 +38,8 @@ pub(crate) struct Paused {
     pub(crate) journal_used_percent_max: Option<f64>,
     /// Whether the phase ended before `--compare-seconds` because the journal was filling.
     pub(crate) stopped_early: bool,
+    /// Transactions that failed during the phase (warm-up included).
+    pub(crate) errors: u64,
 }
 
 /// Each node's journal for `seconds` of commits at `rate_margin` times the soak's rate (and
@@ -122,13 +124,14 @@ pub(crate) async fn measure(args: &SoakArgs, dir: &Path, rate: &Window) -> anyho
         }
     }
     let window = start.finish(&load, &latencies, args.record_bytes).await;
-    load.stop().await?;
+    let (_, errors) = load.stop().await?;
     cluster.stop()?;
     Ok(Paused {
         window,
         journal_bytes,
         journal_used_percent_max: used_max,
         stopped_early,
+        errors,
     })
 }
 
@@ -145,8 +148,9 @@ impl Paused {
         let label = format!("commit, background paused ({:.0} s)", self.window.seconds);
         println!("{}", self.window.summary.line(&label));
         println!(
-            "    {:.1} MB/s appended per node; journal of {} MiB, at most {} used{}",
+            "    {:.1} MB/s appended per node; {} errors; journal of {} MiB, at most {} used{}",
             self.window.append_mb_per_s,
+            self.errors,
             self.journal_bytes >> 20,
             self.journal_used_percent_max
                 .map_or("? %".to_string(), |u| format!("{u:.0} %")),
