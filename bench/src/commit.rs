@@ -32,36 +32,48 @@ pub(crate) struct CommitArgs {
     /// Directory on the disk under test: the cluster's and the single node's data and the
     /// raw-disk probe file go under DIR/commit-<pid>, removed at the end.
     #[arg(long)]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Seconds per measurement (the raw disk, and each level of commits and of appends).
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub(crate) seconds: u64,
     /// Measure only this many transactions (and appends) in flight (default: 1, 16 and 64).
     #[arg(long)]
-    inflight: Option<usize>,
+    pub(crate) inflight: Option<usize>,
     /// PGs of the bench volume; transactions write pages round-robin over them.
     #[arg(long, default_value_t = 4)]
-    pg_count: u32,
+    pub(crate) pg_count: u32,
     /// Worker threads of the engine's tokio runtime (0: a current-thread runtime).
     #[arg(long, default_value_t = 0)]
-    engine_threads: usize,
+    pub(crate) engine_threads: usize,
     /// Also measure a paced level: one transaction at a time, this many a second, as `sixfold
     /// dev` runs (0: skip). Light load shows idle wake-ups that a closed loop hides.
     #[arg(long, default_value_t = 100)]
-    paced_per_s: u64,
+    pub(crate) paced_per_s: u64,
+    /// Measure the quorum commits twice in one run, with this many of the six nodes (the
+    /// first in volume order) behind a UDP proxy: first at 0 ms (the baseline), then at
+    /// --delay-ms each way. Replaces the single-node and paced levels; only --inflight K (or
+    /// 16) is measured.
+    #[arg(long)]
+    pub(crate) slow_nodes: Option<usize>,
+    /// With --slow-nodes: the slow nodes' extra delay each way, in milliseconds [default: 5].
+    #[arg(long)]
+    pub(crate) delay_ms: Option<u64>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
+/// The slow nodes' extra delay each way unless --delay-ms says otherwise.
+pub(crate) const DELAY_MS_DEFAULT: u64 = 5;
+
 /// Payload bytes of each transaction's one record.
-const RECORD_BYTES: usize = 4096;
+pub(crate) const RECORD_BYTES: usize = 4096;
 /// Transactions before each level, not recorded.
 const WARMUP_TXNS: usize = 100;
 /// A transaction that takes longer than this means the cluster stalled: fail, never hang.
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait after a level for every segment to catch up with what was written.
-const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Generous bound on commits per second, to size the journals: every node journals every
 /// transaction, so no level beats one node's own group-commit rate by much.
 const COMMITS_PER_S_MAX: u64 = 20_000;
@@ -76,19 +88,19 @@ const JOURNAL_FILE_COUNT_MAX: u64 = 24;
 
 /// One commit level: latency and what the engine sent for it.
 #[derive(Clone, Copy, Debug, Serialize)]
-struct CommitLevel {
-    inflight: usize,
+pub(crate) struct CommitLevel {
+    pub(crate) inflight: usize,
     /// Set for the paced level: one transaction at a time, this many a second (open loop).
     paced_per_s: Option<u64>,
-    summary: Summary,
-    messages_per_txn: f64,
-    appends_per_txn: f64,
-    bytes_per_txn: f64,
+    pub(crate) summary: Summary,
+    pub(crate) messages_per_txn: f64,
+    pub(crate) appends_per_txn: f64,
+    pub(crate) bytes_per_txn: f64,
     redo_bytes_per_txn: f64,
     redo_bytes: u64,
     txns: u64,
     /// Whether every segment caught up with the level's writes before the counters were read.
-    quiesced: bool,
+    pub(crate) quiesced: bool,
 }
 
 impl CommitLevel {
@@ -109,7 +121,7 @@ impl CommitLevel {
         }
     }
 
-    fn messages_per_segment(&self) -> f64 {
+    pub(crate) fn messages_per_segment(&self) -> f64 {
         self.messages_per_txn / PG_SIZE as f64
     }
 }
@@ -149,15 +161,29 @@ pub(crate) fn run(args: &CommitArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.pg_count > 0, "--pg-count must be at least 1");
     // The engine reports refused appends and lost nodes through tracing: show them.
     crate::stats::init_tracing("warn");
-    let levels = match args.inflight {
-        Some(0) => anyhow::bail!("--inflight must be at least 1"),
-        Some(k) => vec![k],
-        None => vec![1, 16, 64],
+    let levels = match (args.inflight, args.slow_nodes) {
+        (Some(0), _) => anyhow::bail!("--inflight must be at least 1"),
+        (Some(k), _) => vec![k],
+        (None, Some(_)) => vec![16],
+        (None, None) => vec![1, 16, 64],
     };
+    match (args.slow_nodes, args.delay_ms) {
+        (Some(slow), _) if !(1..PG_SIZE).contains(&slow) => anyhow::bail!(
+            "--slow-nodes must be between 1 and {} (2 is what a 4/6 quorum can hide)",
+            PG_SIZE - 1
+        ),
+        (Some(_), Some(0)) => anyhow::bail!("--delay-ms must be at least 1"),
+        (None, Some(_)) => anyhow::bail!("--delay-ms needs --slow-nodes"),
+        _ => {}
+    }
     let run_dir = args.dir.join(format!("commit-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    let result = run_in(args, &levels, &run_dir);
+    let result = if args.slow_nodes.is_some() {
+        crate::slow_nodes::run_in(args, &levels, &run_dir)
+    } else {
+        run_in(args, &levels, &run_dir)
+    };
     if let Err(e) = std::fs::remove_dir_all(&run_dir) {
         eprintln!("sixfold-bench: cannot remove {}: {e}", run_dir.display());
     }
@@ -210,7 +236,7 @@ fn run_in(args: &CommitArgs, levels: &[usize], run_dir: &Path) -> anyhow::Result
     Ok(())
 }
 
-fn engine_runtime(engine_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+pub(crate) fn engine_runtime(engine_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if engine_threads == 0 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -225,7 +251,11 @@ fn engine_runtime(engine_threads: usize) -> std::io::Result<tokio::runtime::Runt
 
 /// The cluster: six nodes, each hosting one segment of every PG, so each journal takes
 /// every transaction; journals sized so that no level can fill them.
-fn cluster_options(args: &CommitArgs, levels: &[usize], raw: &Summary) -> ClusterOptions {
+pub(crate) fn cluster_options(
+    args: &CommitArgs,
+    levels: &[usize],
+    raw: &Summary,
+) -> ClusterOptions {
     let warmup_bytes = (WARMUP_TXNS * levels.len()) as u64 * JOURNAL_BYTES_PER_TXN_ALONE;
     let journal_bytes = warmup_bytes
         + levels
@@ -293,7 +323,7 @@ fn measure_single_node(
     Ok(single)
 }
 
-fn runtime_name(engine_threads: usize) -> String {
+pub(crate) fn runtime_name(engine_threads: usize) -> String {
     match engine_threads {
         0 => "current-thread".into(),
         n => format!("{n}-worker"),
@@ -310,59 +340,71 @@ async fn measure_commits(
 ) -> anyhow::Result<(Vec<CommitLevel>, u64)> {
     let volume = Arc::new(cluster.attach(VolumeConfig::default()).await?);
     let workload = Arc::new(Workload::new(&volume));
-    let stats = volume.stats();
     let mut results = Vec::new();
     for &inflight in levels {
         progress(&format!(
             "quorum commits: one-record MTRs, {inflight} in flight …"
         ));
-        warm_up(&volume, &workload).await?;
-        let before = Counters::read(&stats);
-        let began = Instant::now();
-        let deadline = began + duration;
-        let mut tasks = Vec::new();
-        for _ in 0..inflight {
-            let (volume, workload) = (volume.clone(), workload.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut h = stats::histogram();
-                while Instant::now() < deadline {
-                    let start = Instant::now();
-                    workload.transaction(&volume).await?;
-                    stats::record(&mut h, start.elapsed());
-                }
-                anyhow::Ok(h)
-            }));
-        }
-        let mut total = stats::histogram();
-        let mut failure = None;
-        for task in tasks {
-            match task.await.context("a transaction task panicked")? {
-                Ok(h) => total.add(h).expect("same bounds"),
-                Err(e) => failure = failure.or(Some(e)),
-            }
-        }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        let elapsed = began.elapsed();
-        let quiesced = workload.quiesce(&volume).await;
-        if !quiesced {
-            eprintln!(
-                "warning: {inflight} in flight: not every segment caught up within \
-                 {QUIESCE_TIMEOUT:?} after the level; counters read anyway"
-            );
-        }
-        let summary = Summary::of(&total, elapsed);
-        let mut level = CommitLevel::of(inflight, summary, before, Counters::read(&stats));
-        level.quiesced = quiesced;
-        results.push(level);
+        results.push(measure_level(&volume, &workload, inflight, duration).await?);
     }
     if paced_per_s > 0 {
         results.push(measure_paced(&volume, &workload, paced_per_s, duration, progress).await?);
     }
-    let page_bytes = Counters::read(&stats).page_bytes;
+    let page_bytes = Counters::read(&volume.stats()).page_bytes;
     drop(volume);
     Ok((results, page_bytes))
+}
+
+/// One closed-loop level: `inflight` tasks committing transactions back to back for
+/// `duration`, after a warm-up; then the segments are given time to catch up so that the
+/// engine's counters cover every message the level caused.
+pub(crate) async fn measure_level(
+    volume: &Arc<VolumeClient>,
+    workload: &Arc<Workload>,
+    inflight: usize,
+    duration: Duration,
+) -> anyhow::Result<CommitLevel> {
+    let stats = volume.stats();
+    warm_up(volume, workload).await?;
+    let before = Counters::read(&stats);
+    let began = Instant::now();
+    let deadline = began + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..inflight {
+        let (volume, workload) = (volume.clone(), workload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut h = stats::histogram();
+            while Instant::now() < deadline {
+                let start = Instant::now();
+                workload.transaction(&volume).await?;
+                stats::record(&mut h, start.elapsed());
+            }
+            anyhow::Ok(h)
+        }));
+    }
+    let mut total = stats::histogram();
+    let mut failure = None;
+    for task in tasks {
+        match task.await.context("a transaction task panicked")? {
+            Ok(h) => total.add(h).expect("same bounds"),
+            Err(e) => failure = failure.or(Some(e)),
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let elapsed = began.elapsed();
+    let quiesced = workload.quiesce(volume).await;
+    if !quiesced {
+        eprintln!(
+            "warning: {inflight} in flight: not every segment caught up within \
+             {QUIESCE_TIMEOUT:?} after the level; counters read anyway"
+        );
+    }
+    let summary = Summary::of(&total, elapsed);
+    let mut level = CommitLevel::of(inflight, summary, before, Counters::read(&stats));
+    level.quiesced = quiesced;
+    Ok(level)
 }
 
 /// Warms up connections, allocator and the nodes' queues; not recorded.
@@ -421,7 +463,7 @@ async fn paced(
 
 /// What the transactions write: page `n` of the volume's sequence goes round-robin over the
 /// PGs; the highest LSN written per PG is kept to know when every segment has caught up.
-struct Workload {
+pub(crate) struct Workload {
     next: AtomicU64,
     pg_count: u64,
     pages_per_pg: u64,
@@ -429,7 +471,7 @@ struct Workload {
 }
 
 impl Workload {
-    fn new(volume: &VolumeClient) -> Self {
+    pub(crate) fn new(volume: &VolumeClient) -> Self {
         let geometry = volume.file().geometry();
         Self {
             next: AtomicU64::new(0),
@@ -488,7 +530,7 @@ impl Workload {
     }
 }
 
-fn print_log_tails(cluster: &LocalCluster) {
+pub(crate) fn print_log_tails(cluster: &LocalCluster) {
     for spec in &cluster.specs {
         let log = spec.data_dir.with_extension("log");
         let text = std::fs::read_to_string(&log).unwrap_or_default();

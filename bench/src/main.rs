@@ -2,11 +2,16 @@
 //! the disk's own limit, measured in the same run and the same directory.
 
 mod append;
+mod catch_up;
 mod chaos;
 mod commit;
 mod persist;
+mod read;
 mod recovery;
+mod scrape;
+mod slow_nodes;
 mod soak;
+mod soak_paused;
 mod stats;
 mod watchdog;
 
@@ -46,6 +51,9 @@ enum Command {
     /// Nodes killed and restarted and the writer crashed and recovered under a
     /// self-verifying workload: no acknowledged commit may be lost.
     Chaos(chaos::ChaosArgs),
+    /// A page with a long history, read before and after the nodes coalesced it, beside the
+    /// raw disk's read and one network round trip.
+    Read(read::ReadArgs),
     /// Commits without pause until many times a node's journal is written: disk use must stay
     /// flat once journals are recycled.
     Soak(soak::SoakArgs),
@@ -75,6 +83,7 @@ impl Command {
             Command::Recovery(_) => "recovery",
             Command::Chaos(_) => "chaos",
             Command::Soak(_) => "soak",
+            Command::Read(_) => "read",
         }
     }
 
@@ -88,6 +97,7 @@ impl Command {
             Command::Recovery(a) => a.deadline_default(),
             Command::Chaos(a) => a.deadline_default(),
             Command::Soak(a) => a.deadline_default(),
+            Command::Read(a) => a.deadline_default(),
         }
     }
 }
@@ -110,6 +120,7 @@ fn main() {
         Command::Recovery(args) => recovery::run(&args),
         Command::Chaos(args) => chaos::run(&args),
         Command::Soak(args) => soak::run(&args),
+        Command::Read(args) => read::run(&args),
     };
     if let Err(e) = result {
         eprintln!("sixfold-bench: {e:#}");

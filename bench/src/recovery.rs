@@ -149,7 +149,7 @@ fn cluster_options(args: &RecoveryArgs, mib: u64) -> ClusterOptions {
 }
 
 /// Bytes free for an unprivileged user on the filesystem holding `dir`.
-fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
+pub(crate) fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
     // SAFETY: `path` is a valid NUL-terminated string; `stat` is a plain out-parameter that

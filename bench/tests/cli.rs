@@ -159,3 +159,73 @@ fn a_bench_past_its_deadline_exits_3_naming_the_phase() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Goal: a bad flag of the issue 7 measurements is refused at once with one line naming it,
+/// before any node starts. Method: three bad command lines; exit status and stderr.
+#[test]
+fn bad_measurement_flags_are_one_line() {
+    let dir = test_dir("bench-bad-flags");
+    let dir_arg = dir.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["commit", "--dir", dir_arg, "--slow-nodes", "6"],
+            "--slow-nodes must be between 1 and 5",
+        ),
+        (
+            &["commit", "--dir", dir_arg, "--delay-ms", "5"],
+            "--delay-ms needs --slow-nodes",
+        ),
+        (
+            &["read", "--dir", dir_arg, "--history", "0"],
+            "--history must be between 1 and",
+        ),
+        (
+            &["soak", "--dir", dir_arg, "--compare-seconds", "4000"],
+            "--compare-seconds and --catch-up-down-seconds must be at most 3600",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = bench(args, Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Goal: `read --json` prints the documented fields, and the page read back matched its
+/// model before and after coalescing (the bench fails otherwise). Method: a 50-record
+/// history, 1 s per measurement.
+#[test]
+fn read_prints_the_documented_json() {
+    let dir = test_dir("bench-read");
+    let dir_arg = dir.to_str().unwrap();
+    let args = [
+        "read",
+        "--dir",
+        dir_arg,
+        "--seconds",
+        "1",
+        "--history",
+        "50",
+        "--json",
+    ];
+    let json = json_of(&bench(&args, Duration::from_secs(600)));
+    for key in [
+        "read_p50_us",
+        "read_p99_us",
+        "raw_read_p99_us",
+        "rtt_p99_us",
+        "ratio",
+    ] {
+        assert!(json[key].is_number(), "{key}: {json}");
+    }
+    assert!(json["read_p99_us"].as_u64().unwrap() > 0, "{json}");
+    assert!(
+        json["before_coalescing"]["read"]["p99_us"].is_number(),
+        "{json}"
+    );
+    assert_eq!(json["history_records"], 50, "{json}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

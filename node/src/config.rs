@@ -32,6 +32,11 @@ inflight_groups_max = 4
 sync = "rwf_dsync"       # or "fdatasync" (write + linked fdatasync)
 persister = "inline"     # or "thread" (io_uring on its own thread) or "std_fs" (no io_uring)
 
+[background]
+# Coalescing and garbage collection. Paused, nothing leaves the journal and it fills: for
+# benchmarks that compare foreground latency with and without background work only.
+paused = false
+
 [[segment]]
 volume = 1
 pg = 0
@@ -58,6 +63,8 @@ pub struct NodeConfig {
     pub gossip: GossipSettings,
     #[serde(default)]
     pub scrub: ScrubSettings,
+    #[serde(default)]
+    pub background: BackgroundSettings,
 }
 
 /// `[scrub]`: how the node re-reads its page store and journal to find damage (see the
@@ -100,6 +107,18 @@ impl Default for ScrubSettings {
             records_per_round: default_scrub_records(),
         }
     }
+}
+
+/// `[background]`: the node's background work (coalescing and garbage collection; gossip has
+/// its own table).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackgroundSettings {
+    /// Paused: no coalescing round and no garbage collection ever starts, so nothing leaves
+    /// the journal and it fills (appends are then refused with `JournalFull`). Off by
+    /// default; benchmarks pause it to measure what background work costs the foreground.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// `[gossip]`: how the node fills holes from its peers (see the README's "Gossip").
@@ -312,6 +331,41 @@ mod tests {
         assert_eq!(c.segments.len(), 1);
         assert_eq!(c.journal.sync, SyncMode::RwfDsync);
         assert_eq!(c.journal.persister, PersisterMode::Inline);
+        assert!(!c.background.paused);
+    }
+
+    /// Goal: `[background] paused` parses, defaults to false when the table or the key is
+    /// missing, and a misspelt key is one line naming it.
+    /// Method: the default config with the table changed, removed and misspelt.
+    #[test]
+    fn background_paused_parses_and_defaults_to_false() {
+        let text = DEFAULT_CONFIG.replace("paused = false", "paused = true");
+        assert!(
+            NodeConfig::parse(&text, "node.toml")
+                .unwrap()
+                .background
+                .paused
+        );
+        let text = DEFAULT_CONFIG.replace("paused = false", "");
+        assert!(
+            !NodeConfig::parse(&text, "node.toml")
+                .unwrap()
+                .background
+                .paused
+        );
+        let text = DEFAULT_CONFIG
+            .replace("[background]", "")
+            .replace("paused = false", "");
+        assert!(
+            !NodeConfig::parse(&text, "node.toml")
+                .unwrap()
+                .background
+                .paused
+        );
+        let text = DEFAULT_CONFIG.replace("paused = false", "pause = true");
+        let e = NodeConfig::parse(&text, "node.toml").unwrap_err();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("pause"), "{e}");
     }
 
     /// Goal: each choice has one spelling, shared by `node.toml`, `as_str` and the command-line

@@ -87,6 +87,7 @@ pub struct NodeMetrics {
     pub group_bytes: Histogram,
     pub segment_scl: Family<SegmentLabels, U64Gauge>,
     pub segment_records: Family<SegmentLabels, U64Gauge>,
+    pub segment_materialized_lsn: Family<SegmentLabels, U64Gauge>,
     pub journal_groups: Counter,
     pub journal_bytes_used: U64Gauge,
     pub journal_bytes_free: U64Gauge,
@@ -128,6 +129,7 @@ impl NodeMetrics {
             group_bytes: Histogram::new(exponential_buckets(4096.0, 2.0, 13)),
             segment_scl: Family::default(),
             segment_records: Family::default(),
+            segment_materialized_lsn: Family::default(),
             journal_groups: Counter::default(),
             journal_bytes_used: U64Gauge::default(),
             journal_bytes_free: U64Gauge::default(),
@@ -148,6 +150,7 @@ impl NodeMetrics {
         m.register_foreground();
         m.register_background();
         m.register_scrub();
+        m.register_segments();
         m
     }
 
@@ -275,6 +278,11 @@ impl NodeMetrics {
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());
         }
+    }
+
+    /// Per-segment families (one series per hosted segment).
+    fn register_segments(&mut self) {
+        let r = &mut self.registry;
         r.register(
             "node_segment_scl",
             "Segment complete LSN of each hosted segment",
@@ -284,6 +292,11 @@ impl NodeMetrics {
             "node_segment_records",
             "Records indexed by each hosted segment",
             self.segment_records.clone(),
+        );
+        r.register(
+            "node_segment_materialized_lsn",
+            "LSN through which each hosted segment's records are coalesced into the page store",
+            self.segment_materialized_lsn.clone(),
         );
     }
 
@@ -328,11 +341,16 @@ impl NodeMetrics {
         for gone in exported.difference(&now) {
             self.segment_scl.remove(&SegmentLabels::from(*gone));
             self.segment_records.remove(&SegmentLabels::from(*gone));
+            self.segment_materialized_lsn
+                .remove(&SegmentLabels::from(*gone));
         }
         for s in &stats.segments {
             let labels = SegmentLabels::from(s.key);
             self.segment_scl.get_or_create(&labels).set(s.scl.0);
             self.segment_records.get_or_create(&labels).set(s.records);
+            self.segment_materialized_lsn
+                .get_or_create(&labels)
+                .set(s.materialized.0);
         }
         *exported = now;
         assert!(exported.len() == stats.segments.len());
@@ -454,6 +472,7 @@ mod tests {
                 key,
                 scl: Lsn(42),
                 records: 9,
+                materialized: Lsn(40),
             }],
             ..NodeStats::default()
         };
@@ -466,6 +485,7 @@ mod tests {
             "node_group_appends_count",
             "node_group_bytes_count",
             "node_segment_scl{volume=\"7\",pg=\"2\",segment=\"5\"} 42",
+            "node_segment_materialized_lsn{volume=\"7\",pg=\"2\",segment=\"5\"} 40",
             "node_journal_bytes_used 8192",
             "node_journal_bytes_free 57344",
             "node_page_store_bytes 0",

@@ -72,6 +72,13 @@ impl Node {
             pages_per_round: config.scrub.pages_per_round,
             records_per_round: config.scrub.records_per_round,
         });
+        if config.background.paused {
+            tracing::warn!(
+                "background work paused ([background] paused = true): nothing is coalesced \
+                 or collected, and the journal fills"
+            );
+            core.set_background_paused(true);
+        }
         // One group in memory at a time: recovery memory does not grow with the journal.
         let (mut groups, mut records) = (0, 0);
         let start = core.journal_start();

@@ -34,6 +34,10 @@ pub struct ClusterOptions {
     pub segment_bytes: u64,
     pub journal_file_bytes: u64,
     pub journal_file_count: u32,
+    /// Start the nodes with `[background] paused = true` (see [`LocalCluster::set_background_paused`]).
+    pub background_paused: bool,
+    /// Serve each node's metrics on a free loopback port ([`LocalCluster::metrics_addr`]).
+    pub metrics: bool,
 }
 
 impl Default for ClusterOptions {
@@ -45,6 +49,8 @@ impl Default for ClusterOptions {
             segment_bytes: 8 << 20,
             journal_file_bytes: 16 << 20,
             journal_file_count: 4,
+            background_paused: false,
+            metrics: false,
         }
     }
 }
@@ -159,6 +165,10 @@ impl LocalCluster {
             spec.segments.clear();
             spec.journal_file_bytes = options.journal_file_bytes;
             spec.journal_file_count = options.journal_file_count;
+            spec.background_paused = options.background_paused;
+            if options.metrics {
+                spec.metrics_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+            }
             configs.push(spec.write_config()?);
             specs.push(spec);
         }
@@ -198,6 +208,21 @@ impl LocalCluster {
     /// The config file of node `i`.
     pub fn config_path(&self, i: usize) -> PathBuf {
         self.specs[i].data_dir.with_extension("toml")
+    }
+
+    /// Where node `i` serves its metrics (as its latest start logged), if it does.
+    pub fn metrics_addr(&self, i: usize) -> Option<std::net::SocketAddr> {
+        self.nodes.get(i)?.as_ref()?.metrics_addr()
+    }
+
+    /// Rewrites every node's config with `[background] paused` set as given; it applies from
+    /// each node's next start (restart it, or [`stop`](Self::stop) and [`open`](Self::open)).
+    pub fn set_background_paused(&mut self, paused: bool) -> anyhow::Result<()> {
+        for spec in &mut self.specs {
+            spec.background_paused = paused;
+            spec.write_config()?;
+        }
+        Ok(())
     }
 
     pub fn kill9(&mut self, i: usize) {

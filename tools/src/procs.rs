@@ -53,6 +53,8 @@ pub struct NodeSpec {
     pub segments: Vec<(u64, u32, u32)>,
     /// `metrics_listen` (port 0: any free port; [`NodeProcess::metrics_addr`] finds it).
     pub metrics_listen: Option<SocketAddr>,
+    /// `[background] paused`: no coalescing nor GC (benchmarks only; the journal fills).
+    pub background_paused: bool,
 }
 
 impl NodeSpec {
@@ -71,6 +73,7 @@ impl NodeSpec {
             persister: node::config::PersisterMode::Inline,
             segments: vec![(1, 0, 0)],
             metrics_listen: None,
+            background_paused: false,
         }
     }
 
@@ -98,6 +101,7 @@ impl NodeSpec {
                 .map(|s| (s.volume.0, s.pg.0, s.segment.0))
                 .collect(),
             metrics_listen: config.metrics_listen,
+            background_paused: config.background.paused,
         }
     }
 
@@ -124,6 +128,9 @@ impl NodeSpec {
             self.sync.as_str(),
             self.persister.as_str(),
         );
+        if self.background_paused {
+            s.push_str("\n[background]\npaused = true\n");
+        }
         for (volume, pg, segment) in &self.segments {
             s.push_str(&format!(
                 "\n[[segment]]\nvolume = {volume}\npg = {pg}\nsegment = {segment}\n"

@@ -102,6 +102,7 @@ fn metrics_are_served_parsed_and_move_with_appends() {
         "node_scrub_repaired_total",
         "node_acks_throttled_total",
         "node_segment_scl",
+        "node_segment_materialized_lsn",
     ] {
         value(&before, name);
     }

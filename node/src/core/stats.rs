@@ -47,6 +47,8 @@ pub struct SegmentStats {
     pub scl: Lsn,
     /// Records indexed (on the chain or waiting beyond a gap).
     pub records: u64,
+    /// Through which LSN its records are coalesced into the page store.
+    pub materialized: Lsn,
 }
 
 /// What the group-commit state contributes to [`NodeStats`].
@@ -70,6 +72,7 @@ impl NodeCore {
                 key: *key,
                 scl: segment.scl(),
                 records: segment.record_count() as u64,
+                materialized: segment.materialized(),
             })
             .collect();
         assert!(c.journal_bytes_used <= c.journal_bytes_capacity);
