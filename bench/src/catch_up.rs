@@ -174,7 +174,7 @@ async fn outage(
 
 /// Records node6 fetched by gossip since its restart, from its metrics.
 async fn gossip_records_fetched(cluster: &LocalCluster) -> Option<u64> {
-    let metrics = crate::scrape::scrape(cluster.metrics_addr(NODE)?)
+    let metrics = tools::scrape::scrape(cluster.metrics_addr(NODE)?)
         .await
         .ok()?;
     let fetched = metrics.value("node_gossip_records_fetched_total")?;

@@ -8,7 +8,6 @@ mod commit;
 mod persist;
 mod read;
 mod recovery;
-mod scrape;
 mod slow_nodes;
 mod soak;
 mod soak_paused;

@@ -279,7 +279,7 @@ async fn wait_coalesced(cluster: &LocalCluster, history: &History) -> anyhow::Re
             let addr = cluster
                 .metrics_addr(i)
                 .with_context(|| format!("node{} serves no metrics", i + 1))?;
-            let metrics = crate::scrape::scrape(addr).await?;
+            let metrics = tools::scrape::scrape(addr).await?;
             let materialized = metrics
                 .per_segment("node_segment_materialized_lsn")
                 .into_iter()

@@ -366,7 +366,7 @@ impl WindowStart {
 
 /// Bytes of journal groups node1 has written since it started (`node_group_bytes_sum`).
 async fn journal_bytes_written(node1: Option<std::net::SocketAddr>) -> Option<f64> {
-    let metrics = crate::scrape::scrape(node1?).await.ok()?;
+    let metrics = tools::scrape::scrape(node1?).await.ok()?;
     metrics.value("node_group_bytes_sum")
 }
 

@@ -137,7 +137,7 @@ pub(crate) async fn measure(args: &SoakArgs, dir: &Path, rate: &Window) -> anyho
 
 /// Percent of the node's journal in use, from its metrics.
 async fn journal_used_percent(node: Option<std::net::SocketAddr>) -> Option<f64> {
-    let metrics = crate::scrape::scrape(node?).await.ok()?;
+    let metrics = tools::scrape::scrape(node?).await.ok()?;
     let used = metrics.value("node_journal_bytes_used")?;
     let free = metrics.value("node_journal_bytes_free")?;
     Some(100.0 * used / (used + free).max(1.0))

@@ -177,26 +177,42 @@ pub fn decode_slot(bytes: &[u8], page: PageId, page_bytes: usize) -> Slot {
     })
 }
 
+/// Why a page has no usable image at or below a bound.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unusable {
+    /// A slot is damaged (or could not be read): never served, never a base.
+    Damaged(String),
+    /// Every image is newer than the bound (the newest's LSN): a repair from a peer wrote the
+    /// page as of a later LSN; it covers every record up to that LSN.
+    Newer(Lsn),
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unusable::Damaged(why) => write!(f, "damaged: {why}"),
+            Unusable::Newer(lsn) => write!(f, "the page store holds only an image at {lsn}"),
+        }
+    }
+}
+
 /// The newest valid image of a page at or below `at_most` (`None`: no image: the page starts
-/// from zeroes) and the slot it is in; `Err` if either slot is damaged, or if the newest
-/// image lies above `at_most` and the older one cannot serve.
-pub fn choose(slots: [Slot; 2], at_most: Lsn) -> Result<Option<(usize, PageImage)>, String> {
+/// from zeroes) and the slot it is in; `Err` if either slot is damaged, or if every image lies
+/// above `at_most`.
+pub fn choose(slots: [Slot; 2], at_most: Lsn) -> Result<Option<(usize, PageImage)>, Unusable> {
     let mut valid: Vec<(usize, PageImage)> = Vec::new();
     for (index, slot) in slots.into_iter().enumerate() {
         match slot {
             Slot::Empty => {}
             Slot::Valid(image) => valid.push((index, image)),
-            Slot::Bad(why) => return Err(why),
+            Slot::Bad(why) => return Err(Unusable::Damaged(why)),
         }
     }
     valid.sort_by_key(|(_, image)| std::cmp::Reverse(image.lsn));
     let newest_lsn = valid.first().map(|(_, i)| i.lsn);
     match valid.into_iter().find(|(_, image)| image.lsn <= at_most) {
         Some(found) => Ok(Some(found)),
-        None if newest_lsn.is_none() => Ok(None),
-        None => Err(format!(
-            "the page store's images of this page are newer than LSN {at_most} (below PGMRPL)"
-        )),
+        None => newest_lsn.map_or(Ok(None), |lsn| Err(Unusable::Newer(lsn))),
     }
 }
 
@@ -464,7 +480,12 @@ pub fn run_coalesce(
     let mut writes = Vec::with_capacity(job.pages.len());
     for work in &job.pages {
         let slots = PageSlots::new(job.key, work.page, job.page_bytes, job.pages_per_pg);
-        let (target, image) = base_image(store, &slots, job.through, &mut slot_buf)?;
+        let (target, image) = match base_image(store, &slots, job.through, &mut slot_buf) {
+            Ok(found) => found,
+            // A repair wrote the page as of a later LSN: it holds these records already.
+            Err(Unusable::Newer(lsn)) if lsn > job.through => continue,
+            Err(e) => return Err(format!("{} page {}: {e}", job.key, work.page.0)),
+        };
         let records = reader.read(&work.records)?;
         let image = apply(image, &records, &work.records, job.through)?;
         let mut buf = AlignedBuf::new(slots.slot_bytes());
@@ -483,12 +504,12 @@ fn base_image(
     slots: &PageSlots,
     at_most: Lsn,
     buf: &mut AlignedBuf,
-) -> Result<(usize, PageImage), String> {
+) -> Result<(usize, PageImage), Unusable> {
     store.read_slots(slots, buf).map_err(|e| {
-        format!(
+        Unusable::Damaged(format!(
             "page store read of {} page {}: {e}",
             slots.key, slots.page.0
-        )
+        ))
     })?;
     let bytes = buf.as_slice();
     let slot_len = slots.slot_bytes();
@@ -496,8 +517,7 @@ fn base_image(
         decode_slot(&bytes[..slot_len], slots.page, slots.page_bytes),
         decode_slot(&bytes[slot_len..2 * slot_len], slots.page, slots.page_bytes),
     ];
-    let chosen = choose(decoded, at_most).map_err(|e| format!("{}: {e}", slots.key))?;
-    Ok(match chosen {
+    Ok(match choose(decoded, at_most)? {
         Some((slot, image)) => (1 - slot, image),
         None => (0, PageImage::zeroed(slots.page, slots.page_bytes)),
     })
@@ -673,9 +693,13 @@ pub fn read_page(
 ) -> Result<PageImage, (bool, String)> {
     let image = if read.use_store {
         let mut buf = AlignedBuf::new(2 * read.slots.slot_bytes());
-        base_image(store, &read.slots, read.read_point, &mut buf)
-            .map_err(|e| (true, e))?
-            .1
+        match base_image(store, &read.slots, read.read_point, &mut buf) {
+            Ok((_, image)) => image,
+            Err(Unusable::Damaged(why)) => {
+                return Err((true, format!("{}: {why}", read.slots.key)));
+            }
+            Err(newer @ Unusable::Newer(_)) => return Err((false, newer.to_string())),
+        }
     } else {
         PageImage::zeroed(read.slots.page, read.slots.page_bytes)
     };
@@ -753,9 +777,15 @@ mod tests {
         assert_eq!((chosen.0, chosen.1.lsn), (1, Lsn(9)));
         let chosen = choose([v(&a), v(&b)], Lsn(6)).unwrap().unwrap();
         assert_eq!((chosen.0, chosen.1.lsn), (0, Lsn(5)));
-        assert!(choose([Slot::Empty, v(&b)], Lsn(6)).is_err());
+        assert_eq!(
+            choose([Slot::Empty, v(&b)], Lsn(6)),
+            Err(Unusable::Newer(Lsn(9)))
+        );
         assert_eq!(choose([Slot::Empty, Slot::Empty], Lsn(6)).unwrap(), None);
-        assert!(choose([v(&a), Slot::Bad("x".into())], Lsn(100)).is_err());
+        assert!(matches!(
+            choose([v(&a), Slot::Bad("x".into())], Lsn(100)),
+            Err(Unusable::Damaged(_))
+        ));
     }
 
     /// Goal: slots of neighbouring pages never overlap and start 4 KiB aligned.

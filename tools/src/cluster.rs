@@ -38,6 +38,8 @@ pub struct ClusterOptions {
     pub background_paused: bool,
     /// Serve each node's metrics on a free loopback port ([`LocalCluster::metrics_addr`]).
     pub metrics: bool,
+    /// `[scrub] interval_ms` of every node (`None`: the node's default).
+    pub scrub_interval_ms: Option<u64>,
 }
 
 impl Default for ClusterOptions {
@@ -51,6 +53,7 @@ impl Default for ClusterOptions {
             journal_file_count: 4,
             background_paused: false,
             metrics: false,
+            scrub_interval_ms: None,
         }
     }
 }
@@ -166,6 +169,7 @@ impl LocalCluster {
             spec.journal_file_bytes = options.journal_file_bytes;
             spec.journal_file_count = options.journal_file_count;
             spec.background_paused = options.background_paused;
+            spec.scrub_interval_ms = options.scrub_interval_ms;
             if options.metrics {
                 spec.metrics_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
             }

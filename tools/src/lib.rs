@@ -7,3 +7,4 @@ pub mod dev;
 pub mod inspect;
 pub mod netfault;
 pub mod procs;
+pub mod scrape;

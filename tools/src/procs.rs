@@ -55,6 +55,8 @@ pub struct NodeSpec {
     pub metrics_listen: Option<SocketAddr>,
     /// `[background] paused`: no coalescing nor GC (benchmarks only; the journal fills).
     pub background_paused: bool,
+    /// `[scrub] interval_ms` (`None`: the node's default).
+    pub scrub_interval_ms: Option<u64>,
 }
 
 impl NodeSpec {
@@ -74,6 +76,7 @@ impl NodeSpec {
             segments: vec![(1, 0, 0)],
             metrics_listen: None,
             background_paused: false,
+            scrub_interval_ms: None,
         }
     }
 
@@ -102,6 +105,7 @@ impl NodeSpec {
                 .collect(),
             metrics_listen: config.metrics_listen,
             background_paused: config.background.paused,
+            scrub_interval_ms: Some(config.scrub.interval_ms),
         }
     }
 
@@ -130,6 +134,9 @@ impl NodeSpec {
         );
         if self.background_paused {
             s.push_str("\n[background]\npaused = true\n");
+        }
+        if let Some(ms) = self.scrub_interval_ms {
+            s.push_str(&format!("\n[scrub]\ninterval_ms = {ms}\n"));
         }
         for (volume, pg, segment) in &self.segments {
             s.push_str(&format!(

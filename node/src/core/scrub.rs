@@ -11,12 +11,14 @@
 //!   background job ([`NodeOutput::Scrub`]): it never runs beside a coalescing round, and
 //!   pauses with background work.
 //! - **Page repair.** A damaged page is asked of a fresh peer at this node's epoch whose SCL
-//!   has reached `P`, the segment's coalescing target (`min(PGMRPL, VDL hint)`): the page as
-//!   of `P` covers every record the segment has materialized (`materialized ≤ P`), and every
-//!   read point is at least the PGMRPL (`≥ P`), so the journal's records above `P` complete it
-//!   for any read. The image goes into both slots of the page (the next job), after which
-//!   coalescing of the segment resumes. A peer that cannot serve it (its own page store went
-//!   past `P`, or it lags) is skipped and the next one asked, each a scrub interval later.
+//!   has reached `P`, the segment's PGMRPL: the page as of `P` covers every record the
+//!   segment has materialized (`materialized ≤ P`), and every read point is at least the
+//!   PGMRPL, so the journal's records above `P` complete it for any read. (A peer at the same
+//!   epoch holds no annulled record at or below a PGMRPL: PGMRPL ≤ VDL.) The image goes into
+//!   both slots of the page (the next job), after which coalescing of the segment resumes; a
+//!   round whose target is still below `P` leaves the page alone (its image holds the
+//!   round's records already). A peer that cannot serve it (its page store went past `P`,
+//!   or it lags) is skipped and the next one asked, each a scrub interval later.
 //! - **Record repair.** A damaged record is fetched again from a peer (gossip's fetch,
 //!   `(backlink, lsn]`), persisted through the journal like any fetched record, and its new
 //!   copy replaces the damaged one in the index. A record that no peer holds any more is
@@ -375,9 +377,9 @@ impl NodeCore {
 
     fn plan_page_repair(&mut self, now: Instant, key: SegmentKey, page: PageId) {
         let segment = &self.segments[&key];
-        let read_point = self
-            .coalesce_target(&key, segment)
-            .max(segment.materialized());
+        // The PGMRPL: every read here is at or above it, and peers' page stores are at most
+        // theirs (so usually at most this one's); it covers everything materialized here.
+        let read_point = segment.pgmrpl().max(segment.materialized());
         let interval = self.scrub.config.interval;
         let candidates = self.repair_sources(&key, read_point);
         let repair = self

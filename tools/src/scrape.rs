@@ -13,12 +13,12 @@ use prometheus_parse::{Scrape, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long one scrape may take, connection to last byte.
-pub(crate) const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of a response at most (a node with a few segments sends a few KiB).
 const RESPONSE_BYTES_MAX: u64 = 4 << 20;
 
 /// The node's metrics at `addr`.
-pub(crate) async fn scrape(addr: SocketAddr) -> anyhow::Result<Metrics> {
+pub async fn scrape(addr: SocketAddr) -> anyhow::Result<Metrics> {
     let body = tokio::time::timeout(SCRAPE_TIMEOUT, get_metrics(addr))
         .await
         .with_context(|| format!("scraping {addr} took more than {SCRAPE_TIMEOUT:?}"))??;
@@ -47,11 +47,11 @@ async fn get_metrics(addr: SocketAddr) -> anyhow::Result<String> {
 }
 
 /// One scrape's samples.
-pub(crate) struct Metrics(Scrape);
+pub struct Metrics(Scrape);
 
 impl Metrics {
     /// The value of the one unlabelled sample `name` (a counter, gauge or untyped value).
-    pub(crate) fn value(&self, name: &str) -> Option<f64> {
+    pub fn value(&self, name: &str) -> Option<f64> {
         self.0
             .samples
             .iter()
@@ -60,7 +60,7 @@ impl Metrics {
     }
 
     /// Per segment `(pg, segment)`, the value of the per-segment family `name` (one volume).
-    pub(crate) fn per_segment(&self, name: &str) -> Vec<((u32, u32), u64)> {
+    pub fn per_segment(&self, name: &str) -> Vec<((u32, u32), u64)> {
         self.0
             .samples
             .iter()
