@@ -77,6 +77,10 @@ enum Input {
         token: JobToken,
         report: ScrubReport,
     },
+    PagesRead {
+        token: ReadToken,
+        result: Result<(Vec<PageImage>, u64), (bool, String)>,
+    },
     /// A scrape: copy the core's counters into the metrics, then answer.
     RefreshMetrics(oneshot::Sender<()>),
     PeerReply {
@@ -357,6 +361,7 @@ impl<J: JournalIo> Driver<J> {
             Input::PageRead { token, result } => self.core.handle_page_read(token, result),
             Input::Coalesced { token, result } => self.core.handle_coalesced(token, result),
             Input::Scrubbed { token, report } => self.core.handle_scrubbed(token, report),
+            Input::PagesRead { token, result } => self.core.handle_pages_read(token, result),
             Input::RefreshMetrics(done) => {
                 let waited = self.core.oldest_waiting(self.clock.now());
                 self.metrics.publish(&self.core.stats(), waited);
@@ -431,6 +436,7 @@ impl<J: JournalIo> Driver<J> {
             NodeOutput::ReadPage { token, read } => self.read_page(token, read),
             NodeOutput::Coalesce { token, job } => self.coalesce(token, job),
             NodeOutput::Scrub { token, job } => self.scrub(token, job),
+            NodeOutput::ReadPages { token, job } => self.read_pages(token, job),
             NodeOutput::PeerRequest {
                 peer,
                 request_id,
@@ -531,6 +537,20 @@ impl<J: JournalIo> Driver<J> {
 }
 
 impl<J: JournalIo> Driver<J> {
+    /// Reads pages for a peer's rebuild off the runtime thread.
+    fn read_pages(&self, token: ReadToken, job: crate::pagestore::PagesRead) {
+        let (pages, reader) = (self.pages.clone(), self.reader.clone());
+        let loopback = self.loopback.clone();
+        tokio::spawn(async move {
+            let done = tokio::task::spawn_blocking(move || {
+                crate::pagestore::read_pages(&job, pages.as_ref(), reader.as_ref())
+            })
+            .await;
+            let result = done.unwrap_or_else(|e| Err((false, format!("the read failed: {e}"))));
+            let _ = loopback.send(Input::PagesRead { token, result });
+        });
+    }
+
     /// Runs a scrub job off the runtime thread.
     fn scrub(&self, token: JobToken, job: ScrubJob) {
         let (pages, reader) = (self.pages.clone(), self.reader.clone());

@@ -41,7 +41,7 @@
 //!   segment's durable `materialized` LSN;
 //! - nothing that fails its CRC, names another page, or has another size is ever served.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -711,6 +711,86 @@ pub fn read_page(
     let image = apply(image, &records, &read.records, read.read_point).map_err(|e| (false, e))?;
     assert!(image.lsn <= read.read_point);
     Ok(image)
+}
+
+/// A page fetch for a peer rebuilding its segment: every non-empty page of the segment as of
+/// `read_point`, from page index `from_index` on, until about `bytes_max` bytes.
+#[derive(Clone, Debug)]
+pub struct PagesRead {
+    pub key: SegmentKey,
+    pub page_bytes: usize,
+    pub pages_per_pg: u64,
+    pub read_point: Lsn,
+    /// Whether the page store may hold images (something is materialized).
+    pub use_store: bool,
+    pub from_index: u64,
+    /// The records above what is materialized, up to `read_point`, by page.
+    pub records: BTreeMap<PageId, Vec<RecordLocation>>,
+    pub bytes_max: usize,
+}
+
+/// Where the next page fetch starts when every page was sent.
+pub const PAGES_DONE: u64 = u64::MAX;
+
+/// Carries out a page fetch (blocking): the pages found and where the next fetch starts
+/// ([`PAGES_DONE`] at the end). `Err((corrupt, why))` as [`read_page`].
+pub fn read_pages(
+    job: &PagesRead,
+    store: &dyn PageStore,
+    reader: &dyn RecordReader,
+) -> Result<(Vec<PageImage>, u64), (bool, String)> {
+    let pair_bytes = 2 * slot_bytes(job.page_bytes) as u64;
+    let first_page = if job.pages_per_pg > 0 {
+        u64::from(job.key.pg.0) * job.pages_per_pg
+    } else {
+        0
+    };
+    let limit = if job.pages_per_pg > 0 {
+        job.pages_per_pg
+    } else {
+        u64::MAX
+    };
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut index = job.from_index;
+    while index < limit {
+        let in_store = if job.use_store {
+            store
+                .next_data(&job.key, index.saturating_mul(pair_bytes))
+                .map_err(|e| (true, format!("page store of {}: {e}", job.key)))?
+                .map(|offset| offset / pair_bytes)
+        } else {
+            None
+        };
+        let with_records = job
+            .records
+            .range(PageId(first_page + index)..)
+            .next()
+            .map(|(page, _)| page.0 - first_page);
+        let Some(next) = [in_store, with_records].into_iter().flatten().min() else {
+            return Ok((out, PAGES_DONE));
+        };
+        if next >= limit {
+            break;
+        }
+        let page = PageId(first_page + next);
+        let read = PageRead {
+            slots: PageSlots::new(job.key, page, job.page_bytes, job.pages_per_pg),
+            read_point: job.read_point,
+            use_store: job.use_store,
+            records: job.records.get(&page).cloned().unwrap_or_default(),
+        };
+        let image = read_page(&read, store, reader)?;
+        index = next + 1;
+        if image.lsn > Lsn::ZERO {
+            bytes += image.bytes.len();
+            out.push(image);
+        }
+        if bytes >= job.bytes_max {
+            return Ok((out, index));
+        }
+    }
+    Ok((out, PAGES_DONE))
 }
 
 #[cfg(test)]

@@ -491,6 +491,63 @@ impl Segment {
         gone.len()
     }
 
+    /// Per page with records in `(materialized, read_point]`, their locations (LSN order),
+    /// for pages from `first` on: what a page fetch at `read_point` applies to the page
+    /// store's images. `Err` if one of them is damaged.
+    pub fn records_by_page(
+        &self,
+        read_point: Lsn,
+        first: PageId,
+    ) -> Result<BTreeMap<PageId, Vec<RecordLocation>>, Lsn> {
+        let mut out: BTreeMap<PageId, Vec<RecordLocation>> = BTreeMap::new();
+        if read_point <= self.materialized {
+            return Ok(out);
+        }
+        let range = (
+            Bound::Excluded(self.materialized),
+            Bound::Included(read_point),
+        );
+        for (lsn, held) in self.records.range(range) {
+            if held.page < first {
+                continue;
+            }
+            if held.damaged {
+                return Err(*lsn);
+            }
+            out.entry(held.page).or_default().push(held.location);
+        }
+        Ok(out)
+    }
+
+    /// The page store now holds every page as of `point`, an LSN of the PG's chain above the
+    /// SCL, copied from a peer (a segment rebuild): the records at or below it leave the index,
+    /// the base and `materialized` move to it, and the chain walks on from there through the
+    /// records held beyond. Returns how many records left.
+    pub fn rebuilt(&mut self, point: Lsn) -> usize {
+        assert!(point > self.scl, "a rebuild moves the segment forward");
+        let keep = self.records.split_off(&Lsn(point.0 + 1));
+        let gone = std::mem::replace(&mut self.records, keep);
+        for (lsn, held) in &gone {
+            let lsns = self
+                .pages
+                .get_mut(&held.page)
+                .expect("indexed pages are listed");
+            let at = lsns.binary_search(lsn).expect("indexed LSNs are listed");
+            lsns.remove(at);
+            if lsns.is_empty() {
+                self.pages.remove(&held.page);
+            }
+        }
+        self.base = point;
+        self.materialized = point;
+        self.scl = point;
+        self.pgmrpl = self.pgmrpl.max(point);
+        self.advance();
+        self.debug_check();
+        assert!(self.records.keys().next().is_none_or(|l| *l > point));
+        gone.len()
+    }
+
     /// The chain's last record at or below `lsn` (the base if none): an LSN a base may take.
     pub fn chain_at_or_below(&self, lsn: Lsn) -> Lsn {
         let end = lsn.min(self.scl);

@@ -154,6 +154,11 @@ impl Mem {
                     let result = node::pagestore::run_coalesce(&job, &self.pages, &reader);
                     self.core.handle_coalesced(token, result);
                 }
+                NodeOutput::ReadPages { token, job } => {
+                    let reader = node::io::MemRecords(&self.files);
+                    let result = node::pagestore::read_pages(&job, &self.pages, &reader);
+                    self.core.handle_pages_read(token, result);
+                }
                 NodeOutput::Scrub { token, job } => {
                     let reader = node::io::MemRecords(&self.files);
                     let report = node::pagestore::run_scrub(&job, &self.pages, &reader);

@@ -9,7 +9,7 @@
 //!      5     1  kind        1 = Append, 2 = Ack, 3 = Error, 4 = ReadPage, 5 = Page,
 //!                           6 = HostSegments, 7 = SetPgmrpl, 8 = Done, 9 = GetVolumeState,
 //!                           10 = VolumeState, 11 = Fence, 12 = Truncate, 13 = FetchRecords,
-//!                           14 = Records
+//!                           14 = Records, 15 = FetchPages, 16 = Pages
 //!      6     2  reserved    zero
 //!      8     8  request_id  chosen by the sender of a request, echoed by its reply
 //!     16     …  body        per kind, below
@@ -174,6 +174,37 @@
 //!      …     …  records
 //! ```
 //!
+//! FetchPages body: a segment's non-empty pages as of `read_point`, from page index
+//! `from_index` (the page's position in its PG) on, up to about `bytes_max` bytes of pages (at
+//! least one if any). `read_point` 0 asks for the replier's own materialized LSN (a point on
+//! the PG's chain its page store can serve); the reply says which point it used. What a node
+//! rebuilding a segment whose records left every peer's journal asks for.
+//!
+//! ```text
+//!      0     8  volume
+//!      8     8  epoch
+//!     16     4  pg
+//!     20     4  segment
+//!     24     8  read_point
+//!     32     8  from_index
+//!     40     4  bytes_max
+//!     44     4  reserved      zero
+//! ```
+//!
+//! Pages body (reply to FetchPages): the read point used, where the next request starts
+//! (`u64::MAX`: no page left), and the pages, each laid out as a Page body.
+//!
+//! ```text
+//!      0     8  volume
+//!      8     4  pg
+//!     12     4  segment
+//!     16     8  read_point
+//!     24     8  next_index
+//!     32     4  page_count    may be 0
+//!     36     4  reserved      zero
+//!     40     …  page_count × (page, page_lsn, len, crc32, bytes)
+//! ```
+//!
 //! A reader checks `len` against [`FRAME_BYTES_MAX`] before allocating anything, so a peer
 //! cannot make us allocate more than one frame's worth.
 
@@ -208,6 +239,8 @@ const KIND_FENCE: u8 = 11;
 const KIND_TRUNCATE: u8 = 12;
 const KIND_FETCH_RECORDS: u8 = 13;
 const KIND_RECORDS: u8 = 14;
+const KIND_FETCH_PAGES: u8 = 15;
+const KIND_PAGES: u8 = 16;
 
 /// Largest page a Page reply carries.
 pub const PAGE_BYTES_MAX: usize = 64 * 1024;
@@ -366,6 +399,36 @@ pub struct FetchRecords {
     pub bytes_max: u32,
 }
 
+/// A segment's non-empty pages as of `read_point` (0: the replier's materialized LSN), from
+/// page index `from_index` on, up to about `bytes_max` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchPages {
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    pub pg: PgId,
+    pub segment: SegmentIndex,
+    pub read_point: Lsn,
+    pub from_index: u64,
+    pub bytes_max: u32,
+}
+
+/// Reply to [`FetchPages`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pages {
+    pub volume: VolumeId,
+    pub pg: PgId,
+    pub segment: SegmentIndex,
+    /// The read point the pages are at.
+    pub read_point: Lsn,
+    /// Where the next request starts; [`Pages::DONE`] when no page is left.
+    pub next_index: u64,
+    pub pages: Vec<PageReply>,
+}
+
+impl Pages {
+    pub const DONE: u64 = u64::MAX;
+}
+
 /// Reply to [`FetchRecords`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Records {
@@ -479,6 +542,8 @@ pub enum Message {
     Truncate(Truncate),
     FetchRecords(FetchRecords),
     Records(Records),
+    FetchPages(FetchPages),
+    Pages(Pages),
 }
 
 /// One frame: a message and the request it belongs to.
@@ -601,6 +666,8 @@ impl Message {
             Message::Truncate(_) => "Truncate",
             Message::FetchRecords(_) => "FetchRecords",
             Message::Records(_) => "Records",
+            Message::FetchPages(_) => "FetchPages",
+            Message::Pages(_) => "Pages",
         }
     }
 
@@ -620,6 +687,8 @@ impl Message {
             Message::Truncate(_) => KIND_TRUNCATE,
             Message::FetchRecords(_) => KIND_FETCH_RECORDS,
             Message::Records(_) => KIND_RECORDS,
+            Message::FetchPages(_) => KIND_FETCH_PAGES,
+            Message::Pages(_) => KIND_PAGES,
         }
     }
 
@@ -649,6 +718,14 @@ impl Message {
             Message::FetchRecords(_) => 48,
             Message::Records(records) => {
                 32 + 8 * records.epochs.len() + records_len(&records.records)
+            }
+            Message::FetchPages(_) => 48,
+            Message::Pages(pages) => {
+                40 + pages
+                    .pages
+                    .iter()
+                    .map(|p| 24 + p.bytes.len())
+                    .sum::<usize>()
             }
         }
     }
@@ -691,18 +768,7 @@ impl Message {
                 out.extend_from_slice(&r.page.0.to_le_bytes());
                 out.extend_from_slice(&r.read_point.0.to_le_bytes());
             }
-            Message::Page(p) => {
-                assert!(
-                    p.bytes.len() <= PAGE_BYTES_MAX,
-                    "page larger than the limit"
-                );
-                out.extend_from_slice(&p.page.0.to_le_bytes());
-                out.extend_from_slice(&p.page_lsn.0.to_le_bytes());
-                let len = u32::try_from(p.bytes.len()).expect("bounded above");
-                out.extend_from_slice(&len.to_le_bytes());
-                out.extend_from_slice(&crc32fast::hash(&p.bytes).to_le_bytes());
-                out.extend_from_slice(&p.bytes);
-            }
+            Message::Page(p) => encode_page(p, out),
             Message::HostSegments(h) => h.encode(out),
             Message::SetPgmrpl(m) => {
                 out.extend_from_slice(&m.volume.0.to_le_bytes());
@@ -753,6 +819,29 @@ impl Message {
                     out.extend_from_slice(&epoch.0.to_le_bytes());
                 }
                 encode_records(&r.records, out);
+            }
+            Message::FetchPages(f) => {
+                out.extend_from_slice(&f.volume.0.to_le_bytes());
+                out.extend_from_slice(&f.epoch.0.to_le_bytes());
+                out.extend_from_slice(&f.pg.0.to_le_bytes());
+                out.extend_from_slice(&f.segment.0.to_le_bytes());
+                out.extend_from_slice(&f.read_point.0.to_le_bytes());
+                out.extend_from_slice(&f.from_index.to_le_bytes());
+                out.extend_from_slice(&f.bytes_max.to_le_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes());
+            }
+            Message::Pages(p) => {
+                out.extend_from_slice(&p.volume.0.to_le_bytes());
+                out.extend_from_slice(&p.pg.0.to_le_bytes());
+                out.extend_from_slice(&p.segment.0.to_le_bytes());
+                out.extend_from_slice(&p.read_point.0.to_le_bytes());
+                out.extend_from_slice(&p.next_index.to_le_bytes());
+                let count = u32::try_from(p.pages.len()).expect("bounded by the frame limit");
+                out.extend_from_slice(&count.to_le_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes());
+                for page in &p.pages {
+                    encode_page(page, out);
+                }
             }
             _ => unreachable!("encode_body handles every other kind"),
         }
@@ -805,11 +894,74 @@ impl Message {
             KIND_TRUNCATE => Message::Truncate(decode_truncate(&mut reader)?),
             KIND_FETCH_RECORDS => Message::FetchRecords(decode_fetch(&mut reader)?),
             KIND_RECORDS => return decode_records_reply(body).map(Message::Records),
+            KIND_FETCH_PAGES => Message::FetchPages(decode_fetch_pages(&mut reader)?),
+            KIND_PAGES => Message::Pages(decode_pages(&mut reader)?),
             other => return Err(DecodeError::UnknownKind(other)),
         };
         reader.finish("message body")?;
         Ok(message)
     }
+}
+
+fn encode_page(p: &PageReply, out: &mut Vec<u8>) {
+    assert!(
+        p.bytes.len() <= PAGE_BYTES_MAX,
+        "page larger than the limit"
+    );
+    out.extend_from_slice(&p.page.0.to_le_bytes());
+    out.extend_from_slice(&p.page_lsn.0.to_le_bytes());
+    let len = u32::try_from(p.bytes.len()).expect("bounded above");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&p.bytes).to_le_bytes());
+    out.extend_from_slice(&p.bytes);
+}
+
+fn decode_fetch_pages(reader: &mut Reader<'_>) -> Result<FetchPages, DecodeError> {
+    let fetch = FetchPages {
+        volume: VolumeId(reader.u64("volume")?),
+        epoch: Epoch(reader.u64("epoch")?),
+        pg: PgId(reader.u32("pg")?),
+        segment: SegmentIndex(reader.u32("segment")?),
+        read_point: Lsn(reader.u64("read point")?),
+        from_index: reader.u64("from index")?,
+        bytes_max: reader.u32("bytes max")?,
+    };
+    if reader.u32("reserved")? != 0 {
+        return Err(DecodeError::Malformed(
+            "FetchPages reserved bytes are not zero",
+        ));
+    }
+    Ok(fetch)
+}
+
+fn decode_pages(reader: &mut Reader<'_>) -> Result<Pages, DecodeError> {
+    let volume = VolumeId(reader.u64("volume")?);
+    let pg = PgId(reader.u32("pg")?);
+    let segment = SegmentIndex(reader.u32("segment")?);
+    let read_point = Lsn(reader.u64("read point")?);
+    let next_index = reader.u64("next index")?;
+    let count = reader.u32("page count")? as usize;
+    if reader.u32("reserved")? != 0 {
+        return Err(DecodeError::Malformed("Pages reserved bytes are not zero"));
+    }
+    // Each page takes at least its 24-byte header: never allocate for more than could fit.
+    if count > reader.remaining() / 24 {
+        return Err(DecodeError::Malformed(
+            "Pages count exceeds what the body holds",
+        ));
+    }
+    let mut pages = Vec::with_capacity(count);
+    for _ in 0..count {
+        pages.push(decode_page(reader)?);
+    }
+    Ok(Pages {
+        volume,
+        pg,
+        segment,
+        read_point,
+        next_index,
+        pages,
+    })
 }
 
 fn decode_page(reader: &mut Reader<'_>) -> Result<PageReply, DecodeError> {

@@ -26,9 +26,9 @@ pub mod types;
 pub use apply::{ApplyError, PageImage, apply_record, apply_records};
 pub use codec::DecodeError;
 pub use frame::{
-    Append, AppendHeader, AppendView, ErrorCode, ErrorReply, FRAME_BYTES_MAX, Fence, FetchRecords,
-    Frame, HostSegments, Message, PageReply, PeerNode, PgPlacement, ReadPage, Records, SegmentAck,
-    SegmentState, SetPgmrpl, Truncate, TruncationRange, VolumeState,
+    Append, AppendHeader, AppendView, ErrorCode, ErrorReply, FRAME_BYTES_MAX, Fence, FetchPages,
+    FetchRecords, Frame, HostSegments, Message, PageReply, Pages, PeerNode, PgPlacement, ReadPage,
+    Records, SegmentAck, SegmentState, SetPgmrpl, Truncate, TruncationRange, VolumeState,
 };
 pub use geometry::{Geometry, PG_SIZE, READ_QUORUM, WRITE_QUORUM};
 pub use record::{LogRecord, RECORD_HEADER_BYTES, RecordMeta, RedoOp};

@@ -13,11 +13,11 @@ use wire::frame::{
 };
 use wire::record::{RECORD_PAYLOAD_BYTES_MAX, decode_records, encode_records};
 use wire::{
-    Append, AppendView, ApplyError, DecodeError, Epoch, ErrorCode, ErrorReply, Fence, FetchRecords,
-    Frame, HostSegments, LogRecord, Lsn, Message, PG_SIZE, PageId, PageImage, PageReply, PeerNode,
-    PgId, PgPlacement, RECORD_HEADER_BYTES, ReadPage, Records, RedoOp, SegmentAck, SegmentIndex,
-    SegmentState, SetPgmrpl, Truncate, TruncationRange, VolumeId, VolumeState, apply_record,
-    apply_records,
+    Append, AppendView, ApplyError, DecodeError, Epoch, ErrorCode, ErrorReply, Fence, FetchPages,
+    FetchRecords, Frame, HostSegments, LogRecord, Lsn, Message, PG_SIZE, PageId, PageImage,
+    PageReply, Pages, PeerNode, PgId, PgPlacement, RECORD_HEADER_BYTES, ReadPage, Records, RedoOp,
+    SegmentAck, SegmentIndex, SegmentState, SetPgmrpl, Truncate, TruncationRange, VolumeId,
+    VolumeState, apply_record, apply_records,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -312,6 +312,44 @@ fn arb_recovery_request() -> impl Strategy<Value = Message> {
                     .collect(),
                 records,
             })),
+        arb_page_transfer(),
+    ]
+}
+
+/// FetchPages and Pages (a segment rebuild's messages).
+fn arb_page_transfer() -> impl Strategy<Value = Message> {
+    let (v, e, l) = (any::<u64>(), any::<u64>(), any::<u64>());
+    prop_oneof![
+        (
+            (v, e, any::<u32>(), any::<u32>()),
+            (l, any::<u64>(), any::<u32>())
+        )
+            .prop_map(
+                |((v, e, pg, s), (read_point, from_index, max))| Message::FetchPages(FetchPages {
+                    volume: VolumeId(v),
+                    epoch: Epoch(e),
+                    pg: PgId(pg),
+                    segment: SegmentIndex(s),
+                    read_point: Lsn(read_point),
+                    from_index,
+                    bytes_max: max,
+                })
+            ),
+        (
+            (v, any::<u32>(), any::<u32>()),
+            (l, any::<u64>()),
+            vec(arb_page_reply(), 0..=3)
+        )
+            .prop_map(|((v, pg, s), (read_point, next_index), pages)| {
+                Message::Pages(Pages {
+                    volume: VolumeId(v),
+                    pg: PgId(pg),
+                    segment: SegmentIndex(s),
+                    read_point: Lsn(read_point),
+                    next_index,
+                    pages,
+                })
+            }),
     ]
 }
 

@@ -176,6 +176,12 @@ enum Pending {
         through: Lsn,
         epoch: Epoch,
     },
+    /// Pages for the rebuild of `own`, asked of the peer segment `from`.
+    Pages {
+        peer: PeerNode,
+        own: SegmentKey,
+        fetch: wire::FetchPages,
+    },
     /// A damaged page of `own`, asked of the peer segment `from` as of `read_point`.
     Page {
         peer: PeerNode,
@@ -401,6 +407,35 @@ impl NodeCore {
             .map(|(peer, view)| (peer.segment, view.epoch, view.scl))
     }
 
+    /// Sends a rebuild's FetchPages to the peer segment `from`.
+    pub(super) fn send_fetch_pages(
+        &mut self,
+        now: Instant,
+        own: SegmentKey,
+        from: SegmentIndex,
+        fetch: wire::FetchPages,
+    ) {
+        let peer_key = SegmentKey {
+            segment: from,
+            ..own
+        };
+        let peer = self.gossip.placement[&peer_key].clone();
+        let deadline = now + self.gossip.config.fetch_timeout;
+        self.send_peer_request(deadline, Pending::Pages { peer, own, fetch });
+    }
+
+    /// How long a refusing peer is left alone.
+    pub(super) fn gossip_refusal_ttl(&self) -> Duration {
+        self.gossip.config.refusal_ttl
+    }
+
+    /// `own` moved on (a rebuild): what peers refused it before no longer applies.
+    pub(super) fn gossip_forget_refusals(&mut self, own: SegmentKey) {
+        self.gossip.refused.retain(|(key, _), _| *key != own);
+        self.gossip.warned.remove(&own);
+        self.gossip.plan_due = true;
+    }
+
     /// Asks the peer segment `from` for `page` of `own` as of `read_point` (a repair).
     pub(super) fn send_page_repair(
         &mut self,
@@ -441,7 +476,7 @@ impl NodeCore {
             return;
         }
         let sources = self.repair_sources(&own, lsn);
-        let from = sources.into_iter().find(|from| {
+        let from = sources.into_iter().map(|(from, _)| from).find(|from| {
             let refused = self.gossip.refused.get(&(own, *from));
             !refused.is_some_and(|(after, until)| *after == backlink && now < *until)
         });
@@ -591,6 +626,7 @@ impl NodeCore {
                 self.gossip.stats.fetches += 1;
                 (peer.clone(), Message::FetchRecords(fetch))
             }
+            Pending::Pages { peer, fetch, .. } => (peer.clone(), Message::FetchPages(*fetch)),
             Pending::Page {
                 peer,
                 own,
@@ -665,6 +701,9 @@ impl NodeCore {
             ) => {
                 self.handle_page_repair(now, *own, (*page, *read_point), reply);
             }
+            (Ok(Message::Pages(pages)), Pending::Pages { own, .. }) => {
+                self.handle_pages(now, *own, pages);
+            }
             (Ok(Message::Error(e)), _) => {
                 let why = format!("{:?}: {}", e.code, e.message);
                 let refusal = !matches!(e.code, ErrorCode::ShuttingDown);
@@ -728,6 +767,9 @@ impl NodeCore {
         if let Pending::Page { own, page, .. } = pending {
             self.page_repair_failed(now, *own, *page, why);
         }
+        if let Pending::Pages { own, .. } = pending {
+            self.rebuild_failed(now, *own, why);
+        }
         if let Pending::Fetch {
             own, from, after, ..
         } = pending
@@ -745,6 +787,9 @@ impl NodeCore {
         self.gossip.stats.failures += 1;
         if let Pending::Page { own, page, .. } = pending {
             return self.page_repair_failed(now, *own, *page, why);
+        }
+        if let Pending::Pages { own, .. } = pending {
+            return self.rebuild_failed(now, *own, why);
         }
         let Pending::Fetch {
             own,
@@ -788,9 +833,10 @@ fn pg_keys(key: &SegmentKey) -> std::ops::RangeInclusive<SegmentKey> {
 
 fn peer_of(pending: &Pending) -> &PeerNode {
     match pending {
-        Pending::State { peer, .. } | Pending::Fetch { peer, .. } | Pending::Page { peer, .. } => {
-            peer
-        }
+        Pending::State { peer, .. }
+        | Pending::Fetch { peer, .. }
+        | Pending::Page { peer, .. }
+        | Pending::Pages { peer, .. } => peer,
     }
 }
 
@@ -811,7 +857,7 @@ impl NodeCore {
         let keys: Vec<SegmentKey> = self
             .segments
             .keys()
-            .filter(|key| !self.gossip.busy.contains(key))
+            .filter(|key| !self.gossip.busy.contains(key) && !self.rebuilding(key))
             .copied()
             .collect();
         for key in keys {
@@ -844,6 +890,7 @@ impl NodeCore {
         let Some((peer_scl, from)) = best else {
             if ahead > 0 {
                 self.warn_unservable(own, scl);
+                self.maybe_rebuild(now, own);
             }
             return;
         };
@@ -883,7 +930,7 @@ impl NodeCore {
             .unwrap_or(scl);
         tracing::warn!(
             "{own}: missing ({scl}, {peer_scl}] and no peer can serve it (compacted or not \
-             linking): the segment needs a segment rebuild, not implemented"
+             linking)"
         );
     }
 

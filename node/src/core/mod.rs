@@ -59,6 +59,7 @@ mod commit;
 mod durability;
 mod gossip;
 mod reads;
+mod rebuild;
 mod requests;
 mod scrub;
 mod stats;
@@ -85,7 +86,9 @@ pub use commit::{GROUP_ENTRY_BYTES_MAX, PersistGroup};
 pub use gossip::{
     GAPS_REPORTED_MAX, GOSSIP_FETCH_BYTES_MAX, Gap, GossipConfig, GossipStats, missing_ranges,
 };
-pub use requests::{FETCH_BYTES_MAX, RESERVE_PERCENT, TRUNCATIONS_PER_VOLUME_MAX};
+pub use requests::{
+    FETCH_BYTES_MAX, FETCH_PAGES_BYTES_MAX, RESERVE_PERCENT, TRUNCATIONS_PER_VOLUME_MAX,
+};
 pub use scrub::{ScrubConfig, ScrubStats};
 pub use stats::{NodeStats, SegmentStats};
 
@@ -153,6 +156,12 @@ pub enum NodeOutput {
     /// Carry out a coalescing round ([`crate::pagestore::run_coalesce`]), then call
     /// [`NodeCore::handle_coalesced`].
     Coalesce { token: JobToken, job: CoalesceJob },
+    /// Read pages for a peer's segment rebuild ([`crate::pagestore::read_pages`]), then call
+    /// [`NodeCore::handle_pages_read`].
+    ReadPages {
+        token: ReadToken,
+        job: crate::pagestore::PagesRead,
+    },
     /// Carry out a scrub job ([`crate::pagestore::run_scrub`]: repairs to write, pages and
     /// records to check), then call [`NodeCore::handle_scrubbed`] with its report.
     Scrub { token: JobToken, job: ScrubJob },
@@ -271,6 +280,7 @@ pub struct NodeCore {
     background: background::Background,
     gossip: gossip::Gossip,
     scrub: scrub::Scrub,
+    rebuilds: rebuild::Rebuilds,
     outputs: VecDeque<NodeOutput>,
 }
 
@@ -343,6 +353,7 @@ impl NodeCore {
             background,
             gossip,
             scrub: scrub::Scrub::new(),
+            rebuilds: rebuild::Rebuilds::default(),
             outputs: VecDeque::new(),
         };
         core.refresh_poll_targets();
@@ -654,6 +665,7 @@ impl NodeCore {
                 | Message::Done
                 | Message::VolumeState(_)
                 | Message::Records(_)
+                | Message::Pages(_)
         );
         assert!(is_reply, "a node sends replies, never requests");
         assert!(
@@ -700,6 +712,19 @@ impl NodeCore {
         if let Some((key, page, why)) = damaged {
             self.note_damaged_page(key, page, &why);
         }
+        self.reply_result(conn, request_id, reply);
+    }
+
+    /// A page fetch for a peer ([`NodeOutput::ReadPages`]) finished.
+    pub fn handle_pages_read(
+        &mut self,
+        token: ReadToken,
+        result: Result<(Vec<wire::PageImage>, u64), (bool, String)>,
+    ) {
+        if self.stopped().is_some() {
+            return; // Everyone waiting was answered when the node stopped.
+        }
+        let (conn, request_id, reply) = self.reads.complete_pages(token, result);
         self.reply_result(conn, request_id, reply);
     }
 

@@ -28,6 +28,8 @@ pub(super) enum ReadKind {
         page: PageId,
         read_point: Lsn,
     },
+    /// A page fetch (FetchPages) at `read_point`.
+    Pages { key: SegmentKey, read_point: Lsn },
     Records {
         key: SegmentKey,
         scl: Lsn,
@@ -60,7 +62,7 @@ impl Reads {
         kind: ReadKind,
     ) -> ReadToken {
         assert!(
-            !locations.is_empty() || matches!(kind, ReadKind::Page { .. }),
+            !locations.is_empty() || matches!(kind, ReadKind::Page { .. } | ReadKind::Pages { .. }),
             "fetches without records are answered at once"
         );
         self.next_token += 1;
@@ -156,6 +158,47 @@ impl Reads {
             )),
         };
         (read.conn, read.request_id, reply, damage)
+    }
+
+    /// Completes a page fetch with the pages the driver read (or why it could not).
+    pub(super) fn complete_pages(
+        &mut self,
+        token: ReadToken,
+        result: Result<(Vec<PageImage>, u64), (bool, String)>,
+    ) -> (ConnId, u64, Result<Message, ErrorReply>) {
+        let read = self
+            .pending
+            .remove(&token)
+            .expect("a read is completed once, after it was asked for");
+        let ReadKind::Pages { key, read_point } = read.kind else {
+            panic!("a page fetch completes as one");
+        };
+        let reply = match result {
+            Ok((images, next_index)) => {
+                assert!(images.iter().all(|i| i.lsn <= read_point));
+                let pages = images
+                    .into_iter()
+                    .map(|i| PageReply {
+                        page: i.page,
+                        page_lsn: i.lsn,
+                        bytes: i.bytes,
+                    })
+                    .collect();
+                Ok(Message::Pages(wire::Pages {
+                    volume: key.volume,
+                    pg: key.pg,
+                    segment: key.segment,
+                    read_point,
+                    next_index,
+                    pages,
+                }))
+            }
+            Err((_, why)) => Err(ErrorReply::new(
+                ErrorCode::Corrupt,
+                format!("{key}: pages cannot be read at {read_point}: {why}"),
+            )),
+        };
+        (read.conn, read.request_id, reply)
     }
 
     /// Every requester still waiting (the node is stopping).

@@ -41,6 +41,10 @@ pub const FETCH_BYTES_MAX: usize = wire::FRAME_BYTES_MAX
 
 const _: () = assert!(FETCH_BYTES_MAX > 1 << 20);
 
+/// Largest `bytes_max` a FetchPages reply honours (half a frame: a reply may pass it by one
+/// page, and each page carries a 24-byte header).
+pub const FETCH_PAGES_BYTES_MAX: usize = FETCH_BYTES_MAX / 2;
+
 const ENGINE: &[Role] = &[Role::Engine];
 const ENGINE_OR_NODE: &[Role] = &[Role::Engine, Role::Node];
 
@@ -118,6 +122,7 @@ impl NodeCore {
         let (what, allowed) = match &m {
             Message::GetVolumeState(_) => ("GetVolumeState", ENGINE_OR_NODE),
             Message::FetchRecords(_) => ("FetchRecords", ENGINE_OR_NODE),
+            Message::FetchPages(_) => ("FetchPages", ENGINE_OR_NODE),
             // Nodes read pages of their peers to repair damaged ones.
             Message::ReadPage(_) => ("ReadPage", ENGINE_OR_NODE),
             Message::HostSegments(_) => ("HostSegments", ENGINE),
@@ -139,6 +144,7 @@ impl NodeCore {
                 self.answer_when_durable(conn, request_id, volume, Answer::VolumeState(volume));
             }
             Message::FetchRecords(fetch) => self.handle_fetch(conn, request_id, &fetch),
+            Message::FetchPages(fetch) => self.handle_fetch_pages(conn, request_id, &fetch),
             Message::ReadPage(read) => self.handle_read(conn, request_id, &read),
             Message::HostSegments(host) => self.handle_host(conn, request_id, &host),
             Message::SetPgmrpl(set) => {
@@ -712,6 +718,74 @@ impl NodeCore {
         let token = self.reads.begin(conn, request_id, &locations, kind);
         self.outputs
             .push_back(NodeOutput::ReadRecords { token, locations });
+    }
+}
+
+impl NodeCore {
+    /// FetchPages: the segment's pages as of a point its page store can serve (see the wire
+    /// docs), read by the driver ([`crate::pagestore::read_pages`]).
+    fn handle_fetch_pages(&mut self, conn: ConnId, request_id: u64, fetch: &wire::FetchPages) {
+        let key = segment_key(fetch.volume, fetch.pg, fetch.segment);
+        let job = self
+            .check_segment_at(&key, fetch.epoch)
+            .and_then(|()| self.pages_read(key, fetch));
+        match job {
+            Ok(job) => {
+                let kind = ReadKind::Pages {
+                    key,
+                    read_point: job.read_point,
+                };
+                let token = self.reads.begin(conn, request_id, &[], kind);
+                self.outputs.push_back(NodeOutput::ReadPages { token, job });
+            }
+            Err(e) => self.reply(conn, request_id, Message::Error(e)),
+        }
+    }
+
+    fn pages_read(
+        &self,
+        key: SegmentKey,
+        fetch: &wire::FetchPages,
+    ) -> Result<crate::pagestore::PagesRead, ErrorReply> {
+        let segment = &self.segments[&key];
+        let materialized = segment.materialized();
+        let read_point = if fetch.read_point == wire::Lsn::ZERO {
+            materialized
+        } else {
+            fetch.read_point
+        };
+        let meta = &self.volumes[&key.volume].meta;
+        let refuse = |code, text: String| Err(ErrorReply::new(code, text));
+        if read_point == wire::Lsn::ZERO || meta.page_size_bytes == 0 {
+            let text = format!("{key} has materialized nothing: fetch its records instead");
+            return refuse(ErrorCode::Compacted, text);
+        }
+        if read_point < materialized {
+            let text = format!("{key} has materialized through {materialized}, past {read_point}");
+            return refuse(ErrorCode::Compacted, text);
+        }
+        if read_point > segment.scl() {
+            let text = format!("{key} has SCL {} below {read_point}", segment.scl());
+            return refuse(ErrorCode::SclBelowReadPoint, text);
+        }
+        let pages_per_pg = meta.pages_per_pg;
+        let first = wire::PageId(u64::from(key.pg.0) * pages_per_pg + fetch.from_index);
+        let records = segment.records_by_page(read_point, first).map_err(|lsn| {
+            ErrorReply::new(
+                ErrorCode::Corrupt,
+                format!("{key}: record {lsn} is damaged"),
+            )
+        })?;
+        Ok(crate::pagestore::PagesRead {
+            key,
+            page_bytes: meta.page_size_bytes as usize,
+            pages_per_pg,
+            read_point,
+            use_store: materialized > wire::Lsn::ZERO,
+            from_index: fetch.from_index,
+            records,
+            bytes_max: (fetch.bytes_max as usize).clamp(1, FETCH_PAGES_BYTES_MAX),
+        })
     }
 }
 

@@ -10,11 +10,13 @@
 //!   [`ScrubConfig::records_per_round`] journal records from its record cursor. A round is a
 //!   background job ([`NodeOutput::Scrub`]): it never runs beside a coalescing round, and
 //!   pauses with background work.
-//! - **Page repair.** A damaged page is asked of a fresh peer at this node's epoch whose SCL
-//!   has reached `P`, the segment's PGMRPL: the page as of `P` covers every record the
-//!   segment has materialized (`materialized ≤ P`), and every read point is at least the
-//!   PGMRPL, so the journal's records above `P` complete it for any read. (A peer at the same
-//!   epoch holds no annulled record at or below a PGMRPL: PGMRPL ≤ VDL.) The image goes into
+//! - **Page repair.** A damaged page is asked of a fresh peer at this node's epoch as of
+//!   `P = min(PGMRPL, the peer's SCL)`, at least what the segment has materialized: the page
+//!   as of `P` covers every record materialized here, and every read point of the PG is at
+//!   least `P` (reads come at the PG chain's last LSN at or below a point ≥ PGMRPL, and the
+//!   peer's SCL is an LSN of that chain), so the journal's records above `P` complete it for
+//!   any read. The image is stamped with the page's own last LSN. (A peer at the same epoch
+//!   holds no annulled record at or below a PGMRPL: PGMRPL ≤ VDL.) The image goes into
 //!   both slots of the page (the next job), after which coalescing of the segment resumes; a
 //!   round whose target is still below `P` leaves the page alone (its image holds the
 //!   round's records already). A peer that cannot serve it (its page store went past `P`,
@@ -27,7 +29,8 @@
 //!
 //! Invariants:
 //! - a page's damage is forgotten only once a job wrote its repaired image durably;
-//! - a repaired image is at an LSN in `[materialized, PGMRPL]` of the segment when it was asked;
+//! - a repaired image is the page as of a point in `[materialized, PGMRPL]` of the segment
+//!   when it was asked (stamped with the page's own last LSN);
 //! - at most one background job (coalescing or scrub) is in flight.
 
 use std::collections::BTreeMap;
@@ -108,7 +111,7 @@ pub(super) struct Scrub {
     next_round: Option<Instant>,
     damaged: BTreeMap<SegmentKey, BTreeMap<PageId, PageRepair>>,
     /// Repaired images fetched from peers, waiting for a job to write them.
-    ready: BTreeMap<SegmentKey, Vec<PageImage>>,
+    pub(super) ready: BTreeMap<SegmentKey, Vec<PageImage>>,
     pub(super) stats: ScrubStats,
 }
 
@@ -275,6 +278,9 @@ impl NodeCore {
             records,
         };
         let token = self.background.issue_token();
+        if !pages.is_empty() {
+            self.note_rebuild_job(key, token);
+        }
         self.scrub.inflight = Some((token, key, pages));
         self.outputs.push_back(NodeOutput::Scrub { token, job });
     }
@@ -289,6 +295,7 @@ impl NodeCore {
             return;
         }
         self.note_repairs_written(key, &repaired, report.repair_error.as_deref());
+        self.note_rebuild_written(key, token, report.repair_error.as_deref());
         let stats = &mut self.scrub.stats;
         stats.pages_checked += report.pages_checked as u64;
         stats.records_checked += report.records_checked as u64;
@@ -377,18 +384,16 @@ impl NodeCore {
 
     fn plan_page_repair(&mut self, now: Instant, key: SegmentKey, page: PageId) {
         let segment = &self.segments[&key];
-        // The PGMRPL: every read here is at or above it, and peers' page stores are at most
-        // theirs (so usually at most this one's); it covers everything materialized here.
-        let read_point = segment.pgmrpl().max(segment.materialized());
+        let (pgmrpl, materialized) = (segment.pgmrpl(), segment.materialized());
         let interval = self.scrub.config.interval;
-        let candidates = self.repair_sources(&key, read_point);
+        let candidates = self.repair_sources(&key, materialized);
         let repair = self
             .scrub
             .damaged
             .get_mut(&key)
             .and_then(|p| p.get_mut(&page))
             .expect("planned from the damaged list");
-        if read_point == Lsn::ZERO {
+        if pgmrpl == Lsn::ZERO {
             // Nothing materialized: the page as of LSN 0 is zeroes.
             repair.asked = true;
             let size = self.volumes[&key.volume].meta.page_size_bytes as usize;
@@ -397,7 +402,7 @@ impl NodeCore {
             return;
         }
         let attempt = repair.attempts;
-        let Some(from) = candidates
+        let Some((from, peer_scl)) = candidates
             .get(attempt as usize % candidates.len().max(1))
             .copied()
         else {
@@ -406,17 +411,22 @@ impl NodeCore {
         };
         repair.asked = true;
         repair.attempts += 1;
+        // At most the PGMRPL (every read point of the PG's chain is at least its last record
+        // at or below it) and at most the peer's SCL (a record of the chain), at least what
+        // is materialized here. The image comes stamped with the page's own last LSN.
+        let read_point = pgmrpl.min(peer_scl);
+        assert!(read_point >= materialized);
         let epoch = self.epoch(key.volume);
         self.send_page_repair(now, key, from, page, read_point, epoch);
     }
 
     /// Peer segments of `key`'s PG, heard from recently at this node's epoch, whose SCL has
-    /// reached `at`.
-    pub(super) fn repair_sources(&self, key: &SegmentKey, at: Lsn) -> Vec<SegmentIndex> {
+    /// reached `at`, with their SCL.
+    pub(super) fn repair_sources(&self, key: &SegmentKey, at: Lsn) -> Vec<(SegmentIndex, Lsn)> {
         let epoch = self.epoch(key.volume);
         self.fresh_peer_views(key)
             .filter(|(_, view_epoch, scl)| *view_epoch == epoch && *scl >= at)
-            .map(|(segment, _, _)| segment)
+            .map(|(segment, _, scl)| (segment, scl))
             .collect()
     }
 

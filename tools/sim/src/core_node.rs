@@ -22,7 +22,7 @@ use node::io::{AlignedBuf, RecordReader, encode_group};
 use node::journal::format::GROUP_BYTES_MAX;
 use node::journal::{JournalStorage, Position};
 use node::manifest::{Manifest, SegmentKey, VolumeMeta};
-use node::pagestore::{CoalesceJob, MemPageStore, PageRead, ScrubJob};
+use node::pagestore::{CoalesceJob, MemPageStore, PageRead, PagesRead, ScrubJob};
 use node::segment::RecordLocation;
 use wire::codec::Reader;
 use wire::{Epoch, LogRecord, Message, PeerNode, PgId, Role, SegmentIndex, VolumeId};
@@ -107,6 +107,7 @@ pub struct CoreNode {
     page_reads: VecDeque<(Instant, ReadToken, PageRead)>,
     round: Option<(Instant, JobToken, CoalesceJob)>,
     scrub_job: Option<(Instant, JobToken, ScrubJob)>,
+    pages_reads: VecDeque<(Instant, ReadToken, PagesRead)>,
     pages: MemPageStore,
     replies: Vec<Outgoing>,
     buf: AlignedBuf,
@@ -185,6 +186,7 @@ impl CoreNode {
             page_reads: VecDeque::new(),
             round: None,
             scrub_job: None,
+            pages_reads: VecDeque::new(),
             pages: MemPageStore::default(),
             manifest,
             writes: VecDeque::new(),
@@ -247,11 +249,11 @@ impl CoreNode {
                 r.between(50, 600)
             }
         });
-        let Some(core) = self.core.as_mut() else {
+        if self.core.is_none() {
             return;
-        };
+        }
         let mut persisted_now = Vec::new();
-        while let Some(output) = core.poll_output() {
+        while let Some(output) = self.core.as_mut().expect("running").poll_output() {
             match output {
                 NodeOutput::Reply {
                     conn,
@@ -279,38 +281,69 @@ impl CoreNode {
                         persisted_now.push(group.id);
                     }
                 }
-                NodeOutput::StoreManifest { token, manifest } => {
-                    self.manifest_store = Some((now + Duration::from_micros(800), token, manifest));
-                }
-                NodeOutput::ReadRecords { token, locations } => {
-                    self.reads
-                        .push_back((now + Duration::from_micros(100), token, locations));
-                }
-                NodeOutput::ReadPage { token, read } => {
-                    self.page_reads
-                        .push_back((now + Duration::from_micros(150), token, read));
-                }
-                NodeOutput::Coalesce { token, job } => {
-                    assert!(self.round.is_none(), "one round at a time");
-                    self.round = Some((now + Duration::from_millis(2), token, job));
-                }
-                NodeOutput::Scrub { token, job } => {
-                    assert!(self.round.is_none() && self.scrub_job.is_none(), "one job");
-                    self.scrub_job = Some((now + Duration::from_millis(1), token, job));
-                }
                 NodeOutput::Stopped { reason } => self.stopped = Some(reason),
                 NodeOutput::PeerRequest {
                     peer,
                     request_id,
                     message,
                 } => self.peer_requests.push((peer.name, request_id, message)),
+                other => self.queue_io(now, other),
             }
         }
         if !persisted_now.is_empty() {
+            let core = self.core.as_mut().expect("running");
             for group in persisted_now {
                 core.handle_persisted(group);
             }
             self.drain(now, None);
+        }
+    }
+
+    /// Queues a read, a manifest store or a background job; it completes a little later.
+    fn queue_io(&mut self, now: Instant, output: NodeOutput) {
+        let after = |us| now + Duration::from_micros(us);
+        match output {
+            NodeOutput::StoreManifest { token, manifest } => {
+                self.manifest_store = Some((after(800), token, manifest));
+            }
+            NodeOutput::ReadRecords { token, locations } => {
+                self.reads.push_back((after(100), token, locations));
+            }
+            NodeOutput::ReadPage { token, read } => {
+                self.page_reads.push_back((after(150), token, read));
+            }
+            NodeOutput::ReadPages { token, job } => {
+                self.pages_reads.push_back((after(500), token, job));
+            }
+            NodeOutput::Coalesce { token, job } => {
+                assert!(self.round.is_none(), "one round at a time");
+                self.round = Some((after(2000), token, job));
+            }
+            NodeOutput::Scrub { token, job } => {
+                assert!(self.round.is_none() && self.scrub_job.is_none(), "one job");
+                self.scrub_job = Some((after(1000), token, job));
+            }
+            _ => unreachable!("drain handles the others"),
+        }
+    }
+
+    /// Completes the page fetches and background jobs due by `now`.
+    fn complete_jobs(&mut self, now: Instant) {
+        let core = self.core.as_mut().expect("running");
+        while self.pages_reads.front().is_some_and(|r| r.0 <= now) {
+            let (_, token, job) = self.pages_reads.pop_front().expect("checked");
+            let result = node::pagestore::read_pages(&job, &self.pages, &self.journal);
+            core.handle_pages_read(token, result);
+        }
+        if self.scrub_job.as_ref().is_some_and(|r| r.0 <= now) {
+            let (_, token, job) = self.scrub_job.take().expect("checked");
+            let report = node::pagestore::run_scrub(&job, &self.pages, &self.journal);
+            core.handle_scrubbed(token, report);
+        }
+        if self.round.as_ref().is_some_and(|r| r.0 <= now) {
+            let (_, token, job) = self.round.take().expect("checked");
+            let result = node::pagestore::run_coalesce(&job, &self.pages, &self.journal);
+            core.handle_coalesced(token, result);
         }
     }
 
@@ -463,22 +496,7 @@ impl StorageNode for CoreNode {
                 .expect("running")
                 .handle_page_read(token, result);
         }
-        if self.scrub_job.as_ref().is_some_and(|r| r.0 <= now) {
-            let (_, token, job) = self.scrub_job.take().expect("checked");
-            let report = node::pagestore::run_scrub(&job, &self.pages, &self.journal);
-            self.core
-                .as_mut()
-                .expect("running")
-                .handle_scrubbed(token, report);
-        }
-        if self.round.as_ref().is_some_and(|r| r.0 <= now) {
-            let (_, token, job) = self.round.take().expect("checked");
-            let result = node::pagestore::run_coalesce(&job, &self.pages, &self.journal);
-            self.core
-                .as_mut()
-                .expect("running")
-                .handle_coalesced(token, result);
-        }
+        self.complete_jobs(now);
         self.drain(now, None);
     }
 
@@ -488,6 +506,7 @@ impl StorageNode for CoreNode {
             self.manifest_store.as_ref().map(|m| m.0),
             self.reads.front().map(|r| r.0),
             self.page_reads.front().map(|r| r.0),
+            self.pages_reads.front().map(|r| r.0),
             self.round.as_ref().map(|r| r.0),
             self.scrub_job.as_ref().map(|r| r.0),
             self.core.as_ref().and_then(NodeCore::poll_timeout),
@@ -523,6 +542,7 @@ impl StorageNode for CoreNode {
         self.page_reads.clear();
         self.round = None;
         self.scrub_job = None;
+        self.pages_reads.clear();
         self.replies.clear();
     }
 
