@@ -18,6 +18,8 @@
 //!   out) and groups (submitted → durable) with its clock, and copies the core's
 //!   [`crate::core::NodeStats`] in when a scrape asks, between two inputs. Its bookkeeping
 //!   holds one entry per request or group in flight, and loses it with the reply.
+//! - back-pressure is logged once per change: a WARN when the core starts delaying acks, an
+//!   INFO when it stops (the counts are in the metrics);
 //! - the core's timer ([`NodeCore::poll_timeout`]) is honoured: `handle_timeout` is called
 //!   once at start and whenever it passes; peer requests go to [`crate::peers::Peers`] (or
 //!   fail at once without one) and every outcome comes back as an input, so gossip never
@@ -34,7 +36,9 @@ use wire::codec::Reader;
 use wire::frame::FrameHeader;
 use wire::{ErrorCode, ErrorReply, Frame, LogRecord, Message, PageImage, PeerNode, Role};
 
-use crate::core::{ConnId, GroupId, JobToken, ManifestToken, NodeCore, NodeOutput, ReadToken};
+use crate::core::{
+    ConnId, GroupId, JobToken, ManifestToken, NodeCore, NodeOutput, ReadToken, ThrottleStatus,
+};
 use crate::io::{Clock, GroupOutcome, JournalIo, ManifestStore, RecordReader};
 use crate::manifest::Manifest;
 use crate::metrics::NodeMetrics;
@@ -219,6 +223,8 @@ pub struct Driver<J: JournalIo> {
     /// When each group being persisted was submitted.
     submitted: HashMap<GroupId, Instant>,
     peers: Option<Peers>,
+    /// Back-pressure as last reported in the log (one line per change of state).
+    throttle_logged: ThrottleStatus,
 }
 
 impl<J: JournalIo> Driver<J> {
@@ -259,6 +265,7 @@ impl<J: JournalIo> Driver<J> {
             received: HashMap::new(),
             submitted: HashMap::new(),
             peers: None,
+            throttle_logged: ThrottleStatus::default(),
         };
         (driver, handle)
     }
@@ -288,6 +295,7 @@ impl<J: JournalIo> Driver<J> {
         self.core.handle_timeout(self.clock.now());
         loop {
             self.dispatch();
+            self.log_throttle();
             if self.shutting_down && self.core.is_idle() {
                 if let Some(peers) = &self.peers {
                     peers.close();
@@ -380,11 +388,35 @@ impl<J: JournalIo> Driver<J> {
             self.metrics.persist_seconds.observe(took.as_secs_f64());
         }
         match outcome.result {
-            Ok(()) => self.core.handle_persisted(outcome.group),
+            Ok(()) => self.core.handle_persisted(self.clock.now(), outcome.group),
             Err(e) => self.core.handle_fatal_io(format!(
                 "journal write of group {} failed: {e}",
                 outcome.group.0
             )),
+        }
+    }
+
+    /// Says so, once, when the node starts delaying its acks (back-pressure) and when it
+    /// stops: the metrics count them, the log tells an operator why.
+    fn log_throttle(&mut self) {
+        let now = self.core.throttle_status();
+        let before = self.throttle_logged;
+        if now.episodes > before.episodes {
+            tracing::warn!(
+                journal_used_percent = now.journal_used_percent,
+                coalesce_backlog_records = now.backlog_records,
+                "back-pressure: delaying acks by {:?} (the journal is filling up or coalescing \
+                 is behind); writers see a slow node and route around it",
+                now.delay
+            );
+        } else if before.throttled && !now.throttled {
+            tracing::info!(
+                acks_delayed = now.acks_throttled - before.acks_throttled,
+                "back-pressure: acks no longer delayed"
+            );
+        }
+        if now.episodes > before.episodes || now.throttled != before.throttled {
+            self.throttle_logged = now;
         }
     }
 

@@ -66,6 +66,7 @@ impl Node {
         gossip.enabled = config.gossip.enabled;
         gossip.poll_interval = std::time::Duration::from_millis(config.gossip.poll_interval_ms);
         core.configure_gossip(gossip);
+        core.configure_throttle(config.backpressure.throttle_config());
         // One group in memory at a time: recovery memory does not grow with the journal.
         let (mut groups, mut records) = (0, 0);
         let start = core.journal_start();

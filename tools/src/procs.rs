@@ -53,6 +53,8 @@ pub struct NodeSpec {
     pub segments: Vec<(u64, u32, u32)>,
     /// `metrics_listen` (port 0: any free port; [`NodeProcess::metrics_addr`] finds it).
     pub metrics_listen: Option<SocketAddr>,
+    /// `[backpressure]` (written only when it differs from the node's defaults).
+    pub backpressure: node::config::BackpressureSettings,
 }
 
 impl NodeSpec {
@@ -71,6 +73,7 @@ impl NodeSpec {
             persister: node::config::PersisterMode::Inline,
             segments: vec![(1, 0, 0)],
             metrics_listen: None,
+            backpressure: node::config::BackpressureSettings::default(),
         }
     }
 
@@ -98,6 +101,7 @@ impl NodeSpec {
                 .map(|s| (s.volume.0, s.pg.0, s.segment.0))
                 .collect(),
             metrics_listen: config.metrics_listen,
+            backpressure: config.backpressure.clone(),
         }
     }
 
@@ -124,6 +128,14 @@ impl NodeSpec {
             self.sync.as_str(),
             self.persister.as_str(),
         );
+        let b = &self.backpressure;
+        if *b != node::config::BackpressureSettings::default() {
+            s.push_str(&format!(
+                "\n[backpressure]\njournal_percent = {}\nbacklog_records = {}\n\
+                 ack_delay_min_ms = {}\nack_delay_max_ms = {}\n",
+                b.journal_percent, b.backlog_records, b.ack_delay_min_ms, b.ack_delay_max_ms
+            ));
+        }
         for (volume, pg, segment) in &self.segments {
             s.push_str(&format!(
                 "\n[[segment]]\nvolume = {volume}\npg = {pg}\nsegment = {segment}\n"

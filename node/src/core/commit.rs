@@ -308,12 +308,13 @@ impl NodeCore {
         assert!(self.commit.journal_full_reported);
     }
 
-    /// A group is on stable storage; every group durable at the front of the journal order has
-    /// its batches indexed and answered.
-    pub fn handle_persisted(&mut self, group: GroupId) {
+    /// A group is on stable storage as of `now`; every group durable at the front of the
+    /// journal order has its batches indexed and answered.
+    pub fn handle_persisted(&mut self, now: Instant, group: GroupId) {
         if self.stopped().is_some() {
             return; // Everyone waiting was answered when the node stopped.
         }
+        self.note_now(now);
         let inflight = self
             .commit
             .inflight

@@ -36,6 +36,8 @@ pub struct NodeStats {
     pub gossip_records_fetched: u64,
     /// Known holes in the hosted segments' chains (ranges missing below records held).
     pub gossip_gaps: u64,
+    /// Back-pressure: whether acks are being delayed, and how many were.
+    pub throttle: super::ThrottleStatus,
 }
 
 /// One hosted segment's counters.
@@ -87,6 +89,7 @@ impl NodeCore {
                 .keys()
                 .map(|key| self.gaps(key).len() as u64)
                 .sum(),
+            throttle: self.throttle_status(),
         }
     }
 }

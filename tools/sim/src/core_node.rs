@@ -296,7 +296,7 @@ impl CoreNode {
         }
         if !persisted_now.is_empty() {
             for group in persisted_now {
-                core.handle_persisted(group);
+                core.handle_persisted(now, group);
             }
             self.drain(now, None);
         }
@@ -361,7 +361,7 @@ impl StorageNode for CoreNode {
                 self.core
                     .as_mut()
                     .expect("running")
-                    .handle_persisted(write.group);
+                    .handle_persisted(now, write.group);
             }
         }
         if let Some((at, token, manifest)) = self.manifest_store.take() {
