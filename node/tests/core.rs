@@ -1371,6 +1371,12 @@ fn a_full_journal_is_an_error_not_a_hang() {
         h.core.throttle_status().acks_throttled > 0,
         "pressure came first"
     );
+    // The refused records are lost: what follows them lies beyond a gap, and the reserve
+    // refuses it even where a small batch would still fit.
+    let beyond = h.send(append(Epoch(0), vec![big_record(lsn + 1, lsn, 1, 100)]));
+    h.settle();
+    assert_eq!(h.error(beyond).0, ErrorCode::JournalFull);
+    assert!(h.core.is_idle());
 }
 
 /// Goal: a coalescing backlog past its bound delays acks, and once coalescing catches up,

@@ -199,6 +199,26 @@ impl NodeCore {
         }
     }
 
+    /// An accepted append was refused after all (no journal file had room for its group): the
+    /// chain will not run through it, so its future end falls back to where the batch began
+    /// at most (the SCL catches up with anything accepted before it, once that is durable).
+    /// Without this, the reserve would go on taking appends that follow the lost batch, each
+    /// beyond a gap.
+    pub(super) fn note_refused(&mut self, batch: &super::commit::Batch) {
+        let first = batch.records[0].backlink;
+        if let Some(end) = self.background.accepted_end.get_mut(&batch.key)
+            && *end >= first
+        {
+            *end = first;
+        }
+        let end = self.background.accepted_end.get(&batch.key);
+        assert!(end.is_none_or(|e| *e <= first));
+        assert!(
+            !batch.gossip,
+            "gossip's batches are never noted as accepted"
+        );
+    }
+
     /// How far GC must keep `key`'s records for others: peers that lag (a recovering writer
     /// copies records from here to them, gossip fetches them) and backup. `None`: nothing.
     ///

@@ -302,6 +302,7 @@ impl NodeCore {
                 self.gossip_batch_refused(batch.key); // Fetched again later.
                 continue;
             }
+            self.note_refused(&batch);
             let text = "journal is full: no journal file has room for this batch".to_string();
             self.reply_error(batch.conn, batch.request_id, ErrorCode::JournalFull, text);
         }
