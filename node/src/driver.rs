@@ -20,6 +20,8 @@
 //!   holds one entry per request or group in flight, and loses it with the reply.
 //! - back-pressure is logged once per change: a WARN when the core starts delaying acks, an
 //!   INFO when it stops (the counts are in the metrics);
+//! - a journal write that takes longer than [`JOURNAL_STALL_WARN`] is logged at WARN, once per
+//!   write: the node never waits on its device in silence;
 //! - the core's timer ([`NodeCore::poll_timeout`]) is honoured: `handle_timeout` is called
 //!   once at start and whenever it passes; peer requests go to [`crate::peers::Peers`] (or
 //!   fail at once without one) and every outcome comes back as an input, so gossip never
@@ -48,6 +50,11 @@ use crate::segment::RecordLocation;
 
 /// Requests per stream that may wait for an answer at once.
 pub const STREAM_INFLIGHT_MAX: usize = 256;
+
+/// How long a journal write may take before the driver says so (once per write): a write the
+/// device never completes would otherwise leave the node idle and silent, with every ack
+/// behind it waiting (journal order).
+pub const JOURNAL_STALL_WARN: Duration = Duration::from_secs(10);
 
 enum Input {
     Open {
@@ -225,6 +232,9 @@ pub struct Driver<J: JournalIo> {
     peers: Option<Peers>,
     /// Back-pressure as last reported in the log (one line per change of state).
     throttle_logged: ThrottleStatus,
+    /// When a journal write counts as stalled, and the last one said to be.
+    journal_stall_warn: Duration,
+    stall_warned: Option<GroupId>,
 }
 
 impl<J: JournalIo> Driver<J> {
@@ -266,6 +276,8 @@ impl<J: JournalIo> Driver<J> {
             submitted: HashMap::new(),
             peers: None,
             throttle_logged: ThrottleStatus::default(),
+            journal_stall_warn: JOURNAL_STALL_WARN,
+            stall_warned: None,
         };
         (driver, handle)
     }
@@ -289,6 +301,47 @@ impl<J: JournalIo> Driver<J> {
         Ok(())
     }
 
+    /// Changes how long a journal write may take before the driver says it stalled (tests).
+    pub fn set_journal_stall_warn(&mut self, after: Duration) {
+        assert!(!after.is_zero());
+        self.journal_stall_warn = after;
+    }
+
+    /// The oldest journal write in flight, if it was not yet said to stall: when it will have.
+    fn journal_stall_deadline(&self) -> Option<Instant> {
+        let (group, at) = self.submitted.iter().min_by_key(|(_, at)| **at)?;
+        if self.stall_warned == Some(*group) || self.core.stopped().is_some() {
+            return None;
+        }
+        Some(*at + self.journal_stall_warn)
+    }
+
+    /// Says so (WARN, once per write) if the oldest journal write in flight has taken longer
+    /// than the stall threshold.
+    fn check_journal_stall(&mut self, now: Instant) {
+        let Some(deadline) = self.journal_stall_deadline() else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        let (group, at) = self
+            .submitted
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(g, at)| (*g, *at))
+            .expect("a deadline comes from a write in flight");
+        tracing::warn!(
+            group = group.0,
+            writes_in_flight = self.submitted.len(),
+            "journal write of group {} submitted {:?} ago has not completed: every ack behind it \
+             waits (a stalled device?)",
+            group.0,
+            now.saturating_duration_since(at)
+        );
+        self.stall_warned = Some(group);
+    }
+
     /// Runs until shut down and idle. `Err(reason)` if the node stopped on a fatal error.
     pub async fn run(mut self) -> Result<(), String> {
         let mut outcomes = Vec::new();
@@ -302,7 +355,10 @@ impl<J: JournalIo> Driver<J> {
                 }
                 return self.core.stopped().map_or(Ok(()), |r| Err(r.to_string()));
             }
-            let timer = self.core.poll_timeout();
+            let timer = [self.core.poll_timeout(), self.journal_stall_deadline()]
+                .into_iter()
+                .flatten()
+                .min();
             let sleep = async move {
                 match timer {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -313,7 +369,9 @@ impl<J: JournalIo> Driver<J> {
                 biased;
                 () = self.journal.ready() => {}
                 () = sleep => {
-                    self.core.handle_timeout(self.clock.now());
+                    let now = self.clock.now();
+                    self.check_journal_stall(now);
+                    self.core.handle_timeout(now);
                 }
                 input = self.inputs.recv() => {
                     // Every handle is gone only once the node itself is gone.
