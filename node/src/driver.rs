@@ -20,8 +20,9 @@
 //!   holds one entry per request or group in flight, and loses it with the reply.
 //! - back-pressure is logged once per change: a WARN when the core starts delaying acks, an
 //!   INFO when it stops (the counts are in the metrics);
-//! - a journal write that takes longer than [`JOURNAL_STALL_WARN`] is logged at WARN, once per
-//!   write: the node never waits on its device in silence;
+//! - a journal write, or a request without its reply, that waits longer than [`STALL_WARN`]
+//!   is logged at WARN, once each: the node never waits on its device, nor owes a reply, in
+//!   silence;
 //! - the core's timer ([`NodeCore::poll_timeout`]) is honoured: `handle_timeout` is called
 //!   once at start and whenever it passes; peer requests go to [`crate::peers::Peers`] (or
 //!   fail at once without one) and every outcome comes back as an input, so gossip never
@@ -51,10 +52,20 @@ use crate::segment::RecordLocation;
 /// Requests per stream that may wait for an answer at once.
 pub const STREAM_INFLIGHT_MAX: usize = 256;
 
-/// How long a journal write may take before the driver says so (once per write): a write the
-/// device never completes would otherwise leave the node idle and silent, with every ack
-/// behind it waiting (journal order).
-pub const JOURNAL_STALL_WARN: Duration = Duration::from_secs(10);
+/// How long a journal write, or a request, may wait before the driver says so (once each): a
+/// write the device never completes, or a reply never sent, would otherwise leave the node
+/// idle and silent, with whoever waits on it waiting for good.
+pub const STALL_WARN: Duration = Duration::from_secs(10);
+
+/// What the driver watches so that the node never waits in silence.
+struct Watch {
+    after: Duration,
+    /// The last journal write and the last request said to have stalled.
+    group_warned: Option<GroupId>,
+    request_warned: Option<(ConnId, u64)>,
+    /// When to look for requests waiting too long (set while any request waits).
+    next_request_check: Option<Instant>,
+}
 
 enum Input {
     Open {
@@ -232,9 +243,7 @@ pub struct Driver<J: JournalIo> {
     peers: Option<Peers>,
     /// Back-pressure as last reported in the log (one line per change of state).
     throttle_logged: ThrottleStatus,
-    /// When a journal write counts as stalled, and the last one said to be.
-    journal_stall_warn: Duration,
-    stall_warned: Option<GroupId>,
+    watch: Watch,
 }
 
 impl<J: JournalIo> Driver<J> {
@@ -276,8 +285,12 @@ impl<J: JournalIo> Driver<J> {
             submitted: HashMap::new(),
             peers: None,
             throttle_logged: ThrottleStatus::default(),
-            journal_stall_warn: JOURNAL_STALL_WARN,
-            stall_warned: None,
+            watch: Watch {
+                after: STALL_WARN,
+                group_warned: None,
+                request_warned: None,
+                next_request_check: None,
+            },
         };
         (driver, handle)
     }
@@ -301,45 +314,74 @@ impl<J: JournalIo> Driver<J> {
         Ok(())
     }
 
-    /// Changes how long a journal write may take before the driver says it stalled (tests).
-    pub fn set_journal_stall_warn(&mut self, after: Duration) {
+    /// Changes how long a journal write or a request may wait before the driver says it
+    /// stalled (tests).
+    pub fn set_stall_warn(&mut self, after: Duration) {
         assert!(!after.is_zero());
-        self.journal_stall_warn = after;
+        self.watch.after = after;
     }
 
-    /// The oldest journal write in flight, if it was not yet said to stall: when it will have.
-    fn journal_stall_deadline(&self) -> Option<Instant> {
-        let (group, at) = self.submitted.iter().min_by_key(|(_, at)| **at)?;
-        if self.stall_warned == Some(*group) || self.core.stopped().is_some() {
-            return None;
-        }
-        Some(*at + self.journal_stall_warn)
+    /// The oldest journal write in flight and when it was submitted.
+    fn oldest_write(&self) -> Option<(GroupId, Instant)> {
+        let oldest = self.submitted.iter().min_by_key(|(_, at)| **at);
+        oldest.map(|(group, at)| (*group, *at))
     }
 
-    /// Says so (WARN, once per write) if the oldest journal write in flight has taken longer
-    /// than the stall threshold.
-    fn check_journal_stall(&mut self, now: Instant) {
-        let Some(deadline) = self.journal_stall_deadline() else {
-            return;
-        };
-        if now < deadline {
+    /// When [`Self::check_stalls`] has something to look at next.
+    fn watch_deadline(&self) -> Option<Instant> {
+        if self.core.stopped().is_some() {
+            return None; // Writes in flight and their requests no longer matter.
+        }
+        let journal = self
+            .oldest_write()
+            .filter(|(group, _)| self.watch.group_warned != Some(*group))
+            .map(|(_, at)| at + self.watch.after);
+        [journal, self.watch.next_request_check]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Says so (WARN, once each) if the oldest journal write in flight, or the oldest request
+    /// without a reply, has waited longer than the stall threshold: the node never waits in
+    /// silence, whether on its device or on a reply it owes.
+    fn check_stalls(&mut self, now: Instant) {
+        if self.core.stopped().is_some() {
             return;
         }
-        let (group, at) = self
-            .submitted
-            .iter()
-            .min_by_key(|(_, at)| **at)
-            .map(|(g, at)| (*g, *at))
-            .expect("a deadline comes from a write in flight");
-        tracing::warn!(
-            group = group.0,
-            writes_in_flight = self.submitted.len(),
-            "journal write of group {} submitted {:?} ago has not completed: every ack behind it \
-             waits (a stalled device?)",
-            group.0,
-            now.saturating_duration_since(at)
-        );
-        self.stall_warned = Some(group);
+        let after = self.watch.after;
+        if let Some((group, at)) = self.oldest_write()
+            && self.watch.group_warned != Some(group)
+            && now >= at + after
+        {
+            tracing::warn!(
+                group = group.0,
+                writes_in_flight = self.submitted.len(),
+                "journal write of group {} submitted {:?} ago has not completed: every ack \
+                 behind it waits (a stalled device?)",
+                group.0,
+                now.saturating_duration_since(at)
+            );
+            self.watch.group_warned = Some(group);
+        }
+        if self.watch.next_request_check.is_none_or(|t| t > now) {
+            return;
+        }
+        self.watch.next_request_check = (!self.received.is_empty()).then_some(now + after);
+        let oldest = self.received.iter().min_by_key(|(_, at)| **at);
+        if let Some((&(conn, request_id), &at)) = oldest
+            && now >= at + after
+            && self.watch.request_warned != Some((conn, request_id))
+        {
+            tracing::warn!(
+                requests_waiting = self.received.len(),
+                oldest_write_in_flight = ?self.oldest_write().map(|(g, _)| g.0),
+                "request {request_id} on stream {} has waited {:?} for its reply",
+                conn.0,
+                now.saturating_duration_since(at)
+            );
+            self.watch.request_warned = Some((conn, request_id));
+        }
     }
 
     /// Runs until shut down and idle. `Err(reason)` if the node stopped on a fatal error.
@@ -355,7 +397,7 @@ impl<J: JournalIo> Driver<J> {
                 }
                 return self.core.stopped().map_or(Ok(()), |r| Err(r.to_string()));
             }
-            let timer = [self.core.poll_timeout(), self.journal_stall_deadline()]
+            let timer = [self.core.poll_timeout(), self.watch_deadline()]
                 .into_iter()
                 .flatten()
                 .min();
@@ -370,7 +412,7 @@ impl<J: JournalIo> Driver<J> {
                 () = self.journal.ready() => {}
                 () = sleep => {
                     let now = self.clock.now();
-                    self.check_journal_stall(now);
+                    self.check_stalls(now);
                     self.core.handle_timeout(now);
                 }
                 input = self.inputs.recv() => {
@@ -403,6 +445,8 @@ impl<J: JournalIo> Driver<J> {
                 // A header the core cannot read is answered under id 0: nothing to time.
                 if let Ok(header) = FrameHeader::decode(&mut Reader::new(&frame)) {
                     self.received.insert((conn, header.request_id), now);
+                    let after = self.watch.after;
+                    self.watch.next_request_check.get_or_insert(now + after);
                 }
                 self.core.handle_frame(now, conn, role, frame);
             }

@@ -261,12 +261,13 @@ impl Lines {
 }
 
 /// Goal: a journal write the device never completes does not leave the node silent: the
-/// driver logs one WARN naming the group once it has waited past the stall threshold, and
-/// only one however long it waits (the append itself waits: acks follow durability).
+/// driver logs one WARN naming the group once it has waited past the stall threshold, and one
+/// naming the request that waits on it, and only one each however long they wait (the append
+/// itself waits: acks follow durability).
 /// Method: a journal that never completes, a 20 ms threshold, one append; wait (10 s at most)
 /// for the line, then let the driver run past several more thresholds.
 #[tokio::test(flavor = "current_thread")]
-async fn a_journal_write_that_never_completes_is_reported() {
+async fn a_journal_write_that_never_completes_is_reported_and_so_is_its_request() {
     let lines = Lines::default();
     let writer = lines.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -275,7 +276,7 @@ async fn a_journal_write_that_never_completes_is_reported() {
         .finish();
     let _logging = tracing::subscriber::set_default(subscriber);
     let (mut driver, handle) = driver(StuckJournal, Manifests { fail: false });
-    driver.set_journal_stall_warn(std::time::Duration::from_millis(20));
+    driver.set_stall_warn(std::time::Duration::from_millis(20));
     let task = tokio::spawn(driver.run());
     let (stream, mut replies) = handle.open_stream(Some(Role::Engine));
     request(&stream, 1, append(1)).await;
@@ -289,6 +290,8 @@ async fn a_journal_write_that_never_completes_is_reported() {
     assert!(waited.is_ok(), "no stall reported: {}", lines.text());
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(lines.text().matches(said).count(), 1, "{}", lines.text());
+    let owed = "request 1 on stream 1 has waited";
+    assert_eq!(lines.text().matches(owed).count(), 1, "{}", lines.text());
     assert!(
         replies.try_recv().is_err(),
         "no ack before the write is durable"
