@@ -1441,3 +1441,59 @@ fn a_coalescing_backlog_delays_acks_until_it_is_worked_off() {
     assert!(!h.core.throttle_status().throttled);
     assert_eq!(h.core.throttle_status().episodes, 1);
 }
+
+/// Goal: once the backlog is past back-pressure's bound, coalescing stops yielding to appends
+/// (else acks would be delayed for work the node chose not to do), even with the journal far
+/// below a quarter full. Method: a journal of 8 files (one eighth in use), bound 300 records
+/// (above ROUND_RECORDS_MIN), PGMRPL far ahead; 400 one-record appends, a millisecond apart
+/// (the foreground never idles).
+#[test]
+fn coalescing_stops_yielding_once_acks_are_delayed_for_it() {
+    let config = CoreConfig {
+        journal_file_bytes: GROUP_BYTES_MAX as u64,
+        journal_file_count: 8,
+        ..config()
+    };
+    let manifest = Manifest {
+        segments: vec![key(0)],
+        ..Manifest::default()
+    };
+    let mut h = Harness::recover_with(
+        config,
+        manifest,
+        BTreeMap::new(),
+        HashMap::new(),
+        Default::default(),
+    );
+    h.core.configure_throttle(ThrottleConfig {
+        backlog_records: 300,
+        delay_min: Duration::from_millis(1),
+        delay_max: Duration::from_millis(1),
+        ..ThrottleConfig::default()
+    });
+    let set = h.send(Message::SetPgmrpl(wire::SetPgmrpl {
+        volume: V,
+        pg: PgId(0),
+        pgmrpl: Lsn(10_000),
+    }));
+    assert_eq!(h.reply(set), &Message::Done);
+    let mut first_held = None;
+    for lsn in 1..=400 {
+        let id = h.send(link(Epoch(0), lsn, lsn - 1));
+        h.persist_all();
+        if !h.has_reply(id) && first_held.is_none() {
+            first_held = Some(lsn);
+        }
+        h.now += Duration::from_millis(1);
+        h.core.handle_timeout(h.now);
+        h.drain();
+        h.settle();
+    }
+    assert!(h.core.journal_used_percent() < node::core::COALESCE_PERCENT);
+    assert!(first_held.is_some_and(|l| l > 300), "{first_held:?}");
+    let stats = h.core.background_stats();
+    assert!(
+        stats.rounds >= 1,
+        "coalescing ran while appends flowed: {stats:?}"
+    );
+}

@@ -5,8 +5,9 @@
 //!
 //! Scheduling: one round in flight at a time. A round starts when a segment has records in
 //! `(materialized, min(PGMRPL, SCL)]` and either the foreground is idle (no append for
-//! [`IDLE_AFTER`]), or the journal is a quarter full ([`COALESCE_PERCENT`]) and the segment has
-//! enough of them to be worth a round ([`ROUND_RECORDS_MIN`]): coalescing costs page reads and
+//! [`IDLE_AFTER`]), or the journal is a quarter full ([`COALESCE_PERCENT`]) or the backlog is
+//! past back-pressure's bound (acks are being delayed for it) and the segment has enough of
+//! them to be worth a round ([`ROUND_RECORDS_MIN`]): coalescing costs page reads and
 //! writes (measured: rounds running beside a closed-loop commit load at 16 in flight halved its
 //! throughput, 7.2k/s against 3.7k/s), so it yields to appends until space calls for it.
 //! Among the segments with enough records, the one with the most goes first, counted only up
@@ -311,7 +312,7 @@ impl NodeCore {
         let used = self.journal_used_percent();
         let pressure = used >= PRESSURE_PERCENT;
         let idle = self.foreground_idle();
-        if !idle && used < COALESCE_PERCENT {
+        if !idle && used < COALESCE_PERCENT && !self.throttle.backlog_behind() {
             return; // Coalescing costs page reads and writes: not while appends flow.
         }
         let minimum = if idle { 1 } else { ROUND_RECORDS_MIN };

@@ -159,6 +159,15 @@ impl Throttle {
         held.into_iter().map(|h| (h.conn, h.request_id))
     }
 
+    /// Whether the backlog, as last counted, is past the bound: acks are being delayed for it,
+    /// so coalescing must not yield to appends any more (it would be throttling for nothing).
+    pub(super) fn backlog_behind(&self) -> bool {
+        let bound = self.config.backlog_records;
+        let behind = self.backlog.is_some_and(|(_, counted)| counted >= bound);
+        assert!(bound >= 1);
+        behind
+    }
+
     /// The coalesce backlog changed a lot (a round finished, PGMRPL moved): count it afresh.
     pub(super) fn backlog_changed(&mut self) {
         self.backlog = None;
