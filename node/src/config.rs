@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::core::ThrottleConfig;
 use crate::journal::INFLIGHT_GROUPS_MAX;
 use crate::manifest::SegmentKey;
 
@@ -65,6 +66,8 @@ pub struct NodeConfig {
     pub scrub: ScrubSettings,
     #[serde(default)]
     pub background: BackgroundSettings,
+    #[serde(default)]
+    pub backpressure: BackpressureSettings,
 }
 
 /// `[scrub]`: how the node re-reads its page store and journal to find damage (see the
@@ -119,6 +122,44 @@ pub struct BackgroundSettings {
     /// default; benchmarks pause it to measure what background work costs the foreground.
     #[serde(default)]
     pub paused: bool,
+}
+
+/// `[backpressure]`: when the node delays its acks (see the README's "Back-pressure"). The
+/// defaults suit every deployment; tests force throttling with `journal_percent = 0`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackpressureSettings {
+    /// Journal use (percent of its bytes) from which acks are delayed (0 to 75).
+    pub journal_percent: u64,
+    /// Records waiting to be coalesced from which acks are delayed.
+    pub backlog_records: usize,
+    /// The delay as pressure begins, and at its full (at most 1000).
+    pub ack_delay_min_ms: u64,
+    pub ack_delay_max_ms: u64,
+}
+
+impl Default for BackpressureSettings {
+    fn default() -> Self {
+        let core = ThrottleConfig::default();
+        Self {
+            journal_percent: core.journal_percent,
+            backlog_records: core.backlog_records,
+            ack_delay_min_ms: u64::try_from(core.delay_min.as_millis()).expect("small"),
+            ack_delay_max_ms: u64::try_from(core.delay_max.as_millis()).expect("small"),
+        }
+    }
+}
+
+impl BackpressureSettings {
+    /// The core's settings.
+    pub fn throttle_config(&self) -> ThrottleConfig {
+        ThrottleConfig {
+            journal_percent: self.journal_percent,
+            backlog_records: self.backlog_records,
+            delay_min: std::time::Duration::from_millis(self.ack_delay_min_ms),
+            delay_max: std::time::Duration::from_millis(self.ack_delay_max_ms),
+        }
+    }
 }
 
 /// `[gossip]`: how the node fills holes from its peers (see the README's "Gossip").
@@ -314,6 +355,14 @@ impl NodeConfig {
                 scrub.pages_per_round, scrub.records_per_round
             ));
         }
+        if let Err(e) = self.backpressure.throttle_config().check() {
+            return Err(format!(
+                "[backpressure] {e}; the defaults are journal_percent = {}, backlog_records = \
+                 {}, ack_delay_min_ms = 1, ack_delay_max_ms = 10",
+                ThrottleConfig::JOURNAL_PERCENT_DEFAULT,
+                ThrottleConfig::BACKLOG_RECORDS_DEFAULT
+            ));
+        }
         if self.name.is_empty() {
             return Err("name must not be empty: use the node's certificate name".into());
         }
@@ -424,6 +473,17 @@ mod tests {
         assert!(
             e.contains("metrics_listen = \"localhost\" is not an IP address and port"),
             "{e}"
+        );
+        let text = format!("{DEFAULT_CONFIG}\n[backpressure]\nack_delay_max_ms = 5000\n");
+        let e = NodeConfig::parse(&text, "node.toml").unwrap_err();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("[backpressure]") && e.contains("5s"), "{e}");
+        let text = format!("{DEFAULT_CONFIG}\n[backpressure]\njournal_percent = 0\n");
+        let c = NodeConfig::parse(&text, "node.toml").unwrap();
+        assert_eq!(c.backpressure.throttle_config().journal_percent, 0);
+        assert_eq!(
+            c.backpressure.backlog_records,
+            ThrottleConfig::BACKLOG_RECORDS_DEFAULT
         );
         let text = format!("{DEFAULT_CONFIG}\nbogus = 1\n");
         let e = NodeConfig::parse(&text, "node.toml").unwrap_err();

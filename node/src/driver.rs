@@ -18,6 +18,11 @@
 //!   out) and groups (submitted → durable) with its clock, and copies the core's
 //!   [`crate::core::NodeStats`] in when a scrape asks, between two inputs. Its bookkeeping
 //!   holds one entry per request or group in flight, and loses it with the reply.
+//! - back-pressure is logged once per change: a WARN when the core starts delaying acks, an
+//!   INFO when it stops (the counts are in the metrics);
+//! - a journal write, or a request without its reply, that waits longer than [`STALL_WARN`]
+//!   is logged at WARN, once each: the node never waits on its device, nor owes a reply, in
+//!   silence;
 //! - the core's timer ([`NodeCore::poll_timeout`]) is honoured: `handle_timeout` is called
 //!   once at start and whenever it passes; peer requests go to [`crate::peers::Peers`] (or
 //!   fail at once without one) and every outcome comes back as an input, so gossip never
@@ -34,7 +39,9 @@ use wire::codec::Reader;
 use wire::frame::FrameHeader;
 use wire::{ErrorCode, ErrorReply, Frame, LogRecord, Message, PageImage, PeerNode, Role};
 
-use crate::core::{ConnId, GroupId, JobToken, ManifestToken, NodeCore, NodeOutput, ReadToken};
+use crate::core::{
+    ConnId, GroupId, JobToken, ManifestToken, NodeCore, NodeOutput, ReadToken, ThrottleStatus,
+};
 use crate::io::{Clock, GroupOutcome, JournalIo, ManifestStore, RecordReader};
 use crate::manifest::Manifest;
 use crate::metrics::NodeMetrics;
@@ -44,6 +51,21 @@ use crate::segment::RecordLocation;
 
 /// Requests per stream that may wait for an answer at once.
 pub const STREAM_INFLIGHT_MAX: usize = 256;
+
+/// How long a journal write, or a request, may wait before the driver says so (once each): a
+/// write the device never completes, or a reply never sent, would otherwise leave the node
+/// idle and silent, with whoever waits on it waiting for good.
+pub const STALL_WARN: Duration = Duration::from_secs(10);
+
+/// What the driver watches so that the node never waits in silence.
+struct Watch {
+    after: Duration,
+    /// The last journal write and the last request said to have stalled.
+    group_warned: Option<GroupId>,
+    request_warned: Option<(ConnId, u64)>,
+    /// When to look for requests waiting too long (set while any request waits).
+    next_request_check: Option<Instant>,
+}
 
 enum Input {
     Open {
@@ -227,6 +249,9 @@ pub struct Driver<J: JournalIo> {
     /// When each group being persisted was submitted.
     submitted: HashMap<GroupId, Instant>,
     peers: Option<Peers>,
+    /// Back-pressure as last reported in the log (one line per change of state).
+    throttle_logged: ThrottleStatus,
+    watch: Watch,
 }
 
 impl<J: JournalIo> Driver<J> {
@@ -267,6 +292,13 @@ impl<J: JournalIo> Driver<J> {
             received: HashMap::new(),
             submitted: HashMap::new(),
             peers: None,
+            throttle_logged: ThrottleStatus::default(),
+            watch: Watch {
+                after: STALL_WARN,
+                group_warned: None,
+                request_warned: None,
+                next_request_check: None,
+            },
         };
         (driver, handle)
     }
@@ -290,19 +322,93 @@ impl<J: JournalIo> Driver<J> {
         Ok(())
     }
 
+    /// Changes how long a journal write or a request may wait before the driver says it
+    /// stalled (tests).
+    pub fn set_stall_warn(&mut self, after: Duration) {
+        assert!(!after.is_zero());
+        self.watch.after = after;
+    }
+
+    /// The oldest journal write in flight and when it was submitted.
+    fn oldest_write(&self) -> Option<(GroupId, Instant)> {
+        let oldest = self.submitted.iter().min_by_key(|(_, at)| **at);
+        oldest.map(|(group, at)| (*group, *at))
+    }
+
+    /// When [`Self::check_stalls`] has something to look at next.
+    fn watch_deadline(&self) -> Option<Instant> {
+        if self.core.stopped().is_some() {
+            return None; // Writes in flight and their requests no longer matter.
+        }
+        let journal = self
+            .oldest_write()
+            .filter(|(group, _)| self.watch.group_warned != Some(*group))
+            .map(|(_, at)| at + self.watch.after);
+        [journal, self.watch.next_request_check]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Says so (WARN, once each) if the oldest journal write in flight, or the oldest request
+    /// without a reply, has waited longer than the stall threshold: the node never waits in
+    /// silence, whether on its device or on a reply it owes.
+    fn check_stalls(&mut self, now: Instant) {
+        if self.core.stopped().is_some() {
+            return;
+        }
+        let after = self.watch.after;
+        if let Some((group, at)) = self.oldest_write()
+            && self.watch.group_warned != Some(group)
+            && now >= at + after
+        {
+            tracing::warn!(
+                group = group.0,
+                writes_in_flight = self.submitted.len(),
+                "journal write of group {} submitted {:?} ago has not completed: every ack \
+                 behind it waits (a stalled device?)",
+                group.0,
+                now.saturating_duration_since(at)
+            );
+            self.watch.group_warned = Some(group);
+        }
+        if self.watch.next_request_check.is_none_or(|t| t > now) {
+            return;
+        }
+        self.watch.next_request_check = (!self.received.is_empty()).then_some(now + after);
+        let oldest = self.received.iter().min_by_key(|(_, at)| **at);
+        if let Some((&(conn, request_id), &at)) = oldest
+            && now >= at + after
+            && self.watch.request_warned != Some((conn, request_id))
+        {
+            tracing::warn!(
+                requests_waiting = self.received.len(),
+                oldest_write_in_flight = ?self.oldest_write().map(|(g, _)| g.0),
+                "request {request_id} on stream {} has waited {:?} for its reply",
+                conn.0,
+                now.saturating_duration_since(at)
+            );
+            self.watch.request_warned = Some((conn, request_id));
+        }
+    }
+
     /// Runs until shut down and idle. `Err(reason)` if the node stopped on a fatal error.
     pub async fn run(mut self) -> Result<(), String> {
         let mut outcomes = Vec::new();
         self.core.handle_timeout(self.clock.now());
         loop {
             self.dispatch();
+            self.log_throttle();
             if self.shutting_down && self.core.is_idle() {
                 if let Some(peers) = &self.peers {
                     peers.close();
                 }
                 return self.core.stopped().map_or(Ok(()), |r| Err(r.to_string()));
             }
-            let timer = self.core.poll_timeout();
+            let timer = [self.core.poll_timeout(), self.watch_deadline()]
+                .into_iter()
+                .flatten()
+                .min();
             let sleep = async move {
                 match timer {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -313,7 +419,9 @@ impl<J: JournalIo> Driver<J> {
                 biased;
                 () = self.journal.ready() => {}
                 () = sleep => {
-                    self.core.handle_timeout(self.clock.now());
+                    let now = self.clock.now();
+                    self.check_stalls(now);
+                    self.core.handle_timeout(now);
                 }
                 input = self.inputs.recv() => {
                     // Every handle is gone only once the node itself is gone.
@@ -345,6 +453,8 @@ impl<J: JournalIo> Driver<J> {
                 // A header the core cannot read is answered under id 0: nothing to time.
                 if let Ok(header) = FrameHeader::decode(&mut Reader::new(&frame)) {
                     self.received.insert((conn, header.request_id), now);
+                    let after = self.watch.after;
+                    self.watch.next_request_check.get_or_insert(now + after);
                 }
                 self.core.handle_frame(now, conn, role, frame);
             }
@@ -390,11 +500,35 @@ impl<J: JournalIo> Driver<J> {
             self.metrics.persist_seconds.observe(took.as_secs_f64());
         }
         match outcome.result {
-            Ok(()) => self.core.handle_persisted(outcome.group),
+            Ok(()) => self.core.handle_persisted(self.clock.now(), outcome.group),
             Err(e) => self.core.handle_fatal_io(format!(
                 "journal write of group {} failed: {e}",
                 outcome.group.0
             )),
+        }
+    }
+
+    /// Says so, once, when the node starts delaying its acks (back-pressure) and when it
+    /// stops: the metrics count them, the log tells an operator why.
+    fn log_throttle(&mut self) {
+        let now = self.core.throttle_status();
+        let before = self.throttle_logged;
+        if now.episodes > before.episodes {
+            tracing::warn!(
+                journal_used_percent = now.journal_used_percent,
+                coalesce_backlog_records = now.backlog_records,
+                "back-pressure: delaying acks by {:?} (the journal is filling up or coalescing \
+                 is behind); writers see a slow node and route around it",
+                now.delay
+            );
+        } else if before.throttled && !now.throttled {
+            tracing::info!(
+                acks_delayed = now.acks_throttled - before.acks_throttled,
+                "back-pressure: acks no longer delayed"
+            );
+        }
+        if now.episodes > before.episodes || now.throttled != before.throttled {
+            self.throttle_logged = now;
         }
     }
 

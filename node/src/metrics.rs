@@ -8,8 +8,8 @@
 //! - on every scrape, the driver copies the core's [`NodeStats`] (SCL per segment, journal
 //!   position, groups formed) into the gauges and counters ([`NodeMetrics::publish`]), between
 //!   two inputs: a scrape costs the append path one snapshot, never a lock held across I/O;
-//! - families that background work will feed (gossip, coalescing, GC, scrub, throttling) are
-//!   defined now and read 0 until that work exists.
+//! - families that background work will feed (scrub) are defined now and read 0 until that
+//!   work exists.
 //!
 //! Invariants:
 //! - the exposition is always `prometheus-client`'s own text encoder (OpenMetrics text), never
@@ -103,6 +103,10 @@ pub struct NodeMetrics {
     pub scrub_damaged: Counter,
     pub scrub_repaired: Counter,
     pub acks_throttled: Counter,
+    /// 1 while the node delays its acks (back-pressure), else 0.
+    pub throttled: U64Gauge,
+    /// Acks being held back now.
+    pub acks_held: U64Gauge,
     /// Segments with a series, so a segment no longer hosted loses its series.
     exported: Mutex<BTreeSet<SegmentKey>>,
 }
@@ -145,12 +149,15 @@ impl NodeMetrics {
             scrub_damaged: Counter::default(),
             scrub_repaired: Counter::default(),
             acks_throttled: Counter::default(),
+            throttled: U64Gauge::default(),
+            acks_held: U64Gauge::default(),
             exported: Mutex::new(BTreeSet::new()),
         };
         m.register_foreground();
         m.register_background();
         m.register_scrub();
         m.register_segments();
+        m.register_backpressure();
         m
     }
 
@@ -262,18 +269,13 @@ impl NodeMetrics {
         for (name, help, gauge) in gauges {
             r.register(name, help, gauge.clone());
         }
-        let counters: [(&str, &str, &Counter); 3] = [
+        let counters: [(&str, &str, &Counter); 2] = [
             (
                 "node_gossip_records_fetched",
                 "Records fetched from peers by gossip",
                 &self.gossip_records_fetched,
             ),
             ("node_gc_runs", "Garbage-collection passes", &self.gc_runs),
-            (
-                "node_acks_throttled",
-                "Acks delayed by back-pressure",
-                &self.acks_throttled,
-            ),
         ];
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());
@@ -297,6 +299,26 @@ impl NodeMetrics {
             "node_segment_materialized_lsn",
             "LSN through which each hosted segment's records are coalesced into the page store",
             self.segment_materialized_lsn.clone(),
+        );
+    }
+
+    /// Back-pressure's families (see `core::throttle`).
+    fn register_backpressure(&mut self) {
+        let r = &mut self.registry;
+        r.register(
+            "node_acks_throttled",
+            "Acks delayed by back-pressure",
+            self.acks_throttled.clone(),
+        );
+        r.register(
+            "node_throttled",
+            "1 while back-pressure delays the node's acks, else 0",
+            self.throttled.clone(),
+        );
+        r.register(
+            "node_acks_held",
+            "Acks held back by back-pressure now",
+            self.acks_held.clone(),
         );
     }
 
@@ -336,6 +358,11 @@ impl NodeMetrics {
             .inc_by(gc_runs.saturating_sub(self.gc_runs.get()));
         self.append_oldest_waiting_seconds
             .set(oldest_waiting.map_or(0.0, |d| d.as_secs_f64()));
+        let t = &stats.throttle;
+        self.acks_throttled
+            .inc_by(t.acks_throttled.saturating_sub(self.acks_throttled.get()));
+        self.throttled.set(u64::from(t.throttled));
+        self.acks_held.set(t.acks_held);
         let mut exported = self.exported.lock().expect("exported lock");
         let now: BTreeSet<SegmentKey> = stats.segments.iter().map(|s| s.key).collect();
         for gone in exported.difference(&now) {
@@ -497,6 +524,8 @@ mod tests {
             "node_scrub_pages_checked_total 0",
             "node_scrub_repaired_total 0",
             "node_acks_throttled_total 0",
+            "node_throttled 0",
+            "node_acks_held 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -79,6 +79,7 @@ impl Node {
             );
             core.set_background_paused(true);
         }
+        core.configure_throttle(config.backpressure.throttle_config());
         // One group in memory at a time: recovery memory does not grow with the journal.
         let (mut groups, mut records) = (0, 0);
         let start = core.journal_start();

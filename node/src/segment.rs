@@ -440,12 +440,21 @@ impl Segment {
 
     /// Records in `(materialized, min(target, SCL)]`: what coalescing still has to do.
     pub fn coalesce_backlog(&self, target: Lsn) -> usize {
+        self.coalesce_backlog_up_to(target, usize::MAX)
+    }
+
+    /// [`Segment::coalesce_backlog`], counted no further than `cap`: what the foreground path
+    /// can afford (counting costs a step per record, and the backlog may be millions).
+    pub fn coalesce_backlog_up_to(&self, target: Lsn, cap: usize) -> usize {
         let end = target.min(self.scl);
-        if end <= self.materialized {
+        if end <= self.materialized || cap == 0 {
             return 0;
         }
         let range = (Bound::Excluded(self.materialized), Bound::Included(end));
-        self.records.range(range).count()
+        let counted = self.records.range(range).take(cap).count();
+        assert!(counted <= cap);
+        assert!(counted <= self.records.len());
+        counted
     }
 
     /// The page store now holds every page's records up to `through` (durably). Ignored (and

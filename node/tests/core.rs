@@ -5,11 +5,12 @@
 //! "durable".
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use node::core::{
-    ConnId, CoreConfig, EntryLocation, GroupId, ManifestToken, NodeCore, NodeOutput, PersistGroup,
+    ACK_DELAY_LIMIT, ConnId, CoreConfig, EntryLocation, GroupId, IDLE_AFTER, ManifestToken,
+    NodeCore, NodeOutput, PersistGroup, ThrottleConfig,
 };
 use node::io::{AlignedBuf, encode_group};
 use node::journal::format::GROUP_BYTES_MAX;
@@ -297,7 +298,7 @@ impl Harness {
         }
         file[group.position.offset as usize..end].copy_from_slice(buf.as_slice());
         self.durable.insert(group.sequence, group);
-        self.core.handle_persisted(id);
+        self.core.handle_persisted(self.now, id);
         self.drain();
     }
 
@@ -839,7 +840,7 @@ fn a_fatal_io_error_answers_everyone_and_stops() {
     // Completions of what was in flight no longer matter.
     let ids: Vec<GroupId> = h.pending.keys().copied().collect();
     for id in ids {
-        h.core.handle_persisted(id);
+        h.core.handle_persisted(h.now, id);
     }
     h.drain();
     assert!(h.core.is_idle());
@@ -1138,4 +1139,371 @@ fn sustained_writes_recycle_the_journal_and_reads_stay_exact() {
         let bytes = read_bytes(&mut restarted, page, lsn);
         assert_eq!(bytes, model[&page].bytes, "page {page} after a restart");
     }
+}
+
+/// A throttle that delays every ack by exactly `delay` (journal use is always at or past 0 %).
+fn always(delay: std::time::Duration) -> ThrottleConfig {
+    ThrottleConfig {
+        journal_percent: 0,
+        backlog_records: usize::MAX / 4,
+        delay_min: delay,
+        delay_max: delay,
+    }
+}
+
+/// Goal: under back-pressure a durable batch's ack is held, then leaves at its deadline with
+/// the SCL as it is then; the core's timer names that deadline; nothing else waits (the batch
+/// is indexed at once); the state is reported once per episode.
+/// Method: force throttling (journal_percent = 0) with a 100 ms delay; append, complete the
+/// write, step the core's clock to just before and to the deadline.
+#[test]
+fn throttled_acks_are_held_until_their_deadline() {
+    let mut h = Harness::new();
+    let delay = Duration::from_millis(100);
+    h.core.configure_throttle(always(delay));
+    let a = h.send(link(Epoch(0), 1, 0));
+    h.persist_all();
+    assert!(!h.has_reply(a), "held by back-pressure");
+    assert_eq!(h.scl(), Lsn(1), "the batch is indexed while its ack waits");
+    let status = h.core.throttle_status();
+    assert!(status.throttled);
+    assert_eq!(
+        (status.episodes, status.acks_throttled, status.acks_held),
+        (1, 1, 1)
+    );
+    assert_eq!(status.delay, delay);
+    assert!(!h.core.is_idle(), "a held ack is work still to do");
+    let deadline = h.now + delay;
+    h.core.handle_timeout(h.now); // As a driver does when it starts (gossip plans at once).
+    h.drain();
+    assert_eq!(h.core.poll_timeout(), Some(deadline));
+    h.core.handle_timeout(deadline - Duration::from_millis(1));
+    h.drain();
+    assert!(!h.has_reply(a));
+    h.core.handle_timeout(deadline);
+    h.drain();
+    assert_eq!(h.ack_scl(a), Lsn(1));
+    assert_eq!(h.core.throttle_status().acks_held, 0);
+    assert_eq!(h.core.poll_timeout(), None);
+    assert!(h.core.is_idle());
+    // Still under pressure: the next ack is held too, in the same episode.
+    h.now = deadline;
+    let b = h.send(link(Epoch(0), 2, 1));
+    h.persist_all();
+    assert!(!h.has_reply(b));
+    assert_eq!(h.core.throttle_status().episodes, 1);
+}
+
+/// Goal: acks leave in the order they were decided even when pressure drops meanwhile (an ack
+/// decided without pressure waits behind those held before it), and errors are never held.
+/// Method: hold one ack under a 100 ms delay, lift the pressure, append again, then also a
+/// request refused at once; step the clock to the first deadline.
+#[test]
+fn held_acks_keep_their_order_and_errors_are_never_held() {
+    let mut h = Harness::new();
+    h.core
+        .configure_throttle(always(Duration::from_millis(100)));
+    let a = h.send(link(Epoch(0), 1, 0));
+    h.persist_all();
+    h.core.configure_throttle(ThrottleConfig::default());
+    h.now += Duration::from_millis(10);
+    let b = h.send(link(Epoch(0), 2, 1));
+    h.persist_all();
+    assert!(!h.has_reply(a) && !h.has_reply(b), "b waits behind a");
+    let status = h.core.throttle_status();
+    assert!(!status.throttled, "no pressure any more");
+    assert_eq!(status.acks_held, 2);
+    let refused = h.send(link(Epoch(5), 3, 2));
+    assert_eq!(h.error(refused).0, ErrorCode::EpochNotInstalled);
+    h.core.handle_timeout(h.now + Duration::from_millis(90));
+    h.drain();
+    let acked: Vec<u64> = h
+        .replies
+        .iter()
+        .filter(|(_, _, m)| matches!(m, Message::Ack(_)))
+        .map(|(_, id, _)| *id)
+        .collect();
+    assert_eq!(acked, vec![a, b]);
+    assert_eq!(h.ack_scl(b), Lsn(2));
+}
+
+/// Goal: a held ack never outlives the node's serving: shutdown sends it at once, and a fatal
+/// stop answers it ShuttingDown; an epoch that moves on while an ack is held turns it into
+/// StaleEpoch. Method: hold acks, then fence, shut down, and stop another core.
+#[test]
+fn held_acks_leave_at_shutdown_and_turn_stale_with_the_epoch() {
+    let mut h = Harness::new();
+    h.core.configure_throttle(always(ACK_DELAY_LIMIT));
+    let a = h.send(link(Epoch(0), 1, 0));
+    h.persist_all();
+    let fence = h.fence(Epoch(0), e(1, 1));
+    h.settle();
+    assert!(matches!(h.reply(fence), Message::VolumeState(_)));
+    let b = h.send(link(e(1, 1), 2, 1));
+    h.persist_all();
+    assert!(!h.has_reply(a) && !h.has_reply(b));
+    h.core.begin_shutdown();
+    h.drain();
+    assert_eq!(
+        h.error(a).0,
+        ErrorCode::StaleEpoch,
+        "its epoch was replaced"
+    );
+    assert_eq!(h.ack_scl(b), Lsn(2));
+    assert!(h.core.is_idle());
+
+    let mut h = Harness::new();
+    h.core.configure_throttle(always(ACK_DELAY_LIMIT));
+    let c = h.send(link(Epoch(0), 1, 0));
+    h.persist_all();
+    h.core.handle_fatal_io("EIO".into());
+    h.drain();
+    assert_eq!(h.error(c).0, ErrorCode::ShuttingDown);
+    assert_eq!(h.core.poll_timeout(), None);
+    assert!(h.core.is_idle());
+}
+
+/// Appends a run of `count` records of 6,000 bytes continuing the chain after `lsn`, completes
+/// its write, and returns its request id.
+fn append_run(h: &mut Harness, lsn: &mut u64, count: u64) -> u64 {
+    let records = (0..count)
+        .map(|_| {
+            *lsn += 1;
+            big_record(*lsn, *lsn - 1, *lsn % 8, 6000)
+        })
+        .collect();
+    let id = h.send(append(Epoch(0), records));
+    h.persist_all();
+    id
+}
+
+/// Goal: the ack delay grows with journal use: none below `journal_percent`, then rising,
+/// and the maximum from the reserve on. Method: a journal of 4 files of one group's size, no
+/// PGMRPL (nothing can be coalesced or collected); appends of 40 records of 6,000 bytes until
+/// the journal refuses; note each ack's delay and the journal use it was decided at.
+#[test]
+fn the_ack_delay_grows_with_journal_use() {
+    let config = CoreConfig {
+        journal_file_bytes: GROUP_BYTES_MAX as u64,
+        journal_file_count: 4,
+        ..config()
+    };
+    let mut h = Harness::recover_with(
+        config,
+        Manifest {
+            segments: vec![key(0)],
+            ..Manifest::default()
+        },
+        BTreeMap::new(),
+        HashMap::new(),
+        Default::default(),
+    );
+    let (min, max) = (Duration::from_millis(10), Duration::from_millis(110));
+    h.core.configure_throttle(ThrottleConfig {
+        journal_percent: 20,
+        delay_min: min,
+        delay_max: max,
+        ..ThrottleConfig::default()
+    });
+    let mut lsn = 0;
+    let mut seen: Vec<(u64, Option<Duration>)> = Vec::new();
+    loop {
+        let id = append_run(&mut h, &mut lsn, 40);
+        if h.has_reply(id) {
+            match h.reply(id) {
+                Message::Error(e) if e.code == ErrorCode::JournalFull => break,
+                Message::Ack(_) => {}
+                other => panic!("append {id}: {other:?}"),
+            }
+        }
+        let status = h.core.throttle_status();
+        let held = if h.has_reply(id) {
+            None
+        } else {
+            Some(status.delay)
+        };
+        seen.push((status.journal_used_percent, held));
+        h.now += ACK_DELAY_LIMIT;
+        h.core.handle_timeout(h.now);
+        h.drain();
+        assert!(h.has_reply(id), "released within the limit");
+    }
+    assert!(
+        seen.iter()
+            .all(|(used, held)| (*used < 20) == held.is_none()),
+        "{seen:?}"
+    );
+    let delays: Vec<Duration> = seen.iter().filter_map(|(_, d)| *d).collect();
+    assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+    assert!(delays.iter().any(|d| *d > min && *d < max), "{delays:?}");
+    assert_eq!(delays.last(), Some(&max), "full pressure near the end");
+}
+
+/// Goal: a full journal is an immediate error, never a wait: every append gets its reply
+/// (Ack, or JournalFull once no file has room) within the back-pressure limit, and nothing
+/// is left waiting. Method: a ring of 2 files of one group's size, no PGMRPL; append runs of
+/// 40 records until JournalFull; after each, step the clock by ACK_DELAY_LIMIT.
+#[test]
+fn a_full_journal_is_an_error_not_a_hang() {
+    let config = CoreConfig {
+        journal_file_bytes: GROUP_BYTES_MAX as u64,
+        journal_file_count: 2,
+        ..config()
+    };
+    let manifest = Manifest {
+        segments: vec![key(0)],
+        ..Manifest::default()
+    };
+    let mut h = Harness::recover_with(
+        config,
+        manifest,
+        BTreeMap::new(),
+        HashMap::new(),
+        Default::default(),
+    );
+    let mut lsn = 0;
+    let mut acked = 0;
+    loop {
+        let id = append_run(&mut h, &mut lsn, 40);
+        h.now += ACK_DELAY_LIMIT;
+        h.core.handle_timeout(h.now);
+        h.drain();
+        h.settle();
+        assert!(h.core.is_idle(), "nothing waits after append {id}");
+        match h.reply(id) {
+            Message::Ack(_) => acked += 1,
+            Message::Error(e) if e.code == ErrorCode::JournalFull => break,
+            other => panic!("append {id}: {other:?}"),
+        }
+    }
+    assert!(acked > 10, "the journal held {acked} appends first");
+    assert!(
+        h.core.throttle_status().acks_throttled > 0,
+        "pressure came first"
+    );
+    // The refused records are lost: what follows them lies beyond a gap, and the reserve
+    // refuses it even where a small batch would still fit.
+    let beyond = h.send(append(Epoch(0), vec![big_record(lsn + 1, lsn, 1, 100)]));
+    h.settle();
+    assert_eq!(h.error(beyond).0, ErrorCode::JournalFull);
+    assert!(h.core.is_idle());
+}
+
+/// Goal: a coalescing backlog past its bound delays acks, and once coalescing catches up,
+/// acks leave at once again. Method: bound 8 records; PGMRPL far ahead so every record is
+/// coalescible; appends keep the foreground busy (no round below a quarter of the journal);
+/// then the foreground idles past IDLE_AFTER, a round runs (the harness runs it at once).
+#[test]
+fn a_coalescing_backlog_delays_acks_until_it_is_worked_off() {
+    let mut h = Harness::new();
+    h.core.configure_throttle(ThrottleConfig {
+        backlog_records: 8,
+        delay_min: Duration::from_millis(5),
+        delay_max: Duration::from_millis(5),
+        ..ThrottleConfig::default()
+    });
+    let set = h.send(Message::SetPgmrpl(wire::SetPgmrpl {
+        volume: V,
+        pg: PgId(0),
+        pgmrpl: Lsn(1000),
+    }));
+    assert_eq!(h.reply(set), &Message::Done);
+    let mut held = Vec::new();
+    for lsn in 1..=20 {
+        // The header's VDL (here the backlink) is the hint coalescing stops at.
+        let id = h.send(link(Epoch(0), lsn, lsn - 1));
+        h.persist_all();
+        if !h.has_reply(id) {
+            held.push(lsn);
+        }
+        h.now += node::core::BACKLOG_REFRESH;
+        h.core.handle_timeout(h.now);
+        h.drain();
+    }
+    assert_eq!(
+        h.core.background_stats().rounds,
+        0,
+        "the foreground was busy"
+    );
+    assert!(
+        held.first().is_some_and(|l| *l >= 9),
+        "not before the bound: {held:?}"
+    );
+    assert!(held.len() >= 8, "{held:?}");
+    let status = h.core.throttle_status();
+    assert!(
+        status.throttled && status.backlog_records >= 8,
+        "{status:?}"
+    );
+    // The foreground idles: a round works the backlog off.
+    h.now += IDLE_AFTER;
+    h.core.handle_timeout(h.now);
+    h.drain();
+    h.settle();
+    assert!(h.core.background_stats().rounds >= 1);
+    let after = h.send(link(Epoch(0), 21, 20));
+    h.persist_all();
+    assert!(
+        h.has_reply(after),
+        "acked at once: {:?}",
+        h.core.throttle_status()
+    );
+    assert!(!h.core.throttle_status().throttled);
+    assert_eq!(h.core.throttle_status().episodes, 1);
+}
+
+/// Goal: once the backlog is past back-pressure's bound, coalescing stops yielding to appends
+/// (else acks would be delayed for work the node chose not to do), even with the journal far
+/// below a quarter full. Method: a journal of 8 files (one eighth in use), bound 300 records
+/// (above ROUND_RECORDS_MIN), PGMRPL far ahead; 400 one-record appends, a millisecond apart
+/// (the foreground never idles).
+#[test]
+fn coalescing_stops_yielding_once_acks_are_delayed_for_it() {
+    let config = CoreConfig {
+        journal_file_bytes: GROUP_BYTES_MAX as u64,
+        journal_file_count: 8,
+        ..config()
+    };
+    let manifest = Manifest {
+        segments: vec![key(0)],
+        ..Manifest::default()
+    };
+    let mut h = Harness::recover_with(
+        config,
+        manifest,
+        BTreeMap::new(),
+        HashMap::new(),
+        Default::default(),
+    );
+    h.core.configure_throttle(ThrottleConfig {
+        backlog_records: 300,
+        delay_min: Duration::from_millis(1),
+        delay_max: Duration::from_millis(1),
+        ..ThrottleConfig::default()
+    });
+    let set = h.send(Message::SetPgmrpl(wire::SetPgmrpl {
+        volume: V,
+        pg: PgId(0),
+        pgmrpl: Lsn(10_000),
+    }));
+    assert_eq!(h.reply(set), &Message::Done);
+    let mut first_held = None;
+    for lsn in 1..=400 {
+        let id = h.send(link(Epoch(0), lsn, lsn - 1));
+        h.persist_all();
+        if !h.has_reply(id) && first_held.is_none() {
+            first_held = Some(lsn);
+        }
+        h.now += Duration::from_millis(1);
+        h.core.handle_timeout(h.now);
+        h.drain();
+        h.settle();
+    }
+    assert!(h.core.journal_used_percent() < node::core::COALESCE_PERCENT);
+    assert!(first_held.is_some_and(|l| l > 300), "{first_held:?}");
+    let stats = h.core.background_stats();
+    assert!(
+        stats.rounds >= 1,
+        "coalescing ran while appends flowed: {stats:?}"
+    );
 }

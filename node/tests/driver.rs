@@ -81,11 +81,17 @@ impl RecordReader for NoReads {
     }
 }
 
-/// A driver over a recovered core hosting segment 0 of volume 1 at epoch 0.
+/// A driver over a recovered core hosting segment 0 of volume 1 at epoch 0, running.
 fn start(
     journal: FailingJournal,
     manifests: Manifests,
 ) -> (DriverHandle, tokio::task::JoinHandle<Result<(), String>>) {
+    let (driver, handle) = driver(journal, manifests);
+    (handle, tokio::spawn(driver.run()))
+}
+
+/// A driver over a recovered core hosting segment 0 of volume 1 at epoch 0.
+fn driver<J: JournalIo>(journal: J, manifests: Manifests) -> (Driver<J>, DriverHandle) {
     let manifest = Manifest {
         segments: vec![SegmentKey {
             volume: VolumeId(1),
@@ -108,8 +114,7 @@ fn start(
         reader: Arc::new(NoReads),
         pages: Arc::new(node::pagestore::MemPageStore::default()),
     };
-    let (driver, handle) = Driver::new(core, journal, io, Arc::new(SystemClock));
-    (handle, tokio::spawn(driver.run()))
+    Driver::new(core, journal, io, Arc::new(SystemClock))
 }
 
 fn append(lsn: u64) -> Message {
@@ -213,4 +218,83 @@ async fn a_failed_manifest_store_stops_the_node() {
     assert!(handle.stopped().await.contains("No space left"));
     handle.shutdown();
     assert!(task.await.unwrap().is_err());
+}
+
+/// A journal whose writes never complete (a device that stopped answering).
+struct StuckJournal;
+
+impl JournalIo for StuckJournal {
+    fn submit(&mut self, _: PersistGroup) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn reap(&mut self, _: &mut Vec<GroupOutcome>) {}
+
+    fn ready(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
+}
+
+/// Log lines, kept for a test to read.
+#[derive(Clone, Default)]
+struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Goal: a journal write the device never completes does not leave the node silent: the
+/// driver logs one WARN naming the group once it has waited past the stall threshold, and one
+/// naming the request that waits on it, and only one each however long they wait (the append
+/// itself waits: acks follow durability).
+/// Method: a journal that never completes, a 20 ms threshold, one append; wait (10 s at most)
+/// for the line, then let the driver run past several more thresholds.
+#[tokio::test(flavor = "current_thread")]
+async fn a_journal_write_that_never_completes_is_reported_and_so_is_its_request() {
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let (mut driver, handle) = driver(StuckJournal, Manifests { fail: false });
+    driver.set_stall_warn(std::time::Duration::from_millis(20));
+    let task = tokio::spawn(driver.run());
+    let (stream, mut replies) = handle.open_stream(Some(Role::Engine));
+    request(&stream, 1, append(1)).await;
+    let said = "journal write of group 1 submitted";
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while !lines.text().contains(said) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "no stall reported: {}", lines.text());
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(lines.text().matches(said).count(), 1, "{}", lines.text());
+    let owed = "request 1 on stream 1 has waited";
+    assert_eq!(lines.text().matches(owed).count(), 1, "{}", lines.text());
+    assert!(
+        replies.try_recv().is_err(),
+        "no ack before the write is durable"
+    );
+    task.abort();
 }

@@ -110,7 +110,7 @@ impl Mem {
 
     /// Carries out every output at once: groups are durable and manifests stored as soon as
     /// asked, reads served from the in-memory journal.
-    fn drain(&mut self) {
+    fn drain(&mut self, now: Instant) {
         while let Some(output) = self.core.poll_output() {
             match output {
                 NodeOutput::Reply {
@@ -129,7 +129,7 @@ impl Mem {
                     file[group.position.offset as usize..end].copy_from_slice(buf.as_slice());
                     let id = group.id;
                     self.durable.insert(group.sequence, group);
-                    self.core.handle_persisted(id);
+                    self.core.handle_persisted(now, id);
                 }
                 NodeOutput::StoreManifest { token, manifest } => {
                     self.manifest = manifest;
@@ -233,7 +233,7 @@ impl Cluster {
         let node = &mut self.nodes[i];
         node.core
             .handle_request(self.now, ConnId(1), Some(Role::Engine), request_id, message);
-        node.drain();
+        node.drain(self.now);
         let at = node
             .replies
             .iter()
@@ -266,7 +266,7 @@ impl Cluster {
         self.now += step;
         for i in 0..NODES {
             self.nodes[i].core.handle_timeout(self.now);
-            self.nodes[i].drain();
+            self.nodes[i].drain(self.now);
         }
         for i in 0..NODES {
             let requests = std::mem::take(&mut self.nodes[i].peer_requests);
@@ -288,7 +288,7 @@ impl Cluster {
                 self.nodes[i]
                     .core
                     .handle_peer_reply(self.now, &to, request_id, reply);
-                self.nodes[i].drain();
+                self.nodes[i].drain(self.now);
             }
         }
     }
@@ -305,7 +305,7 @@ impl Cluster {
         let body = Bytes::from(frame).slice(4..);
         node.core
             .handle_frame(self.now, conn, Some(Role::Node), body);
-        node.drain();
+        node.drain(self.now);
         let at = node
             .replies
             .iter()

@@ -57,6 +57,8 @@ pub struct NodeSpec {
     pub background_paused: bool,
     /// `[scrub] interval_ms` (`None`: the node's default).
     pub scrub_interval_ms: Option<u64>,
+    /// `[backpressure]` (written only when it differs from the node's defaults).
+    pub backpressure: node::config::BackpressureSettings,
 }
 
 impl NodeSpec {
@@ -77,6 +79,7 @@ impl NodeSpec {
             metrics_listen: None,
             background_paused: false,
             scrub_interval_ms: None,
+            backpressure: node::config::BackpressureSettings::default(),
         }
     }
 
@@ -106,6 +109,7 @@ impl NodeSpec {
             metrics_listen: config.metrics_listen,
             background_paused: config.background.paused,
             scrub_interval_ms: Some(config.scrub.interval_ms),
+            backpressure: config.backpressure.clone(),
         }
     }
 
@@ -137,6 +141,14 @@ impl NodeSpec {
         }
         if let Some(ms) = self.scrub_interval_ms {
             s.push_str(&format!("\n[scrub]\ninterval_ms = {ms}\n"));
+        }
+        let b = &self.backpressure;
+        if *b != node::config::BackpressureSettings::default() {
+            s.push_str(&format!(
+                "\n[backpressure]\njournal_percent = {}\nbacklog_records = {}\n\
+                 ack_delay_min_ms = {}\nack_delay_max_ms = {}\n",
+                b.journal_percent, b.backlog_records, b.ack_delay_min_ms, b.ack_delay_max_ms
+            ));
         }
         for (volume, pg, segment) in &self.segments {
             s.push_str(&format!(

@@ -5,46 +5,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
-
 use common::*;
-use prometheus_parse::{Sample, Scrape, Value};
 use tools::procs::{NodeProcess, NodeSpec};
 use wire::Message;
-
-/// Status line and body of `GET path` over a fresh HTTP/1.1 connection.
-fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    // A generous bound: a test may fail, never hang.
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head.lines().next().unwrap().to_string();
-    (status, body.to_string())
-}
-
-fn scrape(addr: SocketAddr) -> Scrape {
-    let (status, body) = http_get(addr, "/metrics");
-    assert!(status.contains("200"), "{status}\n{body}");
-    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
-}
-
-/// The value of the one sample named `name` (counters, gauges and histogram counts).
-fn value(scrape: &Scrape, name: &str) -> f64 {
-    let samples: Vec<&Sample> = scrape.samples.iter().filter(|s| s.metric == name).collect();
-    assert_eq!(samples.len(), 1, "one {name} sample expected");
-    match &samples[0].value {
-        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-        other => panic!("{name} is {other:?}"),
-    }
-}
 
 /// Appends records 1..=20 (4 KiB each) to segment (1, 0, 0); returns the last Ack's SCL.
 fn append_twenty(certs: &std::path::Path, node: &NodeProcess) -> u64 {
@@ -101,6 +64,8 @@ fn metrics_are_served_parsed_and_move_with_appends() {
         "node_scrub_pages_checked_total",
         "node_scrub_repaired_total",
         "node_acks_throttled_total",
+        "node_throttled",
+        "node_acks_held",
         "node_segment_scl",
         "node_segment_materialized_lsn",
     ] {

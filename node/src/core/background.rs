@@ -5,10 +5,15 @@
 //!
 //! Scheduling: one round in flight at a time. A round starts when a segment has records in
 //! `(materialized, min(PGMRPL, SCL)]` and either the foreground is idle (no append for
-//! [`IDLE_AFTER`]), or the journal is a quarter full ([`COALESCE_PERCENT`]) and the segment has
-//! enough of them to be worth a round ([`ROUND_RECORDS_MIN`]): coalescing costs page reads and
+//! [`IDLE_AFTER`]), or the journal is a quarter full ([`COALESCE_PERCENT`]) or the backlog is
+//! past back-pressure's bound (acks are being delayed for it) and the segment has enough of
+//! them to be worth a round ([`ROUND_RECORDS_MIN`]): coalescing costs page reads and
 //! writes (measured: rounds running beside a closed-loop commit load at 16 in flight halved its
 //! throughput, 7.2k/s against 3.7k/s), so it yields to appends until space calls for it.
+//! Among the segments with enough records, the one with the most goes first, counted only up
+//! to [`ROUND_RECORDS_MIN`] (this choice runs on the foreground path, so it never counts a
+//! whole backlog), ties in turn from the segment chosen last. If coalescing still falls behind,
+//! the node delays its acks (see `throttle`).
 //!
 //! Garbage collection, after each round (and whenever the journal is under pressure,
 //! [`PRESSURE_PERCENT`]): a segment's base moves up to its `materialized` LSN, held back by
@@ -63,6 +68,8 @@ pub(super) struct Background {
     next_token: u64,
     /// The round in flight: its segment and how far it goes.
     inflight: Option<(JobToken, SegmentKey, Lsn)>,
+    /// The segment of the last round started (the next choice starts after it).
+    last_chosen: Option<SegmentKey>,
     /// Segments whose last round failed, with the target it had: not tried again until
     /// their target moves (or a repair makes the segment whole again).
     pub(super) failed: BTreeMap<SegmentKey, Lsn>,
@@ -91,6 +98,7 @@ impl Background {
         Self {
             next_token: 0,
             inflight: None,
+            last_chosen: None,
             failed: BTreeMap::new(),
             files: vec![BTreeMap::new(); file_count as usize],
             first_sequence: vec![None; file_count as usize],
@@ -149,10 +157,21 @@ impl NodeCore {
 
     /// Records of each segment still to be coalesced (up to its PGMRPL and SCL).
     pub fn coalesce_backlog(&self) -> usize {
-        self.segments
-            .iter()
-            .map(|(key, s)| s.coalesce_backlog(self.coalesce_target(key, s)))
-            .sum()
+        self.coalesce_backlog_capped(usize::MAX)
+    }
+
+    /// [`NodeCore::coalesce_backlog`], counted no further than `cap` (a step per record).
+    pub(super) fn coalesce_backlog_capped(&self, cap: usize) -> usize {
+        let mut total = 0usize;
+        for (key, segment) in &self.segments {
+            if total >= cap {
+                break;
+            }
+            total +=
+                segment.coalesce_backlog_up_to(self.coalesce_target(key, segment), cap - total);
+        }
+        assert!(total <= cap);
+        total
     }
 
     /// Percent of the journal's files holding live records (the one being written counts).
@@ -185,6 +204,26 @@ impl NodeCore {
         if first <= end && last > end {
             self.background.accepted_end.insert(batch.key, last);
         }
+    }
+
+    /// An accepted append was refused after all (no journal file had room for its group): the
+    /// chain will not run through it, so its future end falls back to where the batch began
+    /// at most (the SCL catches up with anything accepted before it, once that is durable).
+    /// Without this, the reserve would go on taking appends that follow the lost batch, each
+    /// beyond a gap.
+    pub(super) fn note_refused(&mut self, batch: &super::commit::Batch) {
+        let first = batch.records[0].backlink;
+        if let Some(end) = self.background.accepted_end.get_mut(&batch.key)
+            && *end >= first
+        {
+            *end = first;
+        }
+        let end = self.background.accepted_end.get(&batch.key);
+        assert!(end.is_none_or(|e| *e <= first));
+        assert!(
+            !batch.gossip,
+            "gossip's batches are never noted as accepted"
+        );
     }
 
     /// How far GC must keep `key`'s records for others: peers that lag (a recovering writer
@@ -243,18 +282,14 @@ impl NodeCore {
         (waiting && !self.foreground_idle()).then_some(last + IDLE_AFTER)
     }
 
-    /// Starts a coalescing round if one is due (see the module docs).
-    pub(super) fn schedule_background(&mut self) {
-        if self.phase != Phase::Serving || !self.jobs_idle() || self.background.paused {
-            return;
-        }
-        let used = self.journal_used_percent();
-        let pressure = used >= PRESSURE_PERCENT;
-        let idle = self.foreground_idle();
-        if !idle && used < COALESCE_PERCENT {
-            return; // Coalescing costs page reads and writes: not while appends flow.
-        }
-        let minimum = if idle { 1 } else { ROUND_RECORDS_MIN };
+    /// The segment whose turn it is: at least `minimum` records to coalesce, the most of them
+    /// counted up to [`ROUND_RECORDS_MIN`], ties going round robin from the last one chosen
+    /// (so a segment that keeps refilling cannot keep the others waiting). This runs on the
+    /// foreground path (every poll with nothing queued), so it counts at most
+    /// `ROUND_RECORDS_MIN` records per segment however large the backlog is.
+    fn choose_segment(&self, minimum: usize) -> Option<SegmentKey> {
+        assert!((1..=ROUND_RECORDS_MIN).contains(&minimum));
+        let after = self.background.last_chosen;
         let chosen = self
             .segments
             .iter()
@@ -264,11 +299,30 @@ impl NodeCore {
             })
             .map(|(key, segment)| {
                 let target = self.coalesce_target(key, segment);
-                (segment.coalesce_backlog(target), *key)
+                let backlog = segment.coalesce_backlog_up_to(target, ROUND_RECORDS_MIN);
+                let turn = after.is_none_or(|a| *key > a);
+                (backlog, turn, std::cmp::Reverse(*key))
             })
-            .filter(|(backlog, _)| *backlog >= minimum)
-            .max();
-        let Some((_, key)) = chosen else {
+            .filter(|(backlog, _, _)| *backlog >= minimum)
+            .max()
+            .map(|(_, _, std::cmp::Reverse(key))| key);
+        assert!(chosen.is_none_or(|k| self.segments.contains_key(&k)));
+        chosen
+    }
+
+    /// Starts a coalescing round if one is due (see the module docs).
+    pub(super) fn schedule_background(&mut self) {
+        if self.phase != Phase::Serving || !self.jobs_idle() || self.background.paused {
+            return;
+        }
+        let used = self.journal_used_percent();
+        let pressure = used >= PRESSURE_PERCENT;
+        let idle = self.foreground_idle();
+        if !idle && used < COALESCE_PERCENT && !self.throttle.backlog_behind() {
+            return; // Coalescing costs page reads and writes: not while appends flow.
+        }
+        let minimum = if idle { 1 } else { ROUND_RECORDS_MIN };
+        let Some(key) = self.choose_segment(minimum) else {
             let releasable = self
                 .segments
                 .values()
@@ -296,6 +350,7 @@ impl NodeCore {
                 .collect(),
         };
         let token = self.background.issue_token();
+        self.background.last_chosen = Some(key);
         self.background.inflight = Some((token, key, plan.through));
         assert!(!job.pages.is_empty());
         self.outputs.push_back(NodeOutput::Coalesce { token, job });
@@ -311,6 +366,7 @@ impl NodeCore {
         if self.stopped().is_some() {
             return;
         }
+        self.throttle.backlog_changed();
         let Some(target) = self
             .segments
             .get(&key)

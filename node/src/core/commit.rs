@@ -302,18 +302,20 @@ impl NodeCore {
                 self.gossip_batch_refused(batch.key); // Fetched again later.
                 continue;
             }
+            self.note_refused(&batch);
             let text = "journal is full: no journal file has room for this batch".to_string();
             self.reply_error(batch.conn, batch.request_id, ErrorCode::JournalFull, text);
         }
         assert!(self.commit.journal_full_reported);
     }
 
-    /// A group is on stable storage; every group durable at the front of the journal order has
-    /// its batches indexed and answered.
-    pub fn handle_persisted(&mut self, group: GroupId) {
+    /// A group is on stable storage as of `now`; every group durable at the front of the
+    /// journal order has its batches indexed and answered.
+    pub fn handle_persisted(&mut self, now: Instant, group: GroupId) {
         if self.stopped().is_some() {
             return; // Everyone waiting was answered when the node stopped.
         }
+        self.note_now(now);
         let inflight = self
             .commit
             .inflight

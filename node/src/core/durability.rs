@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use wire::{Epoch, ErrorCode, Message, SegmentAck, VolumeId};
+use wire::{Epoch, Message, VolumeId};
 
 use super::{ConnId, ManifestToken, NodeCore, NodeOutput};
 use crate::manifest::SegmentKey;
@@ -157,7 +157,8 @@ impl NodeCore {
         });
     }
 
-    /// Sends an answer whose state is durable, computed from the state as it is now.
+    /// Sends an answer whose state is durable, computed from the state as it is now (an Ack
+    /// may be held back a moment first, see `throttle`).
     pub(super) fn answer(&mut self, conn: ConnId, request_id: u64, answer: Answer) {
         assert!(
             self.stopped().is_none(),
@@ -165,24 +166,11 @@ impl NodeCore {
         );
         match answer {
             Answer::Ack { key, epoch } => {
-                let current = self.epoch(key.volume);
-                assert!(epoch <= current, "epochs only grow");
-                if epoch < current {
-                    let text = format!(
-                        "epoch {epoch} was replaced by volume {}'s epoch {current} while the \
-                         batch was in flight: it is durable but not acknowledged",
-                        key.volume
-                    );
-                    return self.reply_error(conn, request_id, ErrorCode::StaleEpoch, text);
+                if epoch < self.epoch(key.volume) {
+                    // A refusal is never held back: only Acks are paced.
+                    return self.send_ack(conn, request_id, key, epoch);
                 }
-                let scl = self.scl(&key).expect("segments are never unhosted");
-                let ack = SegmentAck {
-                    volume: key.volume,
-                    pg: key.pg,
-                    segment: key.segment,
-                    scl,
-                };
-                self.reply(conn, request_id, Message::Ack(ack));
+                self.ack_or_hold(conn, request_id, key, epoch);
             }
             Answer::VolumeState(volume) => {
                 let state = self.volume_state(volume);

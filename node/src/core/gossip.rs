@@ -296,14 +296,17 @@ impl NodeCore {
     /// When [`NodeCore::handle_timeout`] wants to be called next, if ever. A driver calls it
     /// once when it starts serving, and again whenever this time passes.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [
+        let next = [
             self.background_timeout(),
             self.gossip_timeout(),
             self.scrub_timeout(),
+            self.throttle_timeout(),
         ]
         .into_iter()
         .flatten()
-        .min()
+        .min();
+        assert!(next.is_none() || self.phase != Phase::Recovering);
+        next
     }
 
     /// The latest time the core was given, if any.
@@ -326,9 +329,13 @@ impl NodeCore {
         next
     }
 
-    /// Time passed: expired peer requests fail, due peers are polled, fetches are planned.
+    /// Time passed: held acks that are due leave, expired peer requests fail, due peers are
+    /// polled, fetches are planned.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.note_now(now);
+        if matches!(self.phase, Phase::Serving | Phase::ShuttingDown) {
+            self.release_held_acks(now);
+        }
         if !self.gossip.config.enabled || self.phase != Phase::Serving {
             return;
         }

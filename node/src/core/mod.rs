@@ -17,8 +17,8 @@
 //!   [`NodeOutput::Reply`] on its `conn`, sooner or later (request id 0 if its header could
 //!   not be read); a driver may count on that to bound each stream's requests in flight.
 //!   [`NodeCore::handle_request`] takes the request as a [`Message`] instead (it encodes it).
-//! - [`NodeCore::handle_persisted`]: a [`PersistGroup`] is on stable storage. Groups may be
-//!   reported in any order; the core releases their effects in journal order.
+//! - [`NodeCore::handle_persisted`]: a [`PersistGroup`] is on stable storage (with the time).
+//!   Groups may be reported in any order; the core releases their effects in journal order.
 //! - [`NodeCore::handle_manifest_stored`]: a [`NodeOutput::StoreManifest`] is on stable storage
 //!   (stores are asked for one at a time and are reported in order).
 //! - [`NodeCore::handle_records_read`]: the records of a [`NodeOutput::ReadRecords`], read back
@@ -27,7 +27,8 @@
 //!   node stops: everything waiting and everything after gets `ShuttingDown` with the reason.
 //! - [`NodeCore::begin_shutdown`]: refuse new requests, finish what is waiting.
 //! - [`NodeCore::handle_timeout`]: time passed (call it once when serving starts, then
-//!   whenever [`NodeCore::poll_timeout`] passes); gossip polls peers and plans fetches.
+//!   whenever [`NodeCore::poll_timeout`] passes); acks held back by back-pressure leave,
+//!   gossip polls peers and plans fetches.
 //! - [`NodeCore::handle_peer_reply`]: the reply to a [`NodeOutput::PeerRequest`], or why
 //!   none came (see `gossip`).
 //!
@@ -42,6 +43,8 @@
 //! # Invariants
 //! - an Ack leaves only after its batch is durable, after every batch before it in the journal
 //!   is durable, and after the manifest holding its volume's epoch and truncations is durable;
+//!   under back-pressure it may leave later still, never more than [`ACK_DELAY_LIMIT`] later
+//!   (see `throttle`);
 //! - once the volume's epoch has changed (a Fence, Truncate or HostSegments was accepted), no
 //!   Ack at the old epoch leaves: batches in flight are persisted and answered `StaleEpoch`;
 //! - a node learns a new epoch only from Fence, Truncate or HostSegments: a request at an
@@ -63,6 +66,7 @@ mod rebuild;
 mod requests;
 mod scrub;
 mod stats;
+mod throttle;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::RangeInclusive;
@@ -91,6 +95,7 @@ pub use requests::{
 };
 pub use scrub::{ScrubConfig, ScrubStats};
 pub use stats::{NodeStats, SegmentStats};
+pub use throttle::{ACK_DELAY_LIMIT, BACKLOG_REFRESH, ThrottleConfig, ThrottleStatus};
 
 /// A stream requests arrive on and replies go back to; chosen by the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -281,6 +286,7 @@ pub struct NodeCore {
     gossip: gossip::Gossip,
     scrub: scrub::Scrub,
     rebuilds: rebuild::Rebuilds,
+    throttle: throttle::Throttle,
     outputs: VecDeque<NodeOutput>,
 }
 
@@ -354,6 +360,7 @@ impl NodeCore {
             gossip,
             scrub: scrub::Scrub::new(),
             rebuilds: rebuild::Rebuilds::default(),
+            throttle: throttle::Throttle::default(),
             outputs: VecDeque::new(),
         };
         core.refresh_poll_targets();
@@ -477,13 +484,16 @@ impl NodeCore {
         output
     }
 
-    /// Stops taking requests (each gets `ShuttingDown`); what is waiting is finished.
+    /// Stops taking requests (each gets `ShuttingDown`); what is waiting is finished, and
+    /// acks held back by back-pressure leave at once.
     pub fn begin_shutdown(&mut self) {
         assert!(self.phase != Phase::Recovering, "shutdown after recovery");
         if self.phase == Phase::Serving {
             self.phase = Phase::ShuttingDown;
+            self.release_all_held_acks();
         }
         assert!(self.phase != Phase::Serving);
+        assert!(self.throttle.is_idle() || self.stopped().is_some());
     }
 
     /// A journal write or sync, or a manifest store, failed: the node stops serving. Every
@@ -503,6 +513,7 @@ impl NodeCore {
             .drain_waiting()
             .chain(self.durability.drain_waiting())
             .chain(self.reads.drain_waiting())
+            .chain(self.throttle.drain_waiting())
             .collect();
         for (conn, request_id) in waiting {
             self.reply_error(conn, request_id, ErrorCode::ShuttingDown, message.clone());
@@ -540,7 +551,8 @@ impl NodeCore {
             && self.commit.is_idle()
             && self.durability.is_idle()
             && self.reads.is_idle()
-            && self.background.is_idle();
+            && self.background.is_idle()
+            && self.throttle.is_idle();
         assert!(!idle || self.commit.oldest_received().is_none());
         idle
     }

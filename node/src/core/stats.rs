@@ -38,6 +38,8 @@ pub struct NodeStats {
     pub scrub: super::ScrubStats,
     /// Known holes in the hosted segments' chains (ranges missing below records held).
     pub gossip_gaps: u64,
+    /// Back-pressure: whether acks are being delayed, and how many were.
+    pub throttle: super::ThrottleStatus,
 }
 
 /// One hosted segment's counters.
@@ -93,6 +95,7 @@ impl NodeCore {
                 .keys()
                 .map(|key| self.gaps(key).len() as u64)
                 .sum(),
+            throttle: self.throttle_status(),
         }
     }
 }

@@ -42,7 +42,8 @@ pub trait JournalIo: Send {
     /// Starts the durable write of `group` (its bytes as [`encode_group`] lays them out, at
     /// its position). Never waits for the device. An error is fatal for the node.
     fn submit(&mut self, group: PersistGroup) -> std::io::Result<()>;
-    /// Hands what was submitted to the device (one system call for many groups).
+    /// Hands everything submitted to the device (one system call for many groups), leaving
+    /// nothing queued: no later call may be needed for a write to start.
     fn flush(&mut self) -> std::io::Result<()>;
     /// Moves the outcome of every finished write to `out`, in any order.
     fn reap(&mut self, out: &mut Vec<GroupOutcome>);

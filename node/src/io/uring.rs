@@ -27,6 +27,9 @@ use crate::journal::format::GROUP_BYTES_MAX;
 /// read of thread mode.
 const RING_ENTRIES: u32 = 4 * INFLIGHT_GROUPS_MAX as u32 + 4;
 
+/// Times `flush` asks the kernel to take every queued entry before it gives up.
+const SUBMIT_ATTEMPTS_MAX: usize = 1000;
+
 const KIND_EVENTFD: u64 = 0;
 const KIND_WRITE: u64 = 1;
 const KIND_SYNC: u64 = 2;
@@ -330,15 +333,23 @@ impl JournalIo for UringJournal {
         if !std::mem::take(&mut self.unsubmitted) {
             return Ok(());
         }
-        // Interrupted before the kernel took the entries: try again at once, as nothing else
-        // would wake the driver to do it.
-        loop {
+        // Interrupted before the kernel took the entries, or it took only some (it may stop
+        // early when it cannot allocate a request): try again at once. An entry left in the
+        // queue would wait for the next group's flush, and with every append waiting on this
+        // group's ack there may never be one: the node would sit idle for good. After
+        // SUBMIT_ATTEMPTS_MAX tries it is a fatal error, which the node reports.
+        for _ in 0..SUBMIT_ATTEMPTS_MAX {
             match self.ring.submit() {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
-                Ok(_) => return Ok(()),
+                Ok(_) if self.ring.submission().is_empty() => return Ok(()),
+                Ok(_) => std::thread::yield_now(),
             }
         }
+        let left = self.ring.submission().len();
+        Err(io::Error::other(format!(
+            "io_uring left {left} journal writes unsubmitted after {SUBMIT_ATTEMPTS_MAX} tries"
+        )))
     }
 
     fn reap(&mut self, out: &mut Vec<GroupOutcome>) {

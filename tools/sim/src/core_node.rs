@@ -125,6 +125,10 @@ pub struct CoreNode {
     needs_start: bool,
     /// Records fetched by gossip in earlier lives of this node.
     gossip_records_before: u64,
+    /// Acks delayed by back-pressure in earlier lives of this node.
+    acks_throttled_before: u64,
+    /// Back-pressure forced on this node, for every life of it.
+    throttle: Option<node::core::ThrottleConfig>,
 }
 
 /// The simulated placement's node `i`: its name, and an address nobody dials.
@@ -201,6 +205,8 @@ impl CoreNode {
             peers: placement.to_vec(),
             needs_start: true,
             gossip_records_before: 0,
+            acks_throttled_before: 0,
+            throttle: None,
         };
         node.recover();
         node
@@ -234,6 +240,9 @@ impl CoreNode {
             let mut config = node::core::GossipConfig::for_node(&self.config.name);
             config.enabled = false;
             core.configure_gossip(config);
+        }
+        if let Some(throttle) = &self.throttle {
+            core.configure_throttle(throttle.clone());
         }
         self.core = Some(core);
         self.needs_start = true;
@@ -293,7 +302,7 @@ impl CoreNode {
         if !persisted_now.is_empty() {
             let core = self.core.as_mut().expect("running");
             for group in persisted_now {
-                core.handle_persisted(group);
+                core.handle_persisted(now, group);
             }
             self.drain(now, None);
         }
@@ -466,7 +475,7 @@ impl StorageNode for CoreNode {
                 self.core
                     .as_mut()
                     .expect("running")
-                    .handle_persisted(write.group);
+                    .handle_persisted(now, write.group);
             }
         }
         if let Some((at, token, manifest)) = self.manifest_store.take() {
@@ -533,6 +542,7 @@ impl StorageNode for CoreNode {
         }
         if let Some(core) = &self.core {
             self.gossip_records_before += core.gossip_stats().records_fetched;
+            self.acks_throttled_before += core.throttle_status().acks_throttled;
         }
         self.core = None;
         self.peer_requests.clear();
@@ -562,6 +572,19 @@ impl StorageNode for CoreNode {
             config.enabled = false;
             core.configure_gossip(config);
         }
+    }
+
+    fn force_throttle(&mut self, delay: Duration) {
+        let config = node::core::ThrottleConfig {
+            journal_percent: 0,
+            delay_min: delay,
+            delay_max: delay,
+            ..node::core::ThrottleConfig::default()
+        };
+        if let Some(core) = self.core.as_mut() {
+            core.configure_throttle(config.clone());
+        }
+        self.throttle = Some(config);
     }
 
     fn take_peer_requests(&mut self) -> Vec<(String, u64, Message)> {
@@ -607,6 +630,14 @@ impl StorageNode for CoreNode {
             state.epoch,
             state.segments.iter().map(|s| (s.pg, s.scl)).collect(),
         ))
+    }
+
+    fn acks_throttled(&self) -> u64 {
+        let now = self
+            .core
+            .as_ref()
+            .map_or(0, |c| c.throttle_status().acks_throttled);
+        self.acks_throttled_before + now
     }
 
     fn gossip_records(&self) -> u64 {

@@ -30,6 +30,9 @@ struct Args {
     /// gossip).
     #[arg(long)]
     bit_flips: bool,
+    /// Back-pressure: one to three nodes (by seed) delay every ack by up to 200 ms.
+    #[arg(long)]
+    throttle: bool,
     /// Print what the cores and the simulator do (with --seed).
     #[arg(long)]
     trace: bool,
@@ -74,6 +77,7 @@ fn main() {
         options.bug = args.plant;
         options.model_nodes = args.model_nodes;
         options.bit_flips = args.bit_flips;
+        options.throttle = args.throttle;
         match sim::run_seed(&options) {
             Ok(report) => {
                 repaired += report.damage_repaired;
@@ -84,9 +88,20 @@ fn main() {
             Err(e) => {
                 failures += 1;
                 println!("seed {seed}: FAILED: {e}");
-                let flips = if args.bit_flips { " --bit-flips" } else { "" };
+                let flags = [
+                    (args.bit_flips, " --bit-flips"),
+                    (args.throttle, " --throttle"),
+                    (args.model_nodes, " --model-nodes"),
+                ]
+                .into_iter()
+                .filter_map(|(on, flag)| on.then_some(flag))
+                .collect::<String>();
+                let plant = args
+                    .plant
+                    .map(|b| format!(" --plant {}", b.name()))
+                    .unwrap_or_default();
                 println!(
-                    "  replay: sixfold-sim --seed {seed} --fault-ms {}{flips}",
+                    "  replay: sixfold-sim --seed {seed} --fault-ms {}{flags}{plant}",
                     args.fault_ms
                 );
             }

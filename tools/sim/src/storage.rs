@@ -66,6 +66,8 @@ pub trait StorageNode {
     fn plant_ack_before_durable(&mut self);
     /// Planted bug: never gossip (the SCL convergence checker must notice).
     fn plant_no_gossip(&mut self) {}
+    /// Back-pressure for good: every ack waits `delay` (only where the real core runs).
+    fn force_throttle(&mut self, _delay: std::time::Duration) {}
     /// A one-line description of the node's state, for traces.
     fn debug(&self) -> String {
         String::new()
@@ -91,6 +93,10 @@ pub trait StorageNode {
     /// model that does not gossip).
     fn scls(&self) -> Option<(Epoch, Vec<(PgId, Lsn)>)> {
         None
+    }
+    /// Acks this node delayed under back-pressure, over all its lives.
+    fn acks_throttled(&self) -> u64 {
+        0
     }
     /// Records this node's gossip has fetched from peers, over all its lives.
     fn gossip_records(&self) -> u64 {

@@ -79,6 +79,11 @@ pub struct Options {
     /// journal; its peers give them back through gossip, so such runs are checked like any
     /// other (safety, commits resuming, SCLs converging).
     pub bit_flips: bool,
+    /// Back-pressure on: one to three nodes (by seed) delay every ack by up to 200 ms, as a
+    /// node under journal or coalescing pressure does. Commits must still go through (the
+    /// quorum routes around one or two; three slow every commit down, never stop it) and
+    /// every checker must pass.
+    pub throttle: bool,
     /// Virtual time with faults.
     pub fault_ms: u64,
     /// Virtual time allowed, after healing, for a commit to go through.
@@ -92,6 +97,7 @@ impl Options {
             bug: None,
             model_nodes: false,
             bit_flips: false,
+            throttle: false,
             fault_ms: 8_000,
             heal_ms: 60_000,
         }
@@ -111,6 +117,8 @@ pub struct Report {
     pub gossip_records: u64,
     /// Damaged pages and records the running nodes repaired (with `bit_flips`).
     pub damage_repaired: u64,
+    /// Acks the nodes delayed under back-pressure.
+    pub acks_throttled: u64,
 }
 
 /// A message in flight.
@@ -227,6 +235,18 @@ fn make_nodes(layout: &VolumeLayout, model_nodes: bool) -> Vec<Box<dyn StorageNo
 }
 
 impl World {
+    /// Makes one to three nodes (chosen by `seed`, so other seeds' runs do not change) delay
+    /// every ack by 1 to 200 ms, for good (restarts too).
+    fn throttle_nodes(&mut self, seed: u64) {
+        let count = 1 + seed % 3;
+        let delay = ms(1 + (seed * 37) % 200);
+        for i in 0..count {
+            let node = ((seed + i * 2) % NODE_COUNT as u64) as usize;
+            self.trace(&format!("node{} delays every ack by {delay:?}", node + 1));
+            self.nodes[node].force_throttle(delay);
+        }
+    }
+
     pub fn new(seed: u64, bug: Option<Bug>, model_nodes: bool) -> Self {
         // The virtual clock's origin: only differences from it are ever used.
         #[allow(clippy::disallowed_methods)]
@@ -381,6 +401,7 @@ impl World {
         }
         self.report.gossip_records = self.nodes.iter().map(|n| n.gossip_records()).sum();
         self.report.damage_repaired = self.nodes.iter().map(|n| n.damage_repaired()).sum();
+        self.report.acks_throttled = self.nodes.iter().map(|n| n.acks_throttled()).sum();
         self.report.commits_acked = self.model.acked_count() as u64;
         self.report.recoveries = self.model.recoveries;
         self.report.final_vdl = self.writers[self.current].vdl.0;
@@ -1032,6 +1053,9 @@ pub fn run_seed(options: &Options) -> Result<Report, String> {
     let run = std::panic::catch_unwind(|| {
         let mut world = World::new(options.seed, options.bug, options.model_nodes);
         world.bit_flips = options.bit_flips;
+        if options.throttle {
+            world.throttle_nodes(options.seed);
+        }
         world.run(options)
     });
     run.unwrap_or_else(|panic| {

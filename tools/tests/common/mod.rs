@@ -2,11 +2,15 @@
 //! certificates, node processes and record builders.
 #![allow(dead_code, unreachable_pub)]
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use engine::NodeClient;
 use engine::tls::ClientIdentity;
 pub use node::config::{PersisterMode, SyncMode};
+use prometheus_parse::{Sample, Scrape, Value};
 use tools::procs::{NodeProcess, NodeSpec};
 use wire::{Append, Epoch, LogRecord, Lsn, Message, PageId, PgId, RedoOp, SegmentIndex, VolumeId};
 
@@ -116,4 +120,37 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// Status line and body of `GET path` over a fresh HTTP/1.1 connection.
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    // A generous bound: a test may fail, never hang.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.lines().next().unwrap().to_string();
+    (status, body.to_string())
+}
+
+/// The node's metrics at `addr`, parsed by a Prometheus text parser.
+pub fn scrape(addr: SocketAddr) -> Scrape {
+    let (status, body) = http_get(addr, "/metrics");
+    assert!(status.contains("200"), "{status}\n{body}");
+    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+/// The value of the one sample named `name` (counters, gauges and histogram counts).
+pub fn value(scrape: &Scrape, name: &str) -> f64 {
+    let samples: Vec<&Sample> = scrape.samples.iter().filter(|s| s.metric == name).collect();
+    assert_eq!(samples.len(), 1, "one {name} sample expected");
+    match &samples[0].value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+        other => panic!("{name} is {other:?}"),
+    }
 }
