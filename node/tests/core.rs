@@ -159,6 +159,11 @@ impl Harness {
         pages: std::sync::Arc<node::pagestore::MemPageStore>,
     ) -> Self {
         let mut core = NodeCore::new(config.clone(), manifest.clone());
+        // No scrub rounds: these tests step the core's timer and expect only their own work.
+        core.configure_scrub(node::core::ScrubConfig {
+            enabled: false,
+            ..node::core::ScrubConfig::default()
+        });
         let images = Images {
             files: &files,
             config: &config,

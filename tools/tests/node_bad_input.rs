@@ -221,20 +221,12 @@ fn engine_only_requests() -> Vec<Message> {
             pg: wire::PgId(0),
             pgmrpl: Lsn(1),
         }),
-        Message::ReadPage(wire::ReadPage {
-            volume,
-            epoch: wire::Epoch(0),
-            pg: wire::PgId(0),
-            segment: wire::SegmentIndex(0),
-            page: wire::PageId(1),
-            read_point: Lsn(0),
-        }),
     ]
 }
 
 /// Goal: the role in a certificate decides what its holder may do: a node certificate cannot
-/// append, fence, truncate, host segments, read pages or set PGMRPL, but may ask for a
-/// volume's state and fetch records; an engine certificate may do all of it; every refusal
+/// append, fence, truncate, host segments or set PGMRPL, but may ask for a volume's state,
+/// fetch records and read pages (gossip, page repair and segment rebuild); an engine certificate may do all of it; every refusal
 /// names the role required and the role presented, and nothing refused is persisted.
 /// Method: connect with node1's certificate and with the engine's, send each request.
 #[test]
@@ -283,6 +275,19 @@ fn a_node_certificate_cannot_write_an_engine_certificate_can() {
         assert!(
             matches!(&records, Message::Records(r) if r.records.is_empty()),
             "{records:?}"
+        );
+        let read = wire::ReadPage {
+            volume,
+            epoch: wire::Epoch(0),
+            pg: wire::PgId(0),
+            segment: wire::SegmentIndex(0),
+            page: wire::PageId(1),
+            read_point: Lsn(0),
+        };
+        let page = peer.request(Message::ReadPage(read)).await.unwrap();
+        assert!(
+            matches!(&page, Message::Page(p) if p.page_lsn == Lsn(0)),
+            "{page:?}"
         );
         // The engine's certificate: the same writes go through.
         let engine = connect(&certs, &node).await;

@@ -10,9 +10,12 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Run seeds 0..N.
+    /// Run seeds 0..N (from --from on).
     #[arg(long, conflicts_with = "seed")]
     seeds: Option<u64>,
+    /// With --seeds N: start at this seed instead of 0 (split a long run over cores).
+    #[arg(long, default_value_t = 0, requires = "seeds")]
+    from: u64,
     /// Replay one seed, printing what it did.
     #[arg(long)]
     seed: Option<u64>,
@@ -52,7 +55,7 @@ fn main() {
     let args = Args::parse();
     let seeds: Vec<u64> = match (args.seed, args.seeds) {
         (Some(seed), _) => vec![seed],
-        (None, Some(n)) => (0..n).collect(),
+        (None, Some(n)) => (args.from..n).collect(),
         (None, None) => {
             eprintln!("sixfold-sim: give --seeds N (run seeds 0..N) or --seed S (replay one)");
             std::process::exit(2);
