@@ -188,6 +188,42 @@ fn handshake_without_a_ca_signed_certificate_is_refused() {
     cleanup(&dir);
 }
 
+/// What a node certificate may ask: a volume's state, records, a page.
+async fn peer_requests_are_served(peer: &NodeClient, volume: wire::VolumeId) {
+    let state = peer.request(Message::GetVolumeState(volume)).await.unwrap();
+    assert!(
+        matches!(&state, Message::VolumeState(s) if s.epoch.0 == 0),
+        "{state:?}"
+    );
+    let fetch = wire::FetchRecords {
+        volume,
+        epoch: wire::Epoch(0),
+        pg: wire::PgId(0),
+        segment: wire::SegmentIndex(0),
+        after: Lsn(0),
+        through: Lsn(100),
+        bytes_max: 1 << 20,
+    };
+    let records = peer.request(Message::FetchRecords(fetch)).await.unwrap();
+    assert!(
+        matches!(&records, Message::Records(r) if r.records.is_empty()),
+        "{records:?}"
+    );
+    let read = wire::ReadPage {
+        volume,
+        epoch: wire::Epoch(0),
+        pg: wire::PgId(0),
+        segment: wire::SegmentIndex(0),
+        page: wire::PageId(1),
+        read_point: Lsn(0),
+    };
+    let page = peer.request(Message::ReadPage(read)).await.unwrap();
+    assert!(
+        matches!(&page, Message::Page(p) if p.page_lsn == Lsn(0)),
+        "{page:?}"
+    );
+}
+
 /// One request of each kind only an engine certificate may make.
 fn engine_only_requests() -> Vec<Message> {
     let volume = wire::VolumeId(1);
@@ -256,39 +292,7 @@ fn a_node_certificate_cannot_write_an_engine_certificate_can() {
         for request in engine_only_requests() {
             forbidden(peer.request(request).await.unwrap());
         }
-        // What a peer may do: read a volume's state, fetch records.
-        let state = peer.request(Message::GetVolumeState(volume)).await.unwrap();
-        assert!(
-            matches!(&state, Message::VolumeState(s) if s.epoch.0 == 0),
-            "{state:?}"
-        );
-        let fetch = wire::FetchRecords {
-            volume,
-            epoch: wire::Epoch(0),
-            pg: wire::PgId(0),
-            segment: wire::SegmentIndex(0),
-            after: Lsn(0),
-            through: Lsn(100),
-            bytes_max: 1 << 20,
-        };
-        let records = peer.request(Message::FetchRecords(fetch)).await.unwrap();
-        assert!(
-            matches!(&records, Message::Records(r) if r.records.is_empty()),
-            "{records:?}"
-        );
-        let read = wire::ReadPage {
-            volume,
-            epoch: wire::Epoch(0),
-            pg: wire::PgId(0),
-            segment: wire::SegmentIndex(0),
-            page: wire::PageId(1),
-            read_point: Lsn(0),
-        };
-        let page = peer.request(Message::ReadPage(read)).await.unwrap();
-        assert!(
-            matches!(&page, Message::Page(p) if p.page_lsn == Lsn(0)),
-            "{page:?}"
-        );
+        peer_requests_are_served(&peer, volume).await;
         // The engine's certificate: the same writes go through.
         let engine = connect(&certs, &node).await;
         let ack = engine
