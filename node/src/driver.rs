@@ -620,23 +620,40 @@ impl<J: JournalIo> Driver<J> {
         inflight.add_permits(1);
     }
 
-    fn store_manifest(&self, token: ManifestToken, manifest: Manifest) {
-        let (store, loopback) = (self.manifests.clone(), self.loopback.clone());
-        tokio::spawn(async move {
-            let stored = tokio::task::spawn_blocking(move || store.store(&manifest)).await;
-            let result = stored.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-            let _ = loopback.send(Input::ManifestStored { token, result });
+    /// Runs blocking `work` on the blocking pool and hands its outcome to the core through the
+    /// loopback, straight from that thread (one hop, not two: page reads are latency). A
+    /// panic becomes `failed(why)`, so even a read that panics gets an answer.
+    fn off_thread<T>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+        failed: impl FnOnce(String) -> T + Send + 'static,
+        input: impl FnOnce(T) -> Input + Send + 'static,
+    ) {
+        let loopback = self.loopback.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .unwrap_or_else(|panic| failed(panic_message(panic.as_ref())));
+            let _ = loopback.send(input(outcome));
         });
     }
 
-    /// Reads records off the runtime thread. Even a read that panics gets an answer.
+    fn store_manifest(&self, token: ManifestToken, manifest: Manifest) {
+        let store = self.manifests.clone();
+        self.off_thread(
+            move || store.store(&manifest),
+            |why| Err(std::io::Error::other(why)),
+            move |result| Input::ManifestStored { token, result },
+        );
+    }
+
+    /// Reads records off the runtime thread.
     fn read_records(&self, token: ReadToken, locations: Vec<RecordLocation>) {
-        let (reader, loopback) = (self.reader.clone(), self.loopback.clone());
-        tokio::spawn(async move {
-            let read = tokio::task::spawn_blocking(move || reader.read(&locations)).await;
-            let result = read.unwrap_or_else(|e| Err(format!("the read failed: {e}")));
-            let _ = loopback.send(Input::RecordsRead { token, result });
-        });
+        let reader = self.reader.clone();
+        self.off_thread(
+            move || reader.read(&locations),
+            |why| Err(format!("the read failed: {why}")),
+            move |result| Input::RecordsRead { token, result },
+        );
     }
 }
 
@@ -644,63 +661,57 @@ impl<J: JournalIo> Driver<J> {
     /// Reads a page (page store and journal) off the runtime thread.
     fn read_page(&self, token: ReadToken, read: PageRead) {
         let (pages, reader) = (self.pages.clone(), self.reader.clone());
-        let loopback = self.loopback.clone();
-        tokio::spawn(async move {
-            let done = tokio::task::spawn_blocking(move || {
-                crate::pagestore::read_page(&read, pages.as_ref(), reader.as_ref())
-            })
-            .await;
-            let result = done.unwrap_or_else(|e| Err((false, format!("the read failed: {e}"))));
-            let _ = loopback.send(Input::PageRead { token, result });
-        });
+        self.off_thread(
+            move || crate::pagestore::read_page(&read, pages.as_ref(), reader.as_ref()),
+            |why| Err((false, format!("the read failed: {why}"))),
+            move |result| Input::PageRead { token, result },
+        );
     }
 
     /// Runs a coalescing round off the runtime thread.
     fn coalesce(&self, token: JobToken, job: CoalesceJob) {
         let (pages, reader) = (self.pages.clone(), self.reader.clone());
-        let loopback = self.loopback.clone();
-        tokio::spawn(async move {
-            let done = tokio::task::spawn_blocking(move || {
-                crate::pagestore::run_coalesce(&job, pages.as_ref(), reader.as_ref())
-            })
-            .await;
-            let result = done.unwrap_or_else(|e| Err(format!("the round failed: {e}")));
-            let _ = loopback.send(Input::Coalesced { token, result });
-        });
+        self.off_thread(
+            move || crate::pagestore::run_coalesce(&job, pages.as_ref(), reader.as_ref()),
+            |why| Err(format!("the round failed: {why}")),
+            move |result| Input::Coalesced { token, result },
+        );
     }
-}
 
-impl<J: JournalIo> Driver<J> {
     /// Reads pages for a peer's rebuild off the runtime thread.
     fn read_pages(&self, token: ReadToken, job: crate::pagestore::PagesRead) {
         let (pages, reader) = (self.pages.clone(), self.reader.clone());
-        let loopback = self.loopback.clone();
-        tokio::spawn(async move {
-            let done = tokio::task::spawn_blocking(move || {
-                crate::pagestore::read_pages(&job, pages.as_ref(), reader.as_ref())
-            })
-            .await;
-            let result = done.unwrap_or_else(|e| Err((false, format!("the read failed: {e}"))));
-            let _ = loopback.send(Input::PagesRead { token, result });
-        });
+        self.off_thread(
+            move || crate::pagestore::read_pages(&job, pages.as_ref(), reader.as_ref()),
+            |why| Err((false, format!("the read failed: {why}"))),
+            move |result| Input::PagesRead { token, result },
+        );
     }
 
     /// Runs a scrub job off the runtime thread.
     fn scrub(&self, token: JobToken, job: ScrubJob) {
         let (pages, reader) = (self.pages.clone(), self.reader.clone());
-        let loopback = self.loopback.clone();
-        tokio::spawn(async move {
-            let done = tokio::task::spawn_blocking(move || {
-                crate::pagestore::run_scrub(&job, pages.as_ref(), reader.as_ref())
-            })
-            .await;
-            let report = done.unwrap_or_else(|e| ScrubReport {
-                repair_error: Some(format!("the scrub job failed: {e}")),
+        self.off_thread(
+            move || crate::pagestore::run_scrub(&job, pages.as_ref(), reader.as_ref()),
+            |why| ScrubReport {
+                repair_error: Some(format!("the scrub job failed: {why}")),
                 ..ScrubReport::default()
-            });
-            let _ = loopback.send(Input::Scrubbed { token, report });
-        });
+            },
+            move |report| Input::Scrubbed { token, report },
+        );
     }
+}
+
+/// What a caught panic says.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned());
+    format!(
+        "it panicked: {}",
+        text.unwrap_or_else(|| "(no message)".into())
+    )
 }
 
 /// The blocking I/O a driver hands off its runtime thread.
