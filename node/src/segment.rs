@@ -95,6 +95,9 @@ pub struct Segment {
     pgmrpl: Lsn,
     base: Lsn,
     materialized: Lsn,
+    /// Records held with `damaged` set: while 0, nothing looks for them (repair planning
+    /// asks on every gossip event).
+    damaged_count: usize,
 }
 
 /// Why a fetch cannot be served: the records asked for left the index.
@@ -181,6 +184,7 @@ impl Segment {
         match self.records.get_mut(&lsn) {
             Some(held) if !held.damaged => {
                 held.damaged = true;
+                self.damaged_count += 1;
                 true
             }
             _ => false,
@@ -191,6 +195,7 @@ impl Segment {
     pub fn damaged(&self) -> impl Iterator<Item = (Lsn, Lsn)> + '_ {
         self.records
             .iter()
+            .take_while(|_| self.damaged_count > 0)
             .filter(|(_, held)| held.damaged)
             .map(|(lsn, held)| (*lsn, held.backlink))
     }
@@ -245,6 +250,7 @@ impl Segment {
         if let Some(held) = self.records.get_mut(&record.lsn) {
             if held.damaged && record.backlink == held.backlink && record.page == held.page {
                 held.damaged = false;
+                self.damaged_count -= 1;
                 held.location = record.location;
                 held.epoch = held.epoch.max(record.epoch);
                 return Observed::Repaired;
@@ -312,14 +318,15 @@ impl Segment {
         assert!(after < through, "truncation ranges are non-empty");
         let records_before = self.records.len();
 
-        let doomed: Vec<(Lsn, PageId)> = self
+        let doomed: Vec<(Lsn, PageId, bool)> = self
             .records
             .range((Bound::Excluded(after), Bound::Included(through)))
             .filter(|(_, held)| held.epoch < range.epoch)
-            .map(|(lsn, held)| (*lsn, held.page))
+            .map(|(lsn, held)| (*lsn, held.page, held.damaged))
             .collect();
-        for (lsn, page) in &doomed {
+        for (lsn, page, damaged) in &doomed {
             self.records.remove(lsn);
+            self.damaged_count -= usize::from(*damaged);
             let lsns = self.pages.get_mut(page).expect("indexed pages are listed");
             let at = lsns.binary_search(lsn).expect("indexed LSNs are listed");
             lsns.remove(at);
@@ -482,6 +489,7 @@ impl Segment {
         );
         let keep = self.records.split_off(&Lsn(base.0 + 1));
         let gone = std::mem::replace(&mut self.records, keep);
+        self.damaged_count -= gone.values().filter(|h| h.damaged).count();
         let mut touched: Vec<PageId> = gone.values().map(|h| h.page).collect();
         touched.sort_unstable();
         touched.dedup();
@@ -536,6 +544,7 @@ impl Segment {
         assert!(point > self.scl, "a rebuild moves the segment forward");
         let keep = self.records.split_off(&Lsn(point.0 + 1));
         let gone = std::mem::replace(&mut self.records, keep);
+        self.damaged_count -= gone.values().filter(|h| h.damaged).count();
         for (lsn, held) in &gone {
             let lsns = self
                 .pages
@@ -587,6 +596,8 @@ impl Segment {
         {
             let listed: usize = self.pages.values().map(Vec::len).sum();
             assert_eq!(listed, self.records.len());
+            let damaged = self.records.values().filter(|h| h.damaged).count();
+            assert_eq!(damaged, self.damaged_count);
             for (page, lsns) in &self.pages {
                 assert!(lsns.windows(2).all(|w| w[0] < w[1]));
                 assert!(lsns.iter().all(|l| self.records[l].page == *page));

@@ -414,6 +414,45 @@ impl NodeCore {
             .map(|(peer, view)| (peer.segment, view.epoch, view.scl))
     }
 
+    /// Sends `pending` (built for the node holding `from` of `own`'s PG) with gossip's fetch
+    /// deadline.
+    fn ask_segment(
+        &mut self,
+        now: Instant,
+        own: SegmentKey,
+        from: SegmentIndex,
+        pending: impl FnOnce(PeerNode) -> Pending,
+    ) {
+        let peer_key = SegmentKey {
+            segment: from,
+            ..own
+        };
+        let peer = self.gossip.placement[&peer_key].clone();
+        let deadline = now + self.gossip.config.fetch_timeout;
+        self.send_peer_request(deadline, pending(peer));
+    }
+
+    /// Fetches `(after, through]` of `own` from segment `from` at this node's epoch; `own`
+    /// stays busy until the records are durable (or the fetch fails).
+    fn start_fetch(
+        &mut self,
+        now: Instant,
+        own: SegmentKey,
+        from: SegmentIndex,
+        (after, through): (Lsn, Lsn),
+    ) {
+        self.gossip.busy.insert(own);
+        let epoch = self.epoch(own.volume);
+        self.ask_segment(now, own, from, |peer| Pending::Fetch {
+            peer,
+            own,
+            from,
+            after,
+            through,
+            epoch,
+        });
+    }
+
     /// Sends a rebuild's FetchPages to the peer segment `from`.
     pub(super) fn send_fetch_pages(
         &mut self,
@@ -422,13 +461,7 @@ impl NodeCore {
         from: SegmentIndex,
         fetch: wire::FetchPages,
     ) {
-        let peer_key = SegmentKey {
-            segment: from,
-            ..own
-        };
-        let peer = self.gossip.placement[&peer_key].clone();
-        let deadline = now + self.gossip.config.fetch_timeout;
-        self.send_peer_request(deadline, Pending::Pages { peer, own, fetch });
+        self.ask_segment(now, own, from, |peer| Pending::Pages { peer, own, fetch });
     }
 
     /// How long a refusing peer is left alone.
@@ -449,25 +482,17 @@ impl NodeCore {
         now: Instant,
         own: SegmentKey,
         from: SegmentIndex,
-        page: PageId,
-        read_point: Lsn,
-        epoch: Epoch,
+        (page, read_point): (PageId, Lsn),
     ) {
-        let peer_key = SegmentKey {
-            segment: from,
-            ..own
-        };
-        let peer = self.gossip.placement[&peer_key].clone();
-        let deadline = now + self.gossip.config.fetch_timeout;
-        let pending = Pending::Page {
+        let epoch = self.epoch(own.volume);
+        self.ask_segment(now, own, from, |peer| Pending::Page {
             peer,
             own,
             from,
             page,
             read_point,
             epoch,
-        };
-        self.send_peer_request(deadline, pending);
+        });
     }
 
     /// Fetches the damaged record `lsn` of `own` again, from a peer that has it (unless a
@@ -487,25 +512,9 @@ impl NodeCore {
             let refused = self.gossip.refused.get(&(own, *from));
             !refused.is_some_and(|(after, until)| *after == backlink && now < *until)
         });
-        let Some(from) = from else {
-            return;
-        };
-        let peer_key = SegmentKey {
-            segment: from,
-            ..own
-        };
-        let peer = self.gossip.placement[&peer_key].clone();
-        self.gossip.busy.insert(own);
-        let deadline = now + self.gossip.config.fetch_timeout;
-        let pending = Pending::Fetch {
-            peer,
-            own,
-            from,
-            after: backlink,
-            through: lsn,
-            epoch: self.epoch(own.volume),
-        };
-        self.send_peer_request(deadline, pending);
+        if let Some(from) = from {
+            self.start_fetch(now, own, from, (backlink, lsn));
+        }
     }
 
     /// What gossip has done so far.
@@ -904,22 +913,7 @@ impl NodeCore {
         let first_gap = self.gaps(&own).first().map(|g| g.through);
         let through = first_gap.map_or(peer_scl, |end| end.min(peer_scl));
         assert!(through > scl, "a fetch asks for something");
-        let from_key = SegmentKey {
-            segment: from,
-            ..own
-        };
-        let peer = self.gossip.placement[&from_key].clone();
-        self.gossip.busy.insert(own);
-        let deadline = now + self.gossip.config.fetch_timeout;
-        let pending = Pending::Fetch {
-            peer,
-            own,
-            from,
-            after: scl,
-            through,
-            epoch,
-        };
-        self.send_peer_request(deadline, pending);
+        self.start_fetch(now, own, from, (scl, through));
     }
 
     /// Every peer ahead of `own` refused its range: one WARN per stuck SCL.

@@ -94,6 +94,16 @@ struct PageRepair {
     not_before: Option<Instant>,
 }
 
+/// A scrub job in flight.
+struct Inflight {
+    token: JobToken,
+    key: SegmentKey,
+    /// The pages whose repairs it writes.
+    repaired: Vec<PageId>,
+    /// Where the record cursor goes once it is done (`None`: the job checks no records).
+    record_after: Option<Lsn>,
+}
+
 /// Where the next round of a segment starts.
 #[derive(Clone, Copy, Debug, Default)]
 struct Cursor {
@@ -103,8 +113,8 @@ struct Cursor {
 
 pub(super) struct Scrub {
     pub(super) config: ScrubConfig,
-    /// The job in flight: its segment and the pages whose repairs it writes.
-    inflight: Option<(JobToken, SegmentKey, Vec<PageId>)>,
+    /// The job in flight.
+    inflight: Option<Inflight>,
     cursors: BTreeMap<SegmentKey, Cursor>,
     /// The segment scrubbed last (rounds go round-robin).
     last: Option<SegmentKey>,
@@ -261,12 +271,17 @@ impl NodeCore {
             return; // No geometry yet: nothing was ever coalesced.
         }
         let cursor = self.scrub.cursors.get(&key).copied().unwrap_or_default();
+        let count = self.scrub.config.records_per_round;
         let records = if check {
-            let count = self.scrub.config.records_per_round;
             segment.records_to_scrub(cursor.record_after, count)
         } else {
             Vec::new()
         };
+        // Past the last record checked; back to the start once the end is reached.
+        let record_after = check.then(|| match records.last() {
+            Some(last) if records.len() == count => last.lsn,
+            _ => Lsn::ZERO,
+        });
         let pages: Vec<PageId> = repairs.iter().map(|i| i.page).collect();
         let job = ScrubJob {
             key,
@@ -281,16 +296,22 @@ impl NodeCore {
         if !pages.is_empty() {
             self.note_rebuild_job(key, token);
         }
-        self.scrub.inflight = Some((token, key, pages));
+        self.scrub.inflight = Some(Inflight {
+            token,
+            key,
+            repaired: pages,
+            record_after,
+        });
         self.outputs.push_back(NodeOutput::Scrub { token, job });
     }
 
     /// A scrub job finished ([`crate::pagestore::run_scrub`]'s report).
     pub fn handle_scrubbed(&mut self, token: JobToken, report: ScrubReport) {
-        let Some((expected, key, repaired)) = self.scrub.inflight.take() else {
+        let Some(job) = self.scrub.inflight.take() else {
             panic!("a scrub job completes after it was asked for");
         };
-        assert!(expected == token, "scrub jobs complete as asked for");
+        assert!(job.token == token, "scrub jobs complete as asked for");
+        let (key, repaired) = (job.key, job.repaired);
         if self.stopped().is_some() || !self.segments.contains_key(&key) {
             return;
         }
@@ -310,18 +331,9 @@ impl NodeCore {
                 stats.passes += 1;
             }
         }
-        // The record cursor: past the last record checked, back to the start at the end.
-        let asked = self.scrub.config.records_per_round;
-        cursor.record_after = if report.records_checked < asked {
-            Lsn::ZERO
-        } else {
-            let last = report.bad_records.last().map(|(l, _)| *l);
-            let checked_to = self.segments[&key]
-                .records_to_scrub(cursor.record_after, asked)
-                .last()
-                .map(|l| l.lsn);
-            checked_to.max(last).unwrap_or(Lsn::ZERO)
-        };
+        if let Some(after) = job.record_after {
+            cursor.record_after = after;
+        }
         for (page, why) in report.bad_pages {
             self.note_damaged_page(key, page, &why);
         }
@@ -416,8 +428,7 @@ impl NodeCore {
         // is materialized here. The image comes stamped with the page's own last LSN.
         let read_point = pgmrpl.min(peer_scl);
         assert!(read_point >= materialized);
-        let epoch = self.epoch(key.volume);
-        self.send_page_repair(now, key, from, page, read_point, epoch);
+        self.send_page_repair(now, key, from, (page, read_point));
     }
 
     /// Peer segments of `key`'s PG, heard from recently at this node's epoch, whose SCL has
