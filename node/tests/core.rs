@@ -1111,6 +1111,8 @@ fn sustained_writes_recycle_the_journal_and_reads_stay_exact() {
                 volume: V,
                 pg: PgId(0),
                 pgmrpl: Lsn(lsn),
+                epoch: wire::Epoch(0),
+                vdl: Lsn::ZERO,
             }));
             h.settle();
             assert_eq!(h.reply(set), &Message::Done);
@@ -1411,6 +1413,8 @@ fn a_coalescing_backlog_delays_acks_until_it_is_worked_off() {
         volume: V,
         pg: PgId(0),
         pgmrpl: Lsn(1000),
+        epoch: wire::Epoch(0),
+        vdl: Lsn::ZERO,
     }));
     assert_eq!(h.reply(set), &Message::Done);
     let mut held = Vec::new();
@@ -1457,6 +1461,46 @@ fn a_coalescing_backlog_delays_acks_until_it_is_worked_off() {
     assert_eq!(h.core.throttle_status().episodes, 1);
 }
 
+/// Goal: a writer gone quiet still gets its last records coalesced: SetPgmrpl carries its
+/// VDL, taken as the hint only at the epoch in force. Method: five chain links (each Append's
+/// VDL is the record before it, so the hint ends at 4); PGMRPL 5 with no VDL, then with a VDL
+/// from another epoch, then from this one; the foreground idles between them.
+#[test]
+fn a_quiet_writers_last_records_are_coalesced_through_set_pgmrpl() {
+    let mut h = Harness::new();
+    for lsn in 1..=5 {
+        let id = h.send(link(Epoch(0), lsn, lsn - 1));
+        h.settle();
+        assert!(matches!(h.reply(id), Message::Ack(_)));
+    }
+    let set = |h: &mut Harness, epoch: u64, vdl: u64| {
+        let id = h.send(Message::SetPgmrpl(wire::SetPgmrpl {
+            volume: V,
+            pg: PgId(0),
+            pgmrpl: Lsn(5),
+            epoch: Epoch(epoch),
+            vdl: Lsn(vdl),
+        }));
+        assert_eq!(h.reply(id), &Message::Done);
+        h.now += IDLE_AFTER;
+        h.core.handle_timeout(h.now);
+        h.drain();
+        h.settle();
+        h.core.segment(&key(0)).expect("hosted").materialized()
+    };
+    assert_eq!(
+        set(&mut h, 0, 0),
+        Lsn(4),
+        "up to the VDL the Appends carried"
+    );
+    assert_eq!(
+        set(&mut h, 7, 5),
+        Lsn(4),
+        "another epoch's VDL says nothing"
+    );
+    assert_eq!(set(&mut h, 0, 5), Lsn(5), "this epoch's writer reached 5");
+}
+
 /// Goal: once the backlog is past back-pressure's bound, coalescing stops yielding to appends
 /// (else acks would be delayed for work the node chose not to do), even with the journal far
 /// below a quarter full. Method: a journal of 8 files (one eighth in use), bound 300 records
@@ -1490,6 +1534,8 @@ fn coalescing_stops_yielding_once_acks_are_delayed_for_it() {
         volume: V,
         pg: PgId(0),
         pgmrpl: Lsn(10_000),
+        epoch: wire::Epoch(0),
+        vdl: Lsn::ZERO,
     }));
     assert_eq!(h.reply(set), &Message::Done);
     let mut first_held = None;

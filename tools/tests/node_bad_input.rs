@@ -256,6 +256,8 @@ fn engine_only_requests() -> Vec<Message> {
             volume,
             pg: wire::PgId(0),
             pgmrpl: Lsn(1),
+            epoch: wire::Epoch(1),
+            vdl: Lsn::ZERO,
         }),
     ]
 }

@@ -106,6 +106,8 @@ fn read_page_at_read_points() {
                 volume: VolumeId(1),
                 pg: PgId(pg),
                 pgmrpl,
+                epoch: wire::Epoch(0),
+                vdl: Lsn::ZERO,
             })
         };
         assert_eq!(client.request(set(0)).await.unwrap(), Message::Done);

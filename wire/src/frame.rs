@@ -92,13 +92,18 @@
 //! The placement tells a node where its PGs' other segments live, for gossip; a node and PG
 //! count of 0 says nothing about peers (a node keeps what it knew).
 //!
-//! SetPgmrpl body: no read below `pgmrpl` will ever come for this PG.
+//! SetPgmrpl body: no read below `pgmrpl` will ever come for this PG. The writer at `epoch`
+//! also says its VDL is at least `vdl` (0: it says nothing), which it does only to a node that
+//! has installed its truncation: that node may coalesce up to it, even when no further Append
+//! will come to carry the VDL (a writer gone quiet).
 //!
 //! ```text
 //!      0     8  volume
 //!      8     4  pg
 //!     12     4  reserved     zero
 //!     16     8  pgmrpl
+//!     24     8  epoch
+//!     32     8  vdl
 //! ```
 //!
 //! Done body: empty (a request without a result succeeded).
@@ -310,6 +315,10 @@ pub struct SetPgmrpl {
     pub volume: VolumeId,
     pub pg: PgId,
     pub pgmrpl: Lsn,
+    /// The sending writer's epoch.
+    pub epoch: Epoch,
+    /// A VDL the writer reached (`Lsn::ZERO`: none said); see the module docs.
+    pub vdl: Lsn,
 }
 
 /// A batch of records of one PG for one of its segments.
@@ -707,7 +716,7 @@ impl Message {
             Message::ReadPage(_) => 40,
             Message::Page(page) => 24 + page.bytes.len(),
             Message::HostSegments(host) => host.encoded_len(),
-            Message::SetPgmrpl(_) => 24,
+            Message::SetPgmrpl(_) => 40,
             Message::Done => 0,
             Message::GetVolumeState(_) => 8,
             Message::VolumeState(state) => {
@@ -775,6 +784,8 @@ impl Message {
                 out.extend_from_slice(&m.pg.0.to_le_bytes());
                 out.extend_from_slice(&0u32.to_le_bytes());
                 out.extend_from_slice(&m.pgmrpl.0.to_le_bytes());
+                out.extend_from_slice(&m.epoch.0.to_le_bytes());
+                out.extend_from_slice(&m.vdl.0.to_le_bytes());
             }
             Message::Done => {}
             _ => self.encode_recovery_body(out),
@@ -881,6 +892,8 @@ impl Message {
                     volume,
                     pg,
                     pgmrpl: Lsn(reader.u64("pgmrpl")?),
+                    epoch: Epoch(reader.u64("epoch")?),
+                    vdl: Lsn(reader.u64("vdl")?),
                 })
             }
             KIND_DONE => Message::Done,

@@ -230,11 +230,20 @@ fn arb_placement() -> impl Strategy<Value = (Vec<PeerNode>, Vec<PgPlacement>)> {
 }
 
 fn arb_set_pgmrpl() -> impl Strategy<Value = SetPgmrpl> {
-    (any::<u64>(), any::<u32>(), any::<u64>()).prop_map(|(volume, pg, pgmrpl)| SetPgmrpl {
-        volume: VolumeId(volume),
-        pg: PgId(pg),
-        pgmrpl: Lsn(pgmrpl),
-    })
+    (
+        any::<u64>(),
+        any::<u32>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(|(volume, pg, pgmrpl, epoch, vdl)| SetPgmrpl {
+            volume: VolumeId(volume),
+            pg: PgId(pg),
+            pgmrpl: Lsn(pgmrpl),
+            epoch: Epoch(epoch),
+            vdl: Lsn(vdl),
+        })
 }
 
 fn arb_volume_state() -> impl Strategy<Value = VolumeState> {

@@ -464,13 +464,7 @@ impl VolumeCore {
                 .filter(|(_, floor)| *floor > Lsn::ZERO)
                 .collect();
             for (pg, pgmrpl) in floors {
-                let message = Message::SetPgmrpl(SetPgmrpl {
-                    volume: self.layout.volume,
-                    pg,
-                    pgmrpl,
-                });
-                self.stats.pgmrpl_sent += 1;
-                self.send(now, node, RequestKind::Pgmrpl, Payload::Message(message));
+                self.send_pgmrpl(now, node, pg, pgmrpl);
             }
         }
         // The SCLs it reports count like acks (an ack lost on the way is not lost for good).
@@ -531,15 +525,32 @@ impl VolumeCore {
             // Down nodes too: a node refusing appends because its journal is full needs the
             // new PGMRPL most of all (it coalesces and collects up to it, then takes appends).
             for node in self.layout.placement[pg.0 as usize] {
-                let message = Message::SetPgmrpl(SetPgmrpl {
-                    volume: self.layout.volume,
-                    pg,
-                    pgmrpl: floor,
-                });
-                self.stats.pgmrpl_sent += 1;
-                self.send(now, node, RequestKind::Pgmrpl, Payload::Message(message));
+                self.send_pgmrpl(now, node, pg, floor);
             }
         }
+    }
+
+    /// Tells `node` the PGMRPL of `pg`, and this writer's VDL if the node installed this
+    /// writer's truncation and is up (so nothing above the truncation's start can still sit in
+    /// its chain unannulled): with it, the node coalesces everything up to PGMRPL even when no
+    /// further Append comes to carry the VDL.
+    fn send_pgmrpl(&mut self, now: Instant, node: NodeIndex, pg: PgId, pgmrpl: Lsn) {
+        let link = &self.links[node];
+        let vdl = if link.up && !link.needs_truncate {
+            self.vdl()
+        } else {
+            Lsn::ZERO
+        };
+        assert!(pgmrpl <= self.vdl(), "no read point lies above VDL");
+        let message = Message::SetPgmrpl(SetPgmrpl {
+            volume: self.layout.volume,
+            pg,
+            pgmrpl,
+            epoch: self.epoch,
+            vdl,
+        });
+        self.stats.pgmrpl_sent += 1;
+        self.send(now, node, RequestKind::Pgmrpl, Payload::Message(message));
     }
 }
 
