@@ -602,11 +602,13 @@ impl<J: JournalIo> Driver<J> {
                 e.message
             );
         }
-        if let Some(at) = self.received.remove(&(conn, request_id))
-            && matches!(message, Message::Ack(_))
-        {
-            let took = self.clock.now().saturating_duration_since(at);
-            self.metrics.append_seconds.observe(took.as_secs_f64());
+        if let Some(at) = self.received.remove(&(conn, request_id)) {
+            let took = self.clock.now().saturating_duration_since(at).as_secs_f64();
+            match message {
+                Message::Ack(_) => self.metrics.append_seconds.observe(took),
+                Message::Page(_) => self.metrics.read_page_seconds.observe(took),
+                _ => {}
+            }
         }
         // A stream that went away no longer wants its replies.
         let Some((replies, inflight)) = self.streams.get(&conn) else {

@@ -81,6 +81,8 @@ pub struct NodeMetrics {
     pub append_seconds: Histogram,
     /// Journal group submitted → durable.
     pub persist_seconds: Histogram,
+    /// Receive → Page reply of a ReadPage, as the driver sees it.
+    pub read_page_seconds: Histogram,
     /// Appends per journal group.
     pub group_appends: Histogram,
     /// Bytes per journal group on disk (header and padding included).
@@ -128,6 +130,7 @@ impl NodeMetrics {
             registry: Registry::default(),
             append_seconds: latency_seconds(),
             persist_seconds: latency_seconds(),
+            read_page_seconds: latency_seconds(),
             // 1 to 4096 appends, 4 KiB to 16 MiB (doubling).
             group_appends: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             group_bytes: Histogram::new(exponential_buckets(4096.0, 2.0, 13)),
@@ -176,6 +179,12 @@ impl NodeMetrics {
             "Journal group submitted to durable",
             s.clone(),
             self.persist_seconds.clone(),
+        );
+        r.register_with_unit(
+            "node_read_page",
+            "ReadPage received to its page sent (page store, journal and redo applied)",
+            s.clone(),
+            self.read_page_seconds.clone(),
         );
         r.register(
             "node_group_appends",
