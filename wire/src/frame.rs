@@ -916,7 +916,7 @@ impl Message {
     }
 }
 
-fn encode_page(p: &PageReply, out: &mut Vec<u8>) {
+pub(crate) fn encode_page(p: &PageReply, out: &mut Vec<u8>) {
     assert!(
         p.bytes.len() <= PAGE_BYTES_MAX,
         "page larger than the limit"
@@ -977,7 +977,7 @@ fn decode_pages(reader: &mut Reader<'_>) -> Result<Pages, DecodeError> {
     })
 }
 
-fn decode_page(reader: &mut Reader<'_>) -> Result<PageReply, DecodeError> {
+pub(crate) fn decode_page(reader: &mut Reader<'_>) -> Result<PageReply, DecodeError> {
     let page = PageId(reader.u64("page")?);
     let page_lsn = Lsn(reader.u64("page lsn")?);
     let len = reader.u32("page length")? as usize;

@@ -17,6 +17,7 @@ pub const ALPN: &[u8] = b"sixfold/1";
 pub const JUMBO_UDP_PAYLOAD_BYTES: u16 = 8952;
 
 pub mod apply;
+pub mod backup;
 pub mod codec;
 pub mod frame;
 pub mod geometry;
