@@ -584,6 +584,7 @@ pub async fn assign_segments(file: &VolumeFile, endpoint: &quinn::Endpoint) -> a
             epoch: file.epoch(),
             page_size_bytes: geometry.page_size_bytes,
             pages_per_pg: geometry.pages_per_pg,
+            pg_count: geometry.pg_count,
             segments: file.segments_of(&node.name),
         };
         match client.request(Message::HostSegments(request)).await? {

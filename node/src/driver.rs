@@ -103,6 +103,10 @@ enum Input {
         token: ReadToken,
         result: Result<(Vec<PageImage>, u64), (bool, String)>,
     },
+    BackupDone {
+        token: crate::core::BackupToken,
+        outcome: crate::core::BackupOutcome,
+    },
     /// A scrape: copy the core's counters into the metrics, then answer.
     RefreshMetrics(oneshot::Sender<()>),
     PeerReply {
@@ -249,6 +253,8 @@ pub struct Driver<J: JournalIo> {
     /// When each group being persisted was submitted.
     submitted: HashMap<GroupId, Instant>,
     peers: Option<Peers>,
+    /// Carries out backup jobs; `None` while the node has no `[backup]` store.
+    uploader: Option<crate::backup::upload::Uploader>,
     /// Back-pressure as last reported in the log (one line per change of state).
     throttle_logged: ThrottleStatus,
     watch: Watch,
@@ -292,6 +298,7 @@ impl<J: JournalIo> Driver<J> {
             received: HashMap::new(),
             submitted: HashMap::new(),
             peers: None,
+            uploader: None,
             throttle_logged: ThrottleStatus::default(),
             watch: Watch {
                 after: STALL_WARN,
@@ -320,6 +327,13 @@ impl<J: JournalIo> Driver<J> {
         });
         self.peers = Some(Peers::new(listen, tls, sink)?);
         Ok(())
+    }
+
+    /// Gives backup jobs an object store to go to (the core's backup must be enabled too).
+    pub fn enable_backup(&mut self, store: Arc<dyn crate::backup::upload::ObjectStorage>) {
+        let uploader =
+            crate::backup::upload::Uploader::new(store, self.pages.clone(), self.reader.clone());
+        self.uploader = Some(uploader);
     }
 
     /// Changes how long a journal write or a request may wait before the driver says it
@@ -472,6 +486,7 @@ impl<J: JournalIo> Driver<J> {
             Input::Coalesced { token, result } => self.core.handle_coalesced(token, result),
             Input::Scrubbed { token, report } => self.core.handle_scrubbed(token, report),
             Input::PagesRead { token, result } => self.core.handle_pages_read(token, result),
+            Input::BackupDone { token, outcome } => self.core.handle_backup_done(token, outcome),
             Input::RefreshMetrics(done) => {
                 let waited = self.core.oldest_waiting(self.clock.now());
                 self.metrics.publish(&self.core.stats(), waited);
@@ -571,6 +586,7 @@ impl<J: JournalIo> Driver<J> {
             NodeOutput::Coalesce { token, job } => self.coalesce(token, job),
             NodeOutput::Scrub { token, job } => self.scrub(token, job),
             NodeOutput::ReadPages { token, job } => self.read_pages(token, job),
+            NodeOutput::Backup { token, job } => self.backup(token, job),
             NodeOutput::PeerRequest {
                 peer,
                 request_id,
@@ -678,6 +694,21 @@ impl<J: JournalIo> Driver<J> {
             |why| Err(format!("the round failed: {why}")),
             move |result| Input::Coalesced { token, result },
         );
+    }
+
+    /// Carries out a backup job on the runtime (its reads on the blocking pool).
+    fn backup(&self, token: crate::core::BackupToken, job: crate::core::BackupJob) {
+        let loopback = self.loopback.clone();
+        let Some(uploader) = self.uploader.clone() else {
+            let why = "backup is on but the node has no object store".to_string();
+            let outcome = crate::core::BackupOutcome::Failed(why);
+            let _ = loopback.send(Input::BackupDone { token, outcome });
+            return;
+        };
+        tokio::spawn(async move {
+            let outcome = uploader.run(job).await;
+            let _ = loopback.send(Input::BackupDone { token, outcome });
+        });
     }
 
     /// Reads pages for a peer's rebuild off the runtime thread.

@@ -152,6 +152,9 @@ struct VolumeToml {
     epoch: u64,
     page_size_bytes: u32,
     pages_per_pg: u64,
+    /// Absent in manifests written before it was kept.
+    #[serde(default)]
+    pg_count: u32,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -188,6 +191,8 @@ pub struct VolumeMeta {
     pub page_size_bytes: u32,
     /// Pages per PG; 0 while unknown (segments configured by hand, not by `volume create`).
     pub pages_per_pg: u64,
+    /// PGs in the volume; 0 while unknown (told by `HostSegments`, for backup's volume object).
+    pub pg_count: u32,
     /// Disjoint ranges sorted by `after`.
     pub truncations: Vec<Truncation>,
 }
@@ -201,6 +206,7 @@ impl Default for VolumeMeta {
             epoch: Epoch(0),
             page_size_bytes: DEFAULT_PAGE_SIZE_BYTES,
             pages_per_pg: 0,
+            pg_count: 0,
             truncations: Vec::new(),
         }
     }
@@ -264,6 +270,7 @@ impl Manifest {
                 epoch: Epoch(v.epoch),
                 page_size_bytes: v.page_size_bytes,
                 pages_per_pg: v.pages_per_pg,
+                pg_count: v.pg_count,
                 truncations: Vec::new(),
             };
             manifest.volumes.insert(VolumeId(v.volume), meta);
@@ -293,6 +300,7 @@ impl Manifest {
             epoch: m.epoch.0,
             page_size_bytes: m.page_size_bytes,
             pages_per_pg: m.pages_per_pg,
+            pg_count: m.pg_count,
         });
         let truncation = self.volumes.iter().flat_map(|(id, m)| {
             m.truncations.iter().map(|t| TruncationToml {
@@ -420,6 +428,7 @@ mod tests {
             epoch: Epoch(7),
             page_size_bytes: 4096,
             pages_per_pg: 128,
+            pg_count: 3,
             truncations: vec![range(10, 20), range(30, 40)],
         };
         m.volumes.insert(VolumeId(1), meta);

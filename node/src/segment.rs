@@ -536,6 +536,14 @@ impl Segment {
         Ok(out)
     }
 
+    /// Bytes of the records held above `lsn` (a step per record).
+    pub fn bytes_above(&self, lsn: Lsn) -> u64 {
+        self.records
+            .range((Bound::Excluded(lsn), Bound::Unbounded))
+            .map(|(_, held)| u64::from(held.location.len))
+            .sum()
+    }
+
     /// The page store now holds every page as of `point`, an LSN of the PG's chain above the
     /// SCL, copied from a peer (a segment rebuild): the records at or below it leave the index,
     /// the base and `materialized` move to it, and the chain walks on from there through the

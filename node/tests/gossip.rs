@@ -144,6 +144,7 @@ impl Mem {
                     request_id,
                     message,
                 } => self.peer_requests.push((peer, request_id, message)),
+                NodeOutput::Backup { .. } => panic!("backup is off in these tests"),
                 NodeOutput::ReadPage { token, read } => {
                     let reader = node::io::MemRecords(&self.files);
                     let result = node::pagestore::read_page(&read, &self.pages, &reader);
@@ -213,6 +214,7 @@ impl Cluster {
                 epoch: Epoch(1),
                 page_size_bytes: 256,
                 pages_per_pg: 8,
+                pg_count: 1,
                 segments: vec![(PgId(0), SegmentIndex(i as u32))],
                 nodes: (0..6).map(peer).collect(),
                 placement: vec![PgPlacement {

@@ -248,6 +248,7 @@ fn engine_only_requests() -> Vec<Message> {
             epoch: wire::Epoch(0),
             page_size_bytes: 8192,
             pages_per_pg: 0,
+            pg_count: 0,
             segments: vec![(wire::PgId(1), wire::SegmentIndex(0))],
             nodes: Vec::new(),
             placement: Vec::new(),

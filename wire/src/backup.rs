@@ -170,6 +170,59 @@ pub fn parse_done_name(leaf: &str) -> Option<Lsn> {
         .flatten()
 }
 
+/// What a PG's objects cover, as a listing shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// Where the longest contiguous log runs to, from LSN 0 or from a complete snapshot's
+    /// first LSN: the next log object starts here.
+    pub log_end: Lsn,
+    /// The PG can be restored to any point up to here (and from `snapshot` or 0 on).
+    pub restorable: Lsn,
+    /// The last LSN of the newest complete snapshot the restorable log starts from (0: the
+    /// log starts at the PG's beginning, or there is none).
+    pub snapshot: Lsn,
+}
+
+/// Where the log runs to from `start`, through `ranges` (`(after, through]` each, any order,
+/// overlaps allowed: overlapping ranges hold the same records).
+pub fn log_end_from(start: Lsn, ranges: &[(Lsn, Lsn)]) -> Lsn {
+    let mut sorted: Vec<(Lsn, Lsn)> = ranges.to_vec();
+    sorted.sort_unstable();
+    let mut end = start;
+    for (after, through) in sorted {
+        if after > end {
+            break; // A hole: nothing past it links to `start`.
+        }
+        end = end.max(through);
+    }
+    end
+}
+
+/// The coverage of a PG with these log ranges and complete snapshots (`(first, last)` each).
+pub fn coverage(ranges: &[(Lsn, Lsn)], snapshots: &[(Lsn, Lsn)]) -> Coverage {
+    let mut best = Coverage::default();
+    let starts = std::iter::once((Lsn::ZERO, Lsn::ZERO)).chain(snapshots.iter().copied());
+    for (first, last) in starts {
+        let end = log_end_from(first, ranges);
+        best.log_end = best.log_end.max(end);
+        // From the PG's beginning the log alone serves every point it reaches; from a
+        // snapshot, points from its last LSN on.
+        let restorable = if first == Lsn::ZERO && last == Lsn::ZERO {
+            end
+        } else if end >= last {
+            end
+        } else {
+            Lsn::ZERO
+        };
+        if restorable > best.restorable || (restorable == best.restorable && last > best.snapshot) {
+            best.restorable = restorable;
+            best.snapshot = last;
+        }
+    }
+    assert!(best.restorable <= best.log_end);
+    best
+}
+
 fn envelope(magic: [u8; 4], body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ENVELOPE_BYTES + body.len());
     out.extend_from_slice(&magic);
@@ -483,6 +536,31 @@ mod tests {
         }
         // A log object of another kind is refused by kind, not misread.
         assert!(LogObject::decode(&encoded[1]).is_err());
+    }
+
+    #[test]
+    fn coverage_follows_the_log_from_the_start_or_a_snapshot() {
+        let r = |a, b| (Lsn(a), Lsn(b));
+        // Contiguous from 0, overlapping copies included.
+        let c = coverage(&[r(0, 5), r(5, 9), r(3, 7), r(9, 12)], &[]);
+        assert_eq!(
+            (c.log_end, c.restorable, c.snapshot),
+            (Lsn(12), Lsn(12), Lsn(0))
+        );
+        // A hole at (12, 20): the log past it starts at a snapshot taken at 20..25.
+        let ranges = [r(0, 12), r(20, 30), r(30, 40)];
+        let c = coverage(&ranges, &[(Lsn(20), Lsn(25))]);
+        assert_eq!(
+            (c.log_end, c.restorable, c.snapshot),
+            (Lsn(40), Lsn(40), Lsn(25))
+        );
+        // Without the snapshot only the part from 0 is restorable.
+        let c = coverage(&ranges, &[]);
+        assert_eq!((c.log_end, c.restorable), (Lsn(12), Lsn(12)));
+        // A snapshot whose log has not reached its last LSN yet restores nothing past 0's.
+        let c = coverage(&[r(0, 3), r(20, 22)], &[(Lsn(20), Lsn(25))]);
+        assert_eq!((c.log_end, c.restorable), (Lsn(22), Lsn(3)));
+        assert_eq!(coverage(&[], &[]), Coverage::default());
     }
 
     #[test]

@@ -80,7 +80,9 @@
 //!     16     4  page_size_bytes
 //!     20     4  count         ≤ HOST_SEGMENTS_MAX
 //!     24     8  pages_per_pg
-//!     32     …  count × { u32 pg, u32 segment }
+//!     32     4  pg_count      PGs in the volume (0: not said)
+//!     36     4  reserved      zero
+//!     40     …  count × { u32 pg, u32 segment }
 //!      …     4  node_count    ≤ PLACEMENT_NODES_MAX: the nodes the placement names
 //!      …     …  node_count × { u16 name_len ≤ NODE_NAME_BYTES_MAX, name UTF-8,
 //!                              u16 address_len ≤ NODE_ADDRESS_BYTES_MAX, address UTF-8
@@ -125,7 +127,7 @@
 //!     24     4  count         segments, ≤ HOST_SEGMENTS_MAX
 //!     28     4  truncations   ≤ TRUNCATIONS_MAX
 //!     32     …  truncations × { u64 annul_epoch, u64 after, u64 through }
-//!      …     …  count × { u32 pg, u32 segment, u64 scl }
+//!      …     …  count × { u32 pg, u32 segment, u64 scl, u64 backed_up, u64 snapshot }
 //! ```
 //!
 //! Fence body: install `epoch_new` if the node's epoch is at most `epoch_current` (the epoch
@@ -288,6 +290,8 @@ pub struct HostSegments {
     pub epoch: Epoch,
     pub page_size_bytes: u32,
     pub pages_per_pg: u64,
+    /// PGs in the volume (0: not said), so a node can describe the volume in its backup.
+    pub pg_count: u32,
     pub segments: Vec<(PgId, SegmentIndex)>,
     /// The nodes `placement` names by index.
     pub nodes: Vec<PeerNode>,
@@ -372,12 +376,17 @@ impl TruncationRange {
     }
 }
 
-/// One hosted segment's SCL.
+/// One hosted segment's SCL, and what the node knows of its PG's backup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentState {
     pub pg: PgId,
     pub segment: SegmentIndex,
     pub scl: Lsn,
+    /// The PG is backed up (restorable) through this LSN (0: nothing known, or no backup).
+    pub backed_up: Lsn,
+    /// The newest complete backup snapshot of the PG serves targets from this LSN on (0: none
+    /// known).
+    pub snapshot: Lsn,
 }
 
 /// Install `epoch_new` unless the node has seen an epoch newer than `epoch_current`.
@@ -1013,6 +1022,8 @@ impl HostSegments {
         let count = u32::try_from(self.segments.len()).expect("bounded above");
         out.extend_from_slice(&count.to_le_bytes());
         out.extend_from_slice(&self.pages_per_pg.to_le_bytes());
+        out.extend_from_slice(&self.pg_count.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
         for (pg, segment) in &self.segments {
             out.extend_from_slice(&pg.0.to_le_bytes());
             out.extend_from_slice(&segment.0.to_le_bytes());
@@ -1056,7 +1067,7 @@ impl HostSegments {
             .iter()
             .map(|n| 4 + n.name.len() + n.address.to_string().len())
             .sum();
-        32 + 8 * self.segments.len() + 4 + nodes + 4 + PG_PLACEMENT_BYTES * self.placement.len()
+        40 + 8 * self.segments.len() + 4 + nodes + 4 + PG_PLACEMENT_BYTES * self.placement.len()
     }
 
     fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
@@ -1065,6 +1076,12 @@ impl HostSegments {
         let page_size_bytes = reader.u32("page size")?;
         let count = reader.u32("segment count")? as usize;
         let pages_per_pg = reader.u64("pages per pg")?;
+        let pg_count = reader.u32("pg count")?;
+        if reader.u32("reserved")? != 0 {
+            return Err(DecodeError::Malformed(
+                "HostSegments reserved bytes are not zero",
+            ));
+        }
         if count > HOST_SEGMENTS_MAX || count > reader.remaining() / 8 {
             return Err(DecodeError::Malformed(
                 "segment count larger than the bytes can hold",
@@ -1084,6 +1101,7 @@ impl HostSegments {
             epoch,
             page_size_bytes,
             pages_per_pg,
+            pg_count,
             segments,
             nodes,
             placement,
@@ -1333,6 +1351,8 @@ impl VolumeState {
             out.extend_from_slice(&s.pg.0.to_le_bytes());
             out.extend_from_slice(&s.segment.0.to_le_bytes());
             out.extend_from_slice(&s.scl.0.to_le_bytes());
+            out.extend_from_slice(&s.backed_up.0.to_le_bytes());
+            out.extend_from_slice(&s.snapshot.0.to_le_bytes());
         }
     }
 
@@ -1349,7 +1369,7 @@ impl VolumeState {
         for _ in 0..truncation_count {
             truncations.push(decode_range(reader)?);
         }
-        if count > HOST_SEGMENTS_MAX || count > reader.remaining() / 16 {
+        if count > HOST_SEGMENTS_MAX || count > reader.remaining() / 32 {
             return Err(DecodeError::Malformed(
                 "segment count larger than the bytes can hold",
             ));
@@ -1360,6 +1380,8 @@ impl VolumeState {
                 pg: PgId(reader.u32("pg")?),
                 segment: SegmentIndex(reader.u32("segment")?),
                 scl: Lsn(reader.u64("scl")?),
+                backed_up: Lsn(reader.u64("backed up")?),
+                snapshot: Lsn(reader.u64("snapshot")?),
             });
         }
         Ok(Self {

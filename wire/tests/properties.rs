@@ -179,17 +179,25 @@ fn arb_host_segments() -> impl Strategy<Value = HostSegments> {
         any::<u64>(),
         any::<u64>(),
         any::<u32>(),
-        any::<u64>(),
+        (any::<u64>(), any::<u32>()),
         vec(segment, 0..=48),
         arb_placement(),
     )
         .prop_map(
-            |(volume, epoch, page_size_bytes, pages_per_pg, segments, (nodes, placement))| {
+            |(
+                volume,
+                epoch,
+                page_size_bytes,
+                (pages_per_pg, pg_count),
+                segments,
+                (nodes, placement),
+            )| {
                 HostSegments {
                     volume: VolumeId(volume),
                     epoch: Epoch(epoch),
                     page_size_bytes,
                     pages_per_pg,
+                    pg_count,
                     segments,
                     nodes,
                     placement,
@@ -247,11 +255,19 @@ fn arb_set_pgmrpl() -> impl Strategy<Value = SetPgmrpl> {
 }
 
 fn arb_volume_state() -> impl Strategy<Value = VolumeState> {
-    let segment =
-        (any::<u32>(), any::<u32>(), any::<u64>()).prop_map(|(pg, s, scl)| SegmentState {
+    let segment = (
+        any::<u32>(),
+        any::<u32>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(|(pg, s, scl, backed_up, snapshot)| SegmentState {
             pg: PgId(pg),
             segment: SegmentIndex(s),
             scl: Lsn(scl),
+            backed_up: Lsn(backed_up),
+            snapshot: Lsn(snapshot),
         });
     let range = (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(e, a, b)| TruncationRange {
         annul_epoch: Epoch(e),

@@ -236,7 +236,7 @@ impl NodeCore {
     ///   passed them if all five peers were heard from recently (gossip), else they go.
     /// - From the reserve on, nothing holds them back: the alternative is `JournalFull`.
     ///
-    /// (Backup's uploaded LSN will bound the base here too.)
+    /// Below the reserve, records not yet backed up are held too (see `backup`).
     pub(super) fn gc_hold_back(&self, key: &SegmentKey) -> Option<Lsn> {
         let used = self.journal_used_percent();
         if used < PRESSURE_PERCENT {
@@ -245,7 +245,10 @@ impl NodeCore {
         if used >= super::RESERVE_PERCENT {
             return None;
         }
-        self.peer_scl_floor_all(key)
+        match (self.peer_scl_floor_all(key), self.backup_floor(key)) {
+            (Some(peers), Some(backup)) => Some(peers.min(backup)),
+            (peers, backup) => peers.or(backup),
+        }
     }
 
     /// How far `key` may be coalesced: its PGMRPL, but never past a VDL some writer reported
@@ -412,6 +415,7 @@ impl NodeCore {
             let base = segment.chain_at_or_below(target);
             let released = segment.release(base);
             if released > 0 {
+                self.note_backup_gap(&key, base);
                 self.background.stats.records_released += released as u64;
                 if !changed.contains(&key.volume) {
                     changed.push(key.volume);

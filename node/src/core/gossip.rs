@@ -298,6 +298,7 @@ impl NodeCore {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let next = [
             self.background_timeout(),
+            self.backup_timeout(),
             self.gossip_timeout(),
             self.scrub_timeout(),
             self.throttle_timeout(),
@@ -761,6 +762,9 @@ impl NodeCore {
                 heard: now,
             };
             self.gossip.views.insert(key, view);
+            if state.epoch == self.epoch(state.volume) {
+                self.note_peer_backup(&key, s.backed_up, s.snapshot);
+            }
             noted += 1;
         }
         assert!(noted <= state.segments.len());

@@ -58,6 +58,7 @@
 //!   exactly as appended ones (truncations included), but are never answered to anyone.
 
 mod background;
+mod backup;
 mod commit;
 mod durability;
 mod gossip;
@@ -85,6 +86,9 @@ use crate::segment::{DurableRecord, Observed, RecordLocation, Segment};
 pub use background::{
     BackgroundStats, COALESCE_PERCENT, IDLE_AFTER, JobToken, PRESSURE_PERCENT, ROUND_RECORDS_MAX,
     ROUND_RECORDS_MIN,
+};
+pub use backup::{
+    BackupConfig, BackupJob, BackupOutcome, BackupStats, BackupToken, SNAPSHOT_BATCH_BYTES,
 };
 pub use commit::{GROUP_ENTRY_BYTES_MAX, PersistGroup};
 pub use gossip::{
@@ -170,6 +174,9 @@ pub enum NodeOutput {
     /// Carry out a scrub job ([`crate::pagestore::run_scrub`]: repairs to write, pages and
     /// records to check), then call [`NodeCore::handle_scrubbed`] with its report.
     Scrub { token: JobToken, job: ScrubJob },
+    /// Carry out a backup job (object-store calls, and the journal or page-store reads they
+    /// need), then call [`NodeCore::handle_backup_done`].
+    Backup { token: BackupToken, job: BackupJob },
     /// Send `message` (a request) to the peer node `peer` with `request_id`, and call
     /// [`NodeCore::handle_peer_reply`] with its reply or why none came. The core keeps the
     /// request's deadline: a driver may give up earlier, never wait forever.
@@ -285,6 +292,7 @@ pub struct NodeCore {
     background: background::Background,
     gossip: gossip::Gossip,
     scrub: scrub::Scrub,
+    backup: backup::Backup,
     rebuilds: rebuild::Rebuilds,
     throttle: throttle::Throttle,
     outputs: VecDeque<NodeOutput>,
@@ -359,6 +367,7 @@ impl NodeCore {
             background,
             gossip,
             scrub: scrub::Scrub::new(),
+            backup: backup::Backup::new(),
             rebuilds: rebuild::Rebuilds::default(),
             throttle: throttle::Throttle::default(),
             outputs: VecDeque::new(),
@@ -477,6 +486,7 @@ impl NodeCore {
             self.form_groups();
             self.schedule_background();
             self.schedule_scrub();
+            self.schedule_backup();
         }
         let output = self.outputs.pop_front();
         assert!(self.phase != Phase::Recovering || output.is_none());
@@ -607,10 +617,15 @@ impl NodeCore {
         let segments: Vec<SegmentState> = self
             .segments
             .range(volume_keys(volume))
-            .map(|(key, segment)| SegmentState {
-                pg: key.pg,
-                segment: key.segment,
-                scl: segment.scl(),
+            .map(|(key, segment)| {
+                let (backed_up, snapshot) = self.backup.state_of(key);
+                SegmentState {
+                    pg: key.pg,
+                    segment: key.segment,
+                    scl: segment.scl(),
+                    backed_up,
+                    snapshot,
+                }
             })
             .collect();
         assert!(segments.len() <= wire::frame::HOST_SEGMENTS_MAX);

@@ -427,6 +427,9 @@ impl NodeCore {
         volume.meta.epoch = host.epoch;
         volume.meta.page_size_bytes = host.page_size_bytes;
         volume.meta.pages_per_pg = host.pages_per_pg;
+        if host.pg_count > 0 {
+            volume.meta.pg_count = host.pg_count;
+        }
         let changed = before != volume.meta || !keys.is_empty();
         assert!(volume.meta.epoch >= before.epoch, "epochs only grow");
         for key in keys {
@@ -749,7 +752,7 @@ impl NodeCore {
         }
     }
 
-    fn pages_read(
+    pub(super) fn pages_read(
         &self,
         key: SegmentKey,
         fetch: &wire::FetchPages,

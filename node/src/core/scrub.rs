@@ -175,7 +175,7 @@ impl NodeCore {
 
     /// Whether no background job (coalescing or scrub) is in flight.
     pub(super) fn jobs_idle(&self) -> bool {
-        self.background.is_idle() && self.scrub.is_idle()
+        self.background.is_idle() && self.scrub.is_idle() && self.backup.reading_pages.is_none()
     }
 
     /// When scrubbing wants the core's timer.

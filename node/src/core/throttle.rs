@@ -235,7 +235,7 @@ impl NodeCore {
     fn ack_delay(&mut self, now: Instant) -> Option<Duration> {
         let (journal, used) = self.journal_pressure();
         let (backlog, counted) = self.backlog_pressure(now);
-        let pressure = journal.max(backlog);
+        let pressure = journal.max(backlog).max(self.backup_pressure());
         let c = &self.throttle.config;
         let delay = pressure.map(|p| {
             let span = (c.delay_max - c.delay_min).as_nanos();

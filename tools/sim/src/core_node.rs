@@ -169,6 +169,7 @@ impl CoreNode {
             epoch,
             page_size_bytes: geometry.0,
             pages_per_pg: geometry.1,
+            pg_count: 0,
             truncations: Vec::new(),
         };
         manifest.volumes.insert(volume, meta);

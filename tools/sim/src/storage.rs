@@ -216,6 +216,8 @@ impl ModelNode {
                     pg: *pg,
                     segment: *segment,
                     scl: s.scl(),
+                    backed_up: Lsn::ZERO,
+                    snapshot: Lsn::ZERO,
                 })
                 .collect(),
         }
