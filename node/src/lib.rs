@@ -6,6 +6,7 @@
 //! carries out its I/O through the traits of [`io`]; [`server`] speaks QUIC.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod backup;
 pub mod config;
 pub mod core;
 pub mod driver;
