@@ -68,6 +68,8 @@ pub struct NodeConfig {
     pub background: BackgroundSettings,
     #[serde(default)]
     pub backpressure: BackpressureSettings,
+    #[serde(default)]
+    pub backup: BackupSettings,
 }
 
 /// `[scrub]`: how the node re-reads its page store and journal to find damage (see the
@@ -110,6 +112,222 @@ impl Default for ScrubSettings {
             records_per_round: default_scrub_records(),
         }
     }
+}
+
+/// `[backup]`: where the node backs its PGs up (see the README's "Backup configuration"). Off
+/// unless `url` is set; the tunables are checked either way.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupSettings {
+    /// `file:///ABSOLUTE/DIR` (a local directory) or `s3://BUCKET/OPTIONAL/PREFIX`.
+    pub url: Option<String>,
+    /// The S3 endpoint, `http(s)://HOST:PORT` (MinIO); AWS's own for the region if unset.
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Both or neither; if neither, `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// `http://ENDPOINT/BUCKET/KEY` rather than `http://BUCKET.ENDPOINT/KEY` (MinIO needs it).
+    pub path_style: bool,
+    /// Plain http to the endpoint: it must be said, since credentials-signed requests and the
+    /// backups themselves then cross the network in the clear.
+    pub allow_http: bool,
+    /// A log object is sealed and uploaded at this many bytes…
+    pub log_bytes: u64,
+    /// …or this long after its first record, whichever comes first.
+    pub log_interval_ms: u64,
+    /// Time between two page snapshots of a PG.
+    pub snapshot_interval_s: u64,
+    /// Journal bytes not yet backed up from which the node reports itself lagging.
+    pub lag_bytes_max: u64,
+    /// Deadline of one store call (a put, a get, a list or a delete), retries included.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for BackupSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            endpoint: None,
+            region: "us-east-1".into(),
+            access_key_id: None,
+            secret_access_key: None,
+            path_style: true,
+            allow_http: false,
+            log_bytes: 4 << 20,
+            log_interval_ms: 1000,
+            snapshot_interval_s: 300,
+            lag_bytes_max: 1 << 30,
+            request_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Never prints the secret.
+impl std::fmt::Debug for BackupSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = self.secret_access_key.as_ref().map(|_| "<redacted>");
+        f.debug_struct("BackupSettings")
+            .field("url", &self.url)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &secret)
+            .field("path_style", &self.path_style)
+            .field("allow_http", &self.allow_http)
+            .field("log_bytes", &self.log_bytes)
+            .field("log_interval_ms", &self.log_interval_ms)
+            .field("snapshot_interval_s", &self.snapshot_interval_s)
+            .field("lag_bytes_max", &self.lag_bytes_max)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .finish()
+    }
+}
+
+/// Where `[backup] url` points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackupTarget {
+    /// `file:///DIR`: objects are files under `DIR`.
+    Local { dir: PathBuf },
+    /// `s3://BUCKET/PREFIX`: objects are keys `PREFIX/…` of `BUCKET` (`prefix` may be empty).
+    S3 { bucket: String, prefix: String },
+}
+
+impl BackupSettings {
+    /// Where backups go, `None` when backup is off. Errors are one line naming the key.
+    pub fn target(&self) -> Result<Option<BackupTarget>, String> {
+        let Some(url) = &self.url else {
+            return Ok(None);
+        };
+        let usage = "use file:///ABSOLUTE/DIR or s3://BUCKET/OPTIONAL/PREFIX";
+        if let Some(dir) = url.strip_prefix("file://") {
+            if !dir.starts_with('/') || dir.split('/').any(|s| s == "..") {
+                return Err(format!(
+                    "backup.url = \"{url}\" must name an absolute directory: {usage}"
+                ));
+            }
+            return Ok(Some(BackupTarget::Local { dir: dir.into() }));
+        }
+        let Some(rest) = url.strip_prefix("s3://") else {
+            return Err(format!(
+                "backup.url = \"{url}\" is neither file:// nor s3://: {usage}"
+            ));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if !valid_bucket_name(bucket) {
+            return Err(format!(
+                "backup.url = \"{url}\" names bucket \"{bucket}\", which is not a valid S3 \
+                 bucket name (3 to 63 lowercase letters, digits, dots and hyphens): {usage}"
+            ));
+        }
+        let prefix = prefix.trim_end_matches('/');
+        if object_store::path::Path::parse(prefix).is_err() || prefix.contains("//") {
+            return Err(format!(
+                "backup.url = \"{url}\" has prefix \"{prefix}\", which is not a valid object \
+                 path (no empty, \".\" or \"..\" segments): {usage}"
+            ));
+        }
+        Ok(Some(BackupTarget::S3 {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        }))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let target = self.target()?;
+        if matches!(target, Some(BackupTarget::S3 { .. })) {
+            self.check_s3()?;
+        }
+        let ranges: [(&str, u64, u64, u64, &str); 5] = [
+            ("log_bytes", self.log_bytes, 4096, 1 << 30, "4194304"),
+            (
+                "log_interval_ms",
+                self.log_interval_ms,
+                10,
+                3_600_000,
+                "1000",
+            ),
+            (
+                "snapshot_interval_s",
+                self.snapshot_interval_s,
+                1,
+                604_800,
+                "300",
+            ),
+            (
+                "lag_bytes_max",
+                self.lag_bytes_max,
+                1 << 20,
+                1 << 40,
+                "1073741824",
+            ),
+            (
+                "request_timeout_ms",
+                self.request_timeout_ms,
+                100,
+                600_000,
+                "30000",
+            ),
+        ];
+        for (key, value, min, max, default) in ranges {
+            if !(min..=max).contains(&value) {
+                return Err(format!(
+                    "backup.{key} = {value} must be between {min} and {max}; try {default}"
+                ));
+            }
+        }
+        if self.lag_bytes_max < self.log_bytes {
+            return Err(format!(
+                "backup.lag_bytes_max = {} must be at least backup.log_bytes = {}",
+                self.lag_bytes_max, self.log_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_s3(&self) -> Result<(), String> {
+        if let Some(endpoint) = &self.endpoint {
+            let host = endpoint
+                .strip_prefix("https://")
+                .or_else(|| endpoint.strip_prefix("http://"));
+            if host.is_none_or(str::is_empty) {
+                return Err(format!(
+                    "backup.endpoint = \"{endpoint}\" must be http(s)://HOST:PORT, e.g. \
+                     \"http://127.0.0.1:9000\""
+                ));
+            }
+            if endpoint.starts_with("http://") && !self.allow_http {
+                return Err(format!(
+                    "backup.endpoint = \"{endpoint}\" is plain http: set allow_http = true in \
+                     [backup] to allow it (or use an https endpoint)"
+                ));
+            }
+        }
+        if self.region.is_empty() {
+            return Err("backup.region must not be empty; try \"us-east-1\"".into());
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return Err(
+                "backup.access_key_id and backup.secret_access_key go together: set \
+                        both, or neither to take AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+                        from the environment"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// S3's bucket naming rules, as far as they matter here.
+fn valid_bucket_name(name: &str) -> bool {
+    let edges_ok =
+        |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    (3..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+        && edges_ok(name.chars().next())
+        && edges_ok(name.chars().last())
 }
 
 /// `[background]`: the node's background work (coalescing and garbage collection; gossip has
@@ -366,7 +584,7 @@ impl NodeConfig {
         if self.name.is_empty() {
             return Err("name must not be empty: use the node's certificate name".into());
         }
-        Ok(())
+        self.backup.check()
     }
 }
 
@@ -444,6 +662,73 @@ mod tests {
         let e = NodeConfig::parse(&text, "node.toml").unwrap_err();
         assert!(!e.contains('\n'), "{e}");
         assert!(e.contains("sideways") && e.contains("std_fs"), "{e}");
+    }
+
+    /// Goal: without a `[backup]` table backup is off with the documented defaults; a full
+    /// table parses; each bad value, plain http without `allow_http` and an unknown key are
+    /// refused with one line naming the key and the fix.
+    /// Method: the default config with `[backup]` tables appended.
+    #[test]
+    fn backup_table_defaults_and_errors() {
+        let c = NodeConfig::parse(DEFAULT_CONFIG, "node.toml").unwrap();
+        assert_eq!(c.backup, BackupSettings::default());
+        assert_eq!(c.backup.target(), Ok(None));
+        assert!(c.backup.path_style && !c.backup.allow_http);
+        assert_eq!(c.backup.region, "us-east-1");
+        assert_eq!(c.backup.log_bytes, 4 << 20);
+        assert_eq!(c.backup.log_interval_ms, 1000);
+        assert_eq!(c.backup.snapshot_interval_s, 300);
+        assert_eq!(c.backup.lag_bytes_max, 1 << 30);
+        assert_eq!(c.backup.request_timeout_ms, 30_000);
+
+        let backup = |table: &str| {
+            NodeConfig::parse(
+                &format!("{DEFAULT_CONFIG}\n[backup]\n{table}\n"),
+                "node.toml",
+            )
+        };
+        let c = backup(
+            "url = \"s3://sixfold/prod/backups/\"\nendpoint = \"http://127.0.0.1:9000\"\n\
+             allow_http = true\naccess_key_id = \"minio\"\nsecret_access_key = \"minio123\"",
+        )
+        .unwrap();
+        let target = BackupTarget::S3 {
+            bucket: "sixfold".into(),
+            prefix: "prod/backups".into(),
+        };
+        assert_eq!(c.backup.target(), Ok(Some(target)));
+        assert!(!format!("{c:?}").contains("minio123"));
+        let c = backup("url = \"file:///var/lib/sixfold/backup\"").unwrap();
+        let dir = PathBuf::from("/var/lib/sixfold/backup");
+        assert_eq!(c.backup.target(), Ok(Some(BackupTarget::Local { dir })));
+
+        let refused = [
+            (
+                "url = \"s3://sixfold\"\nendpoint = \"http://minio:9000\"",
+                "set allow_http = true",
+            ),
+            (
+                "url = \"s3://sixfold\"\nendpoint = \"minio:9000\"",
+                "backup.endpoint",
+            ),
+            ("url = \"file://relative/dir\"", "absolute directory"),
+            ("url = \"gs://bucket\"", "neither file:// nor s3://"),
+            ("url = \"s3://Bad_Bucket\"", "not a valid S3 bucket name"),
+            ("url = \"s3://sixfold/a//b\"", "not a valid object path"),
+            (
+                "url = \"s3://sixfold\"\naccess_key_id = \"x\"",
+                "go together",
+            ),
+            ("log_bytes = 10", "backup.log_bytes = 10 must be between"),
+            ("request_timeout_ms = 0", "backup.request_timeout_ms"),
+            ("lag_bytes_max = 1048576", "at least backup.log_bytes"),
+            ("bucket = \"sixfold\"", "unknown field `bucket`"),
+        ];
+        for (table, expected) in refused {
+            let e = backup(table).unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+            assert!(e.contains(expected), "{table}: {e}");
+        }
     }
 
     #[test]

@@ -7,4 +7,5 @@ pub mod dev;
 pub mod inspect;
 pub mod netfault;
 pub mod procs;
+pub mod s3server;
 pub mod scrape;

@@ -1,4 +1,7 @@
-//! Backup's I/O: the object store it writes to, and the jobs the core asks for carried out
-//! against it (`upload`). What to upload and when is the core's (`crate::core` `backup`).
+//! Backup's I/O (DESIGN.md "Backup layout"): the object store it writes through
+//! ([`store::BackupStore`], built from the node's `[backup]` table), and the jobs the core asks
+//! for carried out against it ([`upload`]). What to upload and when is the core's
+//! (`crate::core` `backup`).
 
+pub mod store;
 pub mod upload;

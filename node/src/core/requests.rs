@@ -447,10 +447,11 @@ impl NodeCore {
     /// VDL as the volume's VDL hint if the writer is at the epoch in force here (it says its
     /// VDL only to a node that installed its truncation: see `wire::SetPgmrpl`).
     fn set_pgmrpl(&mut self, request: &SetPgmrpl) -> Result<(), ErrorReply> {
-        if request.vdl > wire::Lsn::ZERO && request.epoch == self.epoch(request.volume) {
-            if let Some(volume) = self.volumes.get_mut(&request.volume) {
-                volume.vdl = volume.vdl.max(request.vdl);
-            }
+        if request.vdl > wire::Lsn::ZERO
+            && request.epoch == self.epoch(request.volume)
+            && let Some(volume) = self.volumes.get_mut(&request.volume)
+        {
+            volume.vdl = volume.vdl.max(request.vdl);
         }
         let mut found = 0;
         for (key, segment) in self.segments.range_mut(volume_keys(request.volume)) {
