@@ -272,7 +272,11 @@ impl<J: JournalIo> Driver<J> {
             manifests,
             reader,
             pages,
+            objects,
         } = io;
+        let uploader = objects.map(|store| {
+            crate::backup::upload::Uploader::new(store, pages.clone(), reader.clone())
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         let (stopped_tx, stopped_rx) = watch::channel(None);
         let metrics = Arc::new(NodeMetrics::new());
@@ -298,7 +302,7 @@ impl<J: JournalIo> Driver<J> {
             received: HashMap::new(),
             submitted: HashMap::new(),
             peers: None,
-            uploader: None,
+            uploader,
             throttle_logged: ThrottleStatus::default(),
             watch: Watch {
                 after: STALL_WARN,
@@ -327,13 +331,6 @@ impl<J: JournalIo> Driver<J> {
         });
         self.peers = Some(Peers::new(listen, tls, sink)?);
         Ok(())
-    }
-
-    /// Gives backup jobs an object store to go to (the core's backup must be enabled too).
-    pub fn enable_backup(&mut self, store: Arc<dyn crate::backup::upload::ObjectStorage>) {
-        let uploader =
-            crate::backup::upload::Uploader::new(store, self.pages.clone(), self.reader.clone());
-        self.uploader = Some(uploader);
     }
 
     /// Changes how long a journal write or a request may wait before the driver says it
@@ -752,6 +749,8 @@ pub struct DriverIo {
     pub manifests: Arc<dyn ManifestStore>,
     pub reader: Arc<dyn RecordReader>,
     pub pages: Arc<dyn PageStore>,
+    /// Where backup jobs go (`None`: no `[backup]` store; the core's backup is off too).
+    pub objects: Option<Arc<dyn crate::backup::upload::ObjectStorage>>,
 }
 
 /// The refusal of a frame whose length prefix is bad, with the code its decode error maps to.

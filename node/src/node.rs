@@ -62,24 +62,8 @@ impl Node {
             journal_file_count: u32::try_from(journal.files.len())?,
         };
         let mut core = NodeCore::new(core_config, manifest);
-        let mut gossip = crate::core::GossipConfig::for_node(&config.name);
-        gossip.enabled = config.gossip.enabled;
-        gossip.poll_interval = std::time::Duration::from_millis(config.gossip.poll_interval_ms);
-        core.configure_gossip(gossip);
-        core.configure_scrub(crate::core::ScrubConfig {
-            enabled: config.scrub.enabled,
-            interval: std::time::Duration::from_millis(config.scrub.interval_ms),
-            pages_per_round: config.scrub.pages_per_round,
-            records_per_round: config.scrub.records_per_round,
-        });
-        if config.background.paused {
-            tracing::warn!(
-                "background work paused ([background] paused = true): nothing is coalesced \
-                 or collected, and the journal fills"
-            );
-            core.set_background_paused(true);
-        }
-        core.configure_throttle(config.backpressure.throttle_config());
+        configure(&config, &mut core);
+        let objects = backup_store(&config, &mut core)?;
         // One group in memory at a time: recovery memory does not grow with the journal.
         let (mut groups, mut records) = (0, 0);
         let start = core.journal_start();
@@ -111,6 +95,7 @@ impl Node {
             manifests: Arc::new(store),
             reader: Arc::new(reader),
             pages: Arc::new(pages),
+            objects,
         };
         let node = Self::start(config, core, journal, io)?;
         Ok((Arc::new(node), report))
@@ -171,6 +156,61 @@ impl Node {
             None => Ok(()),
         }
     }
+}
+
+/// Gossip, scrub, background work and back-pressure as `node.toml` says.
+fn configure(config: &NodeConfig, core: &mut NodeCore) {
+    let mut gossip = crate::core::GossipConfig::for_node(&config.name);
+    gossip.enabled = config.gossip.enabled;
+    gossip.poll_interval = std::time::Duration::from_millis(config.gossip.poll_interval_ms);
+    core.configure_gossip(gossip);
+    core.configure_scrub(crate::core::ScrubConfig {
+        enabled: config.scrub.enabled,
+        interval: std::time::Duration::from_millis(config.scrub.interval_ms),
+        pages_per_round: config.scrub.pages_per_round,
+        records_per_round: config.scrub.records_per_round,
+    });
+    if config.background.paused {
+        tracing::warn!(
+            "background work paused ([background] paused = true): nothing is coalesced \
+                 or collected, and the journal fills"
+        );
+        core.set_background_paused(true);
+    }
+    core.configure_throttle(config.backpressure.throttle_config());
+}
+
+/// The `[backup]` store, if configured, with the core's backup switched on to match. A store
+/// that cannot be built (bad configuration) stops the start with one line; one that is only
+/// unreachable or refuses the credentials is reported by a probe in the background, and the
+/// node serves writes meanwhile (backup lag grows and is reported).
+fn backup_store(
+    config: &NodeConfig,
+    core: &mut NodeCore,
+) -> anyhow::Result<Option<Arc<dyn crate::backup::upload::ObjectStorage>>> {
+    let settings = &config.backup;
+    let Some(store) = crate::backup::store::BackupStore::from_settings(settings)
+        .map_err(|e| anyhow::anyhow!("[backup]: {e}"))?
+    else {
+        return Ok(None);
+    };
+    let store = Arc::new(store);
+    core.configure_backup(crate::core::BackupConfig {
+        enabled: true,
+        log_bytes: usize::try_from(settings.log_bytes)?,
+        log_interval: std::time::Duration::from_millis(settings.log_interval_ms),
+        snapshot_interval: std::time::Duration::from_secs(settings.snapshot_interval_s),
+        lag_bytes_max: settings.lag_bytes_max,
+        ..crate::core::BackupConfig::default()
+    });
+    tracing::info!("backing up to {}", store.location());
+    let probe = store.clone();
+    tokio::spawn(async move {
+        if let Err(e) = probe.probe().await {
+            tracing::error!("backup: {e} (the node serves writes; backup lag grows)");
+        }
+    });
+    Ok(Some(Arc::new(store)))
 }
 
 /// Where the node listens, and its CA, certificate and key: what its peer client needs.

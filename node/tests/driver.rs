@@ -110,6 +110,7 @@ fn driver<J: JournalIo>(journal: J, manifests: Manifests) -> (Driver<J>, DriverH
     core.finish_recovery(Position::default(), 1);
     assert!(core.oldest_waiting(Instant::now()).is_none());
     let io = node::driver::DriverIo {
+        objects: None,
         manifests: Arc::new(manifests),
         reader: Arc::new(NoReads),
         pages: Arc::new(node::pagestore::MemPageStore::default()),

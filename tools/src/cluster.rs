@@ -40,6 +40,8 @@ pub struct ClusterOptions {
     pub metrics: bool,
     /// `[scrub] interval_ms` of every node (`None`: the node's default).
     pub scrub_interval_ms: Option<u64>,
+    /// `[backup]` of every node (off unless its `url` is set).
+    pub backup: node::config::BackupSettings,
 }
 
 impl Default for ClusterOptions {
@@ -54,6 +56,7 @@ impl Default for ClusterOptions {
             background_paused: false,
             metrics: false,
             scrub_interval_ms: None,
+            backup: node::config::BackupSettings::default(),
         }
     }
 }
@@ -170,6 +173,7 @@ impl LocalCluster {
             spec.journal_file_count = options.journal_file_count;
             spec.background_paused = options.background_paused;
             spec.scrub_interval_ms = options.scrub_interval_ms;
+            spec.backup = options.backup.clone();
             if options.metrics {
                 spec.metrics_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
             }

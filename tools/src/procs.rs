@@ -59,6 +59,37 @@ pub struct NodeSpec {
     pub scrub_interval_ms: Option<u64>,
     /// `[backpressure]` (written only when it differs from the node's defaults).
     pub backpressure: node::config::BackpressureSettings,
+    /// `[backup]` (written only when its `url` is set).
+    pub backup: node::config::BackupSettings,
+}
+
+/// The `[backup]` table of `b` (empty when backup is off).
+fn backup_toml(b: &node::config::BackupSettings) -> String {
+    let Some(url) = &b.url else {
+        return String::new();
+    };
+    let text = |key: &str, value: &Option<String>| {
+        value
+            .as_ref()
+            .map(|v| format!("{key} = \"{v}\"\n"))
+            .unwrap_or_default()
+    };
+    format!(
+        "\n[backup]\nurl = \"{url}\"\n{}{}{}region = \"{}\"\npath_style = {}\n\
+         allow_http = {}\nlog_bytes = {}\nlog_interval_ms = {}\nsnapshot_interval_s = {}\n\
+         lag_bytes_max = {}\nrequest_timeout_ms = {}\n",
+        text("endpoint", &b.endpoint),
+        text("access_key_id", &b.access_key_id),
+        text("secret_access_key", &b.secret_access_key),
+        b.region,
+        b.path_style,
+        b.allow_http,
+        b.log_bytes,
+        b.log_interval_ms,
+        b.snapshot_interval_s,
+        b.lag_bytes_max,
+        b.request_timeout_ms,
+    )
 }
 
 impl NodeSpec {
@@ -80,6 +111,7 @@ impl NodeSpec {
             background_paused: false,
             scrub_interval_ms: None,
             backpressure: node::config::BackpressureSettings::default(),
+            backup: node::config::BackupSettings::default(),
         }
     }
 
@@ -110,6 +142,7 @@ impl NodeSpec {
             background_paused: config.background.paused,
             scrub_interval_ms: Some(config.scrub.interval_ms),
             backpressure: config.backpressure.clone(),
+            backup: config.backup.clone(),
         }
     }
 
@@ -150,6 +183,7 @@ impl NodeSpec {
                 b.journal_percent, b.backlog_records, b.ack_delay_min_ms, b.ack_delay_max_ms
             ));
         }
+        s.push_str(&backup_toml(&self.backup));
         for (volume, pg, segment) in &self.segments {
             s.push_str(&format!(
                 "\n[[segment]]\nvolume = {volume}\npg = {pg}\nsegment = {segment}\n"

@@ -205,15 +205,9 @@ pub fn coverage(ranges: &[(Lsn, Lsn)], snapshots: &[(Lsn, Lsn)]) -> Coverage {
     for (first, last) in starts {
         let end = log_end_from(first, ranges);
         best.log_end = best.log_end.max(end);
-        // From the PG's beginning the log alone serves every point it reaches; from a
-        // snapshot, points from its last LSN on.
-        let restorable = if first == Lsn::ZERO && last == Lsn::ZERO {
-            end
-        } else if end >= last {
-            end
-        } else {
-            Lsn::ZERO
-        };
+        // From the PG's beginning (first = last = 0) the log alone serves every point it
+        // reaches; from a snapshot, points from its last LSN on.
+        let restorable = if end >= last { end } else { Lsn::ZERO };
         if restorable > best.restorable || (restorable == best.restorable && last > best.snapshot) {
             best.restorable = restorable;
             best.snapshot = last;

@@ -729,7 +729,7 @@ impl Message {
             Message::Done => 0,
             Message::GetVolumeState(_) => 8,
             Message::VolumeState(state) => {
-                32 + 24 * state.truncations.len() + 16 * state.segments.len()
+                32 + 24 * state.truncations.len() + 32 * state.segments.len()
             }
             Message::Fence(_) => 24,
             Message::Truncate(_) => 40,

@@ -798,6 +798,7 @@ fn huge_counts_are_refused() {
         body.extend_from_slice(&[0; 20]); // volume, epoch, page_size_bytes
         body.extend_from_slice(&count.to_le_bytes());
         body.extend_from_slice(&[0; 8]); // pages_per_pg
+        body.extend_from_slice(&[0; 8]); // pg_count, reserved
         body.resize(body.len() + 8 * (HOST_SEGMENTS_MAX + 1), 0);
         assert_eq!(
             Frame::decode(&raw_frame(KIND_HOST_SEGMENTS, 3, &body)),
@@ -818,6 +819,7 @@ fn placement_counts_and_indexes_are_checked() {
         body.extend_from_slice(&[0; 20]); // volume, epoch, page_size_bytes
         body.extend_from_slice(&0u32.to_le_bytes()); // no segments
         body.extend_from_slice(&[0; 8]); // pages_per_pg
+        body.extend_from_slice(&[0; 8]); // pg_count, reserved
     };
     let node = |body: &mut Vec<u8>, name: &[u8]| {
         body.extend_from_slice(&u16::try_from(name.len()).unwrap().to_le_bytes());

@@ -36,6 +36,37 @@ pub trait ObjectStorage: Send + Sync + 'static {
     fn list(&self, prefix: String) -> StorageFuture<Vec<String>>;
 }
 
+impl ObjectStorage for Arc<super::store::BackupStore> {
+    fn put(&self, name: String, bytes: Bytes) -> StorageFuture<()> {
+        let store = self.clone();
+        Box::pin(async move {
+            super::store::BackupStore::put(&store, &name, bytes)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn get(&self, name: String) -> StorageFuture<Bytes> {
+        let store = self.clone();
+        Box::pin(async move {
+            super::store::BackupStore::get(&store, &name)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn list(&self, prefix: String) -> StorageFuture<Vec<String>> {
+        let store = self.clone();
+        Box::pin(async move {
+            let trimmed = prefix.trim_end_matches('/');
+            let listed = super::store::BackupStore::list(&store, trimmed)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(listed.into_iter().map(|(name, _)| name).collect())
+        })
+    }
+}
+
 /// The longest one job may take, retries included.
 pub const JOB_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -86,33 +117,8 @@ impl Uploader {
                 through,
                 records,
             } => {
-                if !self
-                    .described
-                    .lock()
-                    .expect("not poisoned")
-                    .contains(&volume)
-                {
-                    let object = VolumeObject { volume, geometry };
-                    let bytes = Bytes::from(object.encode());
-                    self.store.put(volume_name(volume), bytes).await?;
-                    self.described.lock().expect("not poisoned").insert(volume);
-                }
-                let reader = self.reader.clone();
-                let records = blocking(move || reader.read(&records)).await?;
-                let object = LogObject {
-                    volume,
-                    pg,
-                    after,
-                    through,
-                    sealed_unix_ms: unix_ms(),
-                    records,
-                };
-                object
-                    .check()
-                    .map_err(|why| format!("log range ({after}, {through}] of pg {pg}: {why}"))?;
-                let name = log_name(volume, pg, after, through);
-                self.store.put(name, Bytes::from(object.encode())).await?;
-                Ok(BackupOutcome::Uploaded)
+                self.describe(volume, geometry).await?;
+                self.put_log(volume, pg, (after, through), records).await
             }
             BackupJob::Pages { first, batch, read } => {
                 let (pages, reader) = (self.pages.clone(), self.reader.clone());
@@ -165,6 +171,49 @@ impl Uploader {
                 Ok(BackupOutcome::Uploaded)
             }
         }
+    }
+
+    /// Puts the volume object once per volume and process (it never changes).
+    async fn describe(&self, volume: VolumeId, geometry: wire::Geometry) -> Result<(), String> {
+        if self
+            .described
+            .lock()
+            .expect("not poisoned")
+            .contains(&volume)
+        {
+            return Ok(());
+        }
+        let bytes = Bytes::from(VolumeObject { volume, geometry }.encode());
+        self.store.put(volume_name(volume), bytes).await?;
+        self.described.lock().expect("not poisoned").insert(volume);
+        Ok(())
+    }
+
+    /// Reads the records back from the journal and puts them as the log object
+    /// `(after, through]`, sealed now.
+    async fn put_log(
+        &self,
+        volume: VolumeId,
+        pg: wire::PgId,
+        (after, through): (wire::Lsn, wire::Lsn),
+        records: Vec<crate::segment::RecordLocation>,
+    ) -> Result<BackupOutcome, String> {
+        let reader = self.reader.clone();
+        let records = blocking(move || reader.read(&records)).await?;
+        let object = LogObject {
+            volume,
+            pg,
+            after,
+            through,
+            sealed_unix_ms: unix_ms(),
+            records,
+        };
+        object
+            .check()
+            .map_err(|why| format!("log range ({after}, {through}] of pg {pg}: {why}"))?;
+        let name = log_name(volume, pg, after, through);
+        self.store.put(name, Bytes::from(object.encode())).await?;
+        Ok(BackupOutcome::Uploaded)
     }
 
     /// What the PG's objects cover: its log ranges and complete snapshots.

@@ -127,6 +127,29 @@ pub enum BackupOutcome {
     Failed(String),
 }
 
+/// A job of PG `id` failed: retried at `retry`, one WARN per run of failures; a snapshot
+/// batch that failed starts its snapshot over (pages moved on meanwhile).
+fn note_failed(
+    p: &mut PgBackup,
+    id: (VolumeId, PgId),
+    kind: InflightKind,
+    retry: Option<Instant>,
+    why: &str,
+) {
+    p.retry_at = retry;
+    if !p.warned {
+        p.warned = true;
+        tracing::warn!(
+            "backup of volume {} pg {}: {why} (retrying; backup lag grows meanwhile)",
+            id.0,
+            id.1
+        );
+    }
+    if matches!(kind, InflightKind::Pages) {
+        p.run = None;
+    }
+}
+
 /// What backup has done, for metrics and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackupStats {
@@ -169,6 +192,9 @@ struct PgBackup {
     run: Option<SnapshotRun>,
     busy: Option<BackupToken>,
     retry_at: Option<Instant>,
+    /// Nothing was due at the last look: look again then (new records wait for it; that is
+    /// what `log_interval` batches).
+    wake_at: Option<Instant>,
     /// The last failure was logged (one WARN per run of failures).
     warned: bool,
 }
@@ -303,15 +329,13 @@ impl NodeCore {
         if !self.backup.config.enabled || self.phase != Phase::Serving {
             return None;
         }
-        let now = self.gossip_now()?;
-        let c = &self.backup.config;
         self.backup
             .pgs
             .values()
             .filter(|p| p.busy.is_none())
-            .map(|p| {
-                let log = p.last_log.map_or(now, |at| at + c.log_interval);
-                p.retry_at.map_or(log, |r| r.max(log))
+            .filter_map(|p| match (p.retry_at, p.wake_at) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
             })
             .min()
     }
@@ -343,9 +367,16 @@ impl NodeCore {
 
     fn schedule_pg_backup(&mut self, now: Instant, (volume, pg): (VolumeId, PgId)) {
         let state = self.backup.pgs[&(volume, pg)];
-        if state.busy.is_some() || state.retry_at.is_some_and(|at| now < at) {
+        let waiting = [state.retry_at, state.wake_at].into_iter().flatten();
+        if state.busy.is_some() || waiting.max().is_some_and(|at| now < at) {
             return;
         }
+        let interval = self.backup.config.log_interval;
+        self.backup
+            .pgs
+            .get_mut(&(volume, pg))
+            .expect("listed")
+            .wake_at = Some(now + interval);
         let Some(owner) = self.backup_owner(volume, pg) else {
             let p = self.backup.pgs.get_mut(&(volume, pg)).expect("listed");
             p.log_end = None; // Another segment owns it: list again when it comes back here.
@@ -422,43 +453,9 @@ impl NodeCore {
         owner: SegmentKey,
         state: &PgBackup,
     ) -> Option<BackupJob> {
-        let c = self.backup.config;
-        let segment = &self.segments[&owner];
-        let materialized = segment.materialized();
         let run = match state.run {
             Some(run) if run.key == owner => run,
-            _ => {
-                let due = state
-                    .last_snapshot
-                    .is_none_or(|at| now >= at + c.snapshot_interval);
-                // Only when there is something the log alone would not give cheaply.
-                let worth = materialized > state.snapshot.max(Lsn::ZERO)
-                    && (state.last_snapshot.is_some() || segment.progress().base > Lsn::ZERO);
-                if !due || !worth || materialized == Lsn::ZERO {
-                    return None;
-                }
-                let run = SnapshotRun {
-                    key: owner,
-                    first: materialized,
-                    last: materialized,
-                    next_batch: 0,
-                    next_index: 0,
-                    pages: 0,
-                };
-                let p = self
-                    .backup
-                    .pgs
-                    .get_mut(&(owner.volume, owner.pg))
-                    .expect("listed");
-                p.run = Some(run);
-                p.last_snapshot = Some(now);
-                if p.log_end.is_some_and(|end| end < segment.progress().base) {
-                    // A gap: the log restarts at the snapshot.
-                    p.log_end = Some(run.first);
-                    p.restart = Some(run.first);
-                }
-                run
-            }
+            _ => self.start_snapshot_run(now, owner, state)?,
         };
         if run.next_index == crate::pagestore::PAGES_DONE {
             return Some(BackupJob::Done {
@@ -498,6 +495,51 @@ impl NodeCore {
         })
     }
 
+    /// Starts a snapshot of `owner`'s PG if one is due and worth it.
+    fn start_snapshot_run(
+        &mut self,
+        now: Instant,
+        owner: SegmentKey,
+        state: &PgBackup,
+    ) -> Option<SnapshotRun> {
+        let c = self.backup.config;
+        let segment = &self.segments[&owner];
+        let materialized = segment.materialized();
+        let base = segment.progress().base;
+        let due = state
+            .last_snapshot
+            .is_none_or(|at| now >= at + c.snapshot_interval);
+        // Only when there is something the log alone would not give cheaply: a page store
+        // past the last snapshot, and a log that no longer starts at the PG's beginning here
+        // (or an interval since the last snapshot).
+        let worth =
+            materialized > state.snapshot && (state.last_snapshot.is_some() || base > Lsn::ZERO);
+        if !due || !worth || materialized == Lsn::ZERO {
+            return None;
+        }
+        let run = SnapshotRun {
+            key: owner,
+            first: materialized,
+            last: materialized,
+            next_batch: 0,
+            next_index: 0,
+            pages: 0,
+        };
+        let p = self
+            .backup
+            .pgs
+            .get_mut(&(owner.volume, owner.pg))
+            .expect("listed");
+        p.run = Some(run);
+        p.last_snapshot = Some(now);
+        if p.log_end.is_some_and(|end| end < base) {
+            // A gap: the log restarts at the snapshot.
+            p.log_end = Some(run.first);
+            p.restart = Some(run.first);
+        }
+        Some(run)
+    }
+
     fn start_backup_job(&mut self, now: Instant, id: (VolumeId, PgId), job: BackupJob) {
         let token = BackupToken(self.backup.next_token);
         self.backup.next_token += 1;
@@ -518,7 +560,9 @@ impl NodeCore {
         if matches!(kind, InflightKind::Log { .. }) {
             self.backup.pgs.get_mut(&id).expect("listed").last_log = Some(now);
         }
-        self.backup.pgs.get_mut(&id).expect("listed").busy = Some(token);
+        let p = self.backup.pgs.get_mut(&id).expect("listed");
+        p.busy = Some(token);
+        p.wake_at = None;
         self.backup.inflight.insert(token, (id, kind));
         self.outputs.push_back(NodeOutput::Backup { token, job });
     }
@@ -539,19 +583,8 @@ impl NodeCore {
         p.busy = None;
         if let BackupOutcome::Failed(why) = &outcome {
             stats.failures += 1;
-            p.retry_at = now.map(|n| n + self.backup.config.retry_interval);
-            if !p.warned {
-                p.warned = true;
-                tracing::warn!(
-                    "backup of volume {} pg {}: {why} (retrying; backup lag grows meanwhile)",
-                    id.0,
-                    id.1
-                );
-            }
-            if matches!(kind, InflightKind::Pages) {
-                p.run = None; // Start the snapshot over (pages moved on meanwhile).
-            }
-            return;
+            let retry = now.map(|n| n + self.backup.config.retry_interval);
+            return note_failed(p, id, kind, retry, why);
         }
         if p.warned {
             tracing::info!("backup of volume {} pg {} works again", id.0, id.1);
