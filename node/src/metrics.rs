@@ -109,6 +109,10 @@ pub struct NodeMetrics {
     pub throttled: U64Gauge,
     /// Acks being held back now.
     pub acks_held: U64Gauge,
+    pub backup_lag_bytes: U64Gauge,
+    pub backup_objects: Counter,
+    pub backup_bytes: Counter,
+    pub backup_failures: Counter,
     /// Segments with a series, so a segment no longer hosted loses its series.
     exported: Mutex<BTreeSet<SegmentKey>>,
 }
@@ -154,6 +158,10 @@ impl NodeMetrics {
             acks_throttled: Counter::default(),
             throttled: U64Gauge::default(),
             acks_held: U64Gauge::default(),
+            backup_lag_bytes: U64Gauge::default(),
+            backup_objects: Counter::default(),
+            backup_bytes: Counter::default(),
+            backup_failures: Counter::default(),
             exported: Mutex::new(BTreeSet::new()),
         };
         m.register_foreground();
@@ -161,7 +169,40 @@ impl NodeMetrics {
         m.register_scrub();
         m.register_segments();
         m.register_backpressure();
+        m.register_backup();
         m
+    }
+
+    /// Backup's families.
+    fn register_backup(&mut self) {
+        let r = &mut self.registry;
+        r.register_with_unit(
+            "node_backup_lag",
+            "Bytes of journal records not yet backed up (the largest over hosted segments)",
+            Unit::Bytes,
+            self.backup_lag_bytes.clone(),
+        );
+        r.register_with_unit(
+            "node_backup_log",
+            "Bytes of records uploaded in log objects",
+            Unit::Bytes,
+            self.backup_bytes.clone(),
+        );
+        let counters: [(&str, &str, &Counter); 2] = [
+            (
+                "node_backup_objects",
+                "Backup objects uploaded (log ranges, snapshot batches and snapshot ends)",
+                &self.backup_objects,
+            ),
+            (
+                "node_backup_failures",
+                "Backup jobs that failed (retried later)",
+                &self.backup_failures,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            r.register(name, help, counter.clone());
+        }
     }
 
     /// The append path's families.
@@ -372,6 +413,14 @@ impl NodeMetrics {
             .inc_by(t.acks_throttled.saturating_sub(self.acks_throttled.get()));
         self.throttled.set(u64::from(t.throttled));
         self.acks_held.set(t.acks_held);
+        let b = &stats.backup;
+        self.backup_lag_bytes.set(b.lag_bytes);
+        follow(
+            &self.backup_objects,
+            b.log_objects + b.snapshot_batches + b.snapshots,
+        );
+        follow(&self.backup_bytes, b.log_bytes);
+        follow(&self.backup_failures, b.failures);
         let mut exported = self.exported.lock().expect("exported lock");
         let now: BTreeSet<SegmentKey> = stats.segments.iter().map(|s| s.key).collect();
         for gone in exported.difference(&now) {

@@ -157,6 +157,7 @@ pub struct BackupStats {
     pub log_bytes: u64,
     pub snapshots: u64,
     pub snapshot_pages: u64,
+    pub snapshot_batches: u64,
     pub failures: u64,
     /// Bytes of records held above the backup floor, as last counted.
     pub lag_bytes: u64,
@@ -610,6 +611,7 @@ impl NodeCore {
             }
             (InflightKind::Pages, BackupOutcome::Pages { pages, next_index }) => {
                 stats.snapshot_pages += pages;
+                stats.snapshot_batches += 1;
                 if let Some(run) = p.run.as_mut() {
                     run.pages += pages;
                     run.next_batch += 1;

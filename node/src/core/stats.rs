@@ -40,6 +40,8 @@ pub struct NodeStats {
     pub gossip_gaps: u64,
     /// Back-pressure: whether acks are being delayed, and how many were.
     pub throttle: super::ThrottleStatus,
+    /// Backup's uploads, failures and lag.
+    pub backup: super::BackupStats,
 }
 
 /// One hosted segment's counters.
@@ -96,6 +98,7 @@ impl NodeCore {
                 .map(|key| self.gaps(key).len() as u64)
                 .sum(),
             throttle: self.throttle_status(),
+            backup: self.backup_stats(),
         }
     }
 }
