@@ -1624,3 +1624,32 @@ fn the_owner_lists_then_seals_the_chain_up_to_the_vdl_hint() {
     assert_eq!(h.core.backup_stats().log_objects, 1);
     assert_eq!(h.core.backup_stats().failures, 1);
 }
+
+/// Goal: a listing whose log runs past what is restorable (it restarted at a snapshot that
+/// never completed) raises the backed-up LSN only to what is restorable. Method: one node
+/// owning the PG; the listing says log end 22, restorable 3.
+#[test]
+fn a_listed_log_past_the_restorable_point_is_not_counted_as_backed_up() {
+    use node::core::{BackupConfig, BackupJob, BackupOutcome};
+    let mut h = Harness::new();
+    h.core.configure_backup(BackupConfig {
+        enabled: true,
+        ..BackupConfig::default()
+    });
+    let id = h.send(link(Epoch(0), 1, 0));
+    h.settle();
+    assert!(matches!(h.reply(id), Message::Ack(_)));
+    h.now += Duration::from_millis(1);
+    h.core.handle_timeout(h.now);
+    h.drain();
+    let (token, job) = h.backups.pop().expect("a listing first");
+    assert!(matches!(job, BackupJob::List { .. }), "{job:?}");
+    let coverage = wire::backup::Coverage {
+        log_end: Lsn(22),
+        restorable: Lsn(3),
+        snapshot: Lsn(0),
+    };
+    h.core
+        .handle_backup_done(token, BackupOutcome::Listed(coverage));
+    assert_eq!(h.core.backup_state(&key(0)).0, Lsn(3));
+}

@@ -188,6 +188,9 @@ struct PgBackup {
     /// Owner only: the log restarted at a snapshot that is not complete yet; `backed_up`
     /// follows `log_end` again once that snapshot is done and the log reaches its last LSN.
     restart: Option<Lsn>,
+    /// Owner only: the log is restorable only from here on (the last LSN of the snapshot that
+    /// ended the last restart; 0: from the PG's beginning).
+    restorable_from: Lsn,
     last_log: Option<Instant>,
     last_snapshot: Option<Instant>,
     run: Option<SnapshotRun>,
@@ -507,14 +510,16 @@ impl NodeCore {
         let segment = &self.segments[&owner];
         let materialized = segment.materialized();
         let base = segment.progress().base;
-        let due = state
-            .last_snapshot
-            .is_none_or(|at| now >= at + c.snapshot_interval);
+        // A restarted log waits for a snapshot: one is due at once.
+        let due = state.restart.is_some()
+            || state
+                .last_snapshot
+                .is_none_or(|at| now >= at + c.snapshot_interval);
         // Only when there is something the log alone would not give cheaply: a page store
         // past the last snapshot, and a log that no longer starts at the PG's beginning here
         // (or an interval since the last snapshot).
-        let worth =
-            materialized > state.snapshot && (state.last_snapshot.is_some() || base > Lsn::ZERO);
+        let worth = materialized > state.snapshot
+            && (state.restart.is_some() || state.last_snapshot.is_some() || base > Lsn::ZERO);
         if !due || !worth || materialized == Lsn::ZERO {
             return None;
         }
@@ -597,14 +602,17 @@ impl NodeCore {
                 p.backed_up = p.backed_up.max(c.restorable);
                 p.snapshot = p.snapshot.max(c.snapshot);
                 p.log_end = Some(c.log_end);
-                p.restart = None;
+                // A log past what is restorable started at a snapshot that never completed:
+                // nothing from it counts until a snapshot at or above its end does.
+                p.restart = (c.log_end > c.restorable).then_some(c.log_end);
+                p.restorable_from = c.snapshot;
             }
             (InflightKind::Log { through, bytes }, BackupOutcome::Uploaded) => {
                 stats.log_objects += 1;
                 stats.log_bytes += bytes;
                 if p.log_end.is_some() {
                     p.log_end = Some(through);
-                    if p.restart.is_none() {
+                    if p.restart.is_none() && through >= p.restorable_from {
                         p.backed_up = p.backed_up.max(through);
                     }
                 }
@@ -622,18 +630,17 @@ impl NodeCore {
                 stats.snapshots += 1;
                 if let Some(run) = p.run.take() {
                     p.snapshot = p.snapshot.max(run.last);
-                    if p.restart.is_some_and(|at| at == run.first) {
+                    // The log runs on from its restart point, so from any snapshot above it.
+                    if p.restart.is_some_and(|at| at <= run.first) {
                         p.restart = None;
+                        p.restorable_from = run.last;
+                        if let Some(end) = p.log_end.filter(|end| *end >= run.last) {
+                            p.backed_up = p.backed_up.max(end);
+                        }
                     }
                 }
             }
             (kind, outcome) => panic!("backup job {kind:?} answered with {outcome:?}"),
-        }
-        if p.restart.is_none()
-            && let Some(end) = p.log_end
-            && end >= p.snapshot
-        {
-            p.backed_up = p.backed_up.max(end);
         }
     }
 
